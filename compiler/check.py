@@ -1,0 +1,157 @@
+"""Static checks of a loaded recipe: everything that can be known before touching the data.
+
+``tunec validate`` runs these; ``tunec compile`` runs them first. All problems
+are collected and reported together, each with the recipe's line, and for
+template problems the template's line too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import Problem, TunecError, did_you_mean
+from .load import LoadedRecipe, display_path
+from .recipe import FileTemplate, InlineTemplate, LibraryTemplate, LocalModel, LocalTokenizer, StageModel, Task
+from .sources import check_files, peek_columns
+from .templates import LIBRARY_DIR, TemplateSource, analyse, find_library_template, library_names
+
+
+@dataclass(frozen=True)
+class Checked:
+    """A recipe that passed every static check, with its templates resolved."""
+
+    loaded: LoadedRecipe
+    templates: dict[str, tuple[TemplateSource, ...]]  # task -> its templates, in recipe order
+    columns: dict[str, list[str] | None]  # task -> columns after the field map (None: unknown offline)
+
+    @property
+    def recipe(self):
+        return self.loaded.recipe
+
+    def used_tasks(self) -> list[str]:
+        """Tasks that some stage trains on, in recipe order."""
+        used = {t for s in self.recipe.stages for t in s.tasks}
+        return [t for t in self.recipe.tasks if t in used]
+
+
+def check(loaded: LoadedRecipe) -> Checked:
+    recipe = loaded.recipe
+    problems: list[Problem] = []
+
+    # Library folders: the recipe's own first, then the built-in one.
+    dirs = []
+    for i, d in enumerate(recipe.template_dirs):
+        path = loaded.resolve(d)
+        if not path.is_dir():
+            problems.append(loaded.problem(("template_dirs", i), f"template folder not found: {path}"))
+        dirs.append(path)
+    dirs.append(LIBRARY_DIR)
+
+    tok = recipe.tokenizer
+    if isinstance(tok, LocalTokenizer) and not loaded.resolve(tok.path).is_dir():
+        problems.append(loaded.problem(("tokenizer", "path"), f"tokenizer folder not found: {loaded.resolve(tok.path)}"))
+    if tok.chat_template and not loaded.resolve(tok.chat_template).is_file():
+        problems.append(loaded.problem(("tokenizer", "chat_template"), f"file not found: {loaded.resolve(tok.chat_template)}"))
+
+    templates: dict[str, tuple[TemplateSource, ...]] = {}
+    columns: dict[str, list[str] | None] = {}
+    for name, task in recipe.tasks.items():
+        problems.extend(check_files(loaded, name, task))
+        cols = _task_columns(loaded, name, task, problems)
+        columns[name] = cols
+        sources = []
+        for i, ref in enumerate(task.templates):
+            loc = ("tasks", name, "templates", i)
+            source = _resolve_template(loaded, ref, loc, dirs, problems)
+            if source is None:
+                continue
+            sources.append(source)
+            for p in analyse(source, cols):
+                where = f" [{p.file}:{p.line}]" if p.line and p.file != loaded.display else ""
+                here = loaded.problem(loc, p.message + where)
+                if p.file == loaded.display and p.line:  # inline template: point at its own line
+                    here = Problem(here.message, here.file, p.line, None, here.field)
+                problems.append(here)
+        templates[name] = tuple(sources)
+
+    problems.extend(_check_stages(loaded))
+    if problems:
+        raise TunecError(sorted(problems, key=lambda p: (p.file != loaded.display, p.line or 0, p.col or 0)))
+    return Checked(loaded, templates, columns)
+
+
+def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Problem]) -> list[str] | None:
+    try:
+        source_cols = peek_columns(loaded, task, task.train.split)
+    except TunecError as exc:
+        problems.extend(exc.problems)
+        return None
+    if task.fields is None:
+        return source_cols
+    if source_cols is not None:
+        for new, old in task.fields.items():
+            if old not in source_cols:
+                problems.append(
+                    loaded.problem(
+                        ("tasks", name, "fields", new),
+                        f"column `{old}` is not in the source{did_you_mean(old, source_cols)}; "
+                        f"columns: {', '.join(source_cols)}",
+                    )
+                )
+    return list(task.fields)
+
+
+def _resolve_template(loaded, ref, loc, dirs, problems) -> TemplateSource | None:
+    if isinstance(ref, InlineTemplate):
+        line, _ = loaded.position(loc + ("prompt",))
+        return TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1)
+    if isinstance(ref, LibraryTemplate):
+        path = find_library_template(ref.name, dirs)
+        if path is None:
+            names = library_names(dirs)
+            problems.append(
+                loaded.problem(loc, f"unknown template '{ref.name}'{did_you_mean(ref.name, names)}")
+            )
+            return None
+        name = ref.name
+    else:
+        assert isinstance(ref, FileTemplate)
+        path = loaded.resolve(ref.path)
+        if not path.is_file():
+            problems.append(loaded.problem(loc + ("path",), f"template file not found: {path}"))
+            return None
+        name = ref.path
+    return TemplateSource(name, path.read_text(encoding="utf-8"), display_path(path), 1)
+
+
+def _check_stages(loaded: LoadedRecipe) -> list[Problem]:
+    recipe = loaded.recipe
+    problems = []
+    seen: set[str] = set()
+    for i, stage in enumerate(recipe.stages):
+        if stage.name in seen:
+            problems.append(loaded.problem(("stages", i, "name"), f"stage name '{stage.name}' is used twice"))
+        for j, task in enumerate(stage.tasks):
+            if task not in recipe.tasks:
+                problems.append(
+                    loaded.problem(
+                        ("stages", i, "tasks", j),
+                        f"unknown task '{task}'{did_you_mean(task, recipe.tasks)}",
+                    )
+                )
+            elif task in stage.tasks[:j]:
+                problems.append(loaded.problem(("stages", i, "tasks", j), f"task '{task}' is listed twice"))
+        model = stage.model
+        if isinstance(model, StageModel) and model.stage not in seen:
+            later = [s.name for s in recipe.stages]
+            why = "a stage can only start from an earlier stage" if model.stage in later else "no such stage"
+            problems.append(
+                loaded.problem(
+                    ("stages", i, "model", "stage"),
+                    f"{why}: '{model.stage}'{did_you_mean(model.stage, seen) if model.stage not in later else ''}",
+                )
+            )
+        if isinstance(model, LocalModel) and not loaded.resolve(model.path).is_dir():
+            problems.append(loaded.problem(("stages", i, "model", "path"), f"model folder not found: {loaded.resolve(model.path)}"))
+        seen.add(stage.name)
+    return problems

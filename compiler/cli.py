@@ -1,0 +1,128 @@
+"""The ``tunec`` command line: a thin click group over the library functions.
+
+User errors (``TunecError``) exit 1 with one line per problem and no traceback;
+usage errors exit 2 (click's convention). Heavy imports happen inside commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import TunecError
+
+
+class UserError(click.ClickException):
+    """Printed as the problems themselves, one per line."""
+
+    def show(self, file=None) -> None:
+        click.echo(self.format_message(), err=True)
+
+
+def _fail(exc: TunecError) -> UserError:
+    lines = [f"error: {p}" for p in exc.problems]
+    if len(exc.problems) > 1:
+        lines.append(f"{len(exc.problems)} problems")
+    return UserError("\n".join(lines))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tunec")
+def main() -> None:
+    """tunec: compile instruction-tuning and fine-tuning recipes into packed, checksummed shards."""
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+def validate(recipe: str) -> None:
+    """Check RECIPE statically: schema, names, files, templates against columns."""
+    from .check import check
+    from .load import load_recipe
+
+    try:
+        checked = check(load_recipe(recipe))
+    except TunecError as exc:
+        raise _fail(exc) from None
+    r = checked.recipe
+    click.echo(f"{checked.loaded.display}: ok ({len(r.tasks)} task(s), {len(r.stages)} stage(s))")
+    unused = [t for t in r.tasks if t not in checked.used_tasks()]
+    if unused:
+        click.echo(f"note: task(s) no stage trains on: {', '.join(unused)}")
+
+
+@main.command("compile")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Build folder.")
+@click.option("--workers", "-j", type=click.IntRange(min=1), default=None,
+              help="Worker processes (cores) for rendering and tokenizing [default: all cores].")
+@click.option("--force", is_flag=True, help="Replace a build folder that holds another recipe's build.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=None, help="Packed rows per shard file.")
+def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_rows: int | None) -> None:
+    """Compile RECIPE into tokenized, packed shards and a run plan in OUT."""
+    from .build import DEFAULT_SHARD_ROWS, Options, compile_recipe
+
+    options = Options(
+        workers=workers or os.cpu_count() or 1,
+        force=force,
+        shard_rows=shard_rows or DEFAULT_SHARD_ROWS,
+        progress=True,
+    )
+    try:
+        plan = compile_recipe(recipe, out, options)
+    except TunecError as exc:
+        raise _fail(exc) from None
+    for stage in plan.stages:
+        t = stage.train
+        click.echo(f"stage {stage.name}: {t.rows} rows x {t.seq_len}, {t.tokens} tokens "
+                   f"({t.trained_tokens} trained), fill {t.fill_rate:.1%}, {len(t.shards)} shard(s)")
+    click.echo(f"plan: {Path(out) / 'plan.json'}")
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--show", type=click.IntRange(min=0), default=0, help="Decode N packed rows per stage.")
+@click.option("--stage", default=None, help="Only this stage.")
+@click.option("--color/--no-color", default=None, help="Highlight trained spans in colour [default: on a terminal].")
+def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
+    """Show what the build in OUT holds: a table per stage and task, and decoded rows.
+
+    Decoded rows mark trained tokens (green, or «like this» without colour) and
+    separate packed documents with ¦.
+    """
+    from . import inspect as insp
+    from .plan import read_plan
+
+    try:
+        plan = read_plan(Path(out))
+        stages = [plan.stage(stage).name] if stage else [s.name for s in plan.stages]
+    except TunecError as exc:
+        raise _fail(exc) from None
+    for line in insp.summary_lines(plan):
+        if stage is None or not line.startswith("stage ") or line.startswith(f"stage {stage} "):
+            click.echo(line)
+    if show:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(Path(out) / plan.tokenizer.path), local_files_only=True)
+        use_color = sys.stdout.isatty() if color is None else color
+        for name in stages:
+            click.echo("")
+            for line in insp.decode_rows(plan, Path(out), name, show, tok, use_color):
+                click.echo(line)
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON schema of the recipe language (for editors)."""
+    from .recipe import Recipe
+
+    click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,94 @@
+"""``tunec inspect``: what a build holds, per stage and task, and decoded packed rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .pack import IGNORE
+from .plan import Plan
+from .shards import open_shard
+
+BOUNDARY = " ¦ "  # between documents of a packed row
+TRAIN_OPEN, TRAIN_CLOSE = "«", "»"  # around trained spans when colour is off
+
+
+def summary_lines(plan: Plan) -> list[str]:
+    lines = [
+        f"recipe {plan.recipe.file}  hash {plan.recipe.hash[:12]}  seq_len {plan.seq_len}  seed {plan.seed}",
+        "versions " + ", ".join(f"{k} {v}" for k, v in sorted(plan.versions.items())),
+    ]
+    for stage in plan.stages:
+        t = stage.train
+        lines.append("")
+        lines.append(
+            f"stage {stage.name} ({stage.settings.objective.kind}): {t.rows} rows in {len(t.shards)} shard(s), "
+            f"{t.tokens} tokens, {t.trained_tokens} trained, fill {t.fill_rate:.1%}"
+        )
+        lines.extend(_table(stage.tasks, t.trained_tokens))
+        for task, ev in stage.eval.items():
+            lines.append(f"  eval {task}: {ev.counts.examples} examples, {ev.data.rows} rows, "
+                         f"{ev.counts.trained_tokens} trained tokens, {ev.counts.dropped} dropped")
+    return lines
+
+
+def _table(tasks, stage_trained: int) -> list[str]:
+    head = ("task", "examples", "tokens", "trained", "share", "truncated", "dropped", "merges")
+    rows = [head]
+    for name, c in tasks.items():
+        share = c.trained_tokens / stage_trained if stage_trained else 0.0
+        rows.append((name, c.examples, c.tokens, c.trained_tokens, f"{share:.1%}", c.truncated, c.dropped, c.boundary_merges))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    out = []
+    for r in rows:
+        cells = [str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))]
+        out.append("  " + "  ".join(cells))
+    for name, c in tasks.items():
+        if len(c.templates) > 1 or True:
+            per = ", ".join(f"{k} {v}" for k, v in c.templates.items())
+            out.append(f"    {name} templates: {per}")
+    return out
+
+
+def decode_rows(plan: Plan, out: Path, stage: str, count: int, tokenizer, color: bool) -> list[str]:
+    """Decode the first ``count`` packed rows of a stage, trained spans highlighted."""
+    import click
+
+    sp = plan.stage(stage)
+    lines: list[str] = []
+    shown = 0
+    for entry in sp.train.shards:
+        arrays = open_shard(out / entry.path, entry.bytes)
+        for r in range(arrays["input_ids"].shape[0]):
+            if shown >= count:
+                return lines
+            ids = np.asarray(arrays["input_ids"][r])
+            labels = np.asarray(arrays["labels"][r])
+            pos = np.asarray(arrays["position_ids"][r])
+            lines.append(f"--- {stage} row {shown} ({entry.path}, row {r})")
+            lines.append(_render_row(ids, labels, pos, tokenizer, plan.tokenizer.pad_id, color, click))
+            shown += 1
+    return lines
+
+
+def _render_row(ids, labels, pos, tokenizer, pad_id, color, click) -> str:
+    starts = list(np.flatnonzero(pos == 0)) + [len(ids)]
+    docs = []
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        if np.all(ids[lo:hi] == pad_id) and np.all(labels[lo:hi] == IGNORE):
+            docs.append(f"[{hi - lo} pad]")
+            continue
+        pieces, i = [], lo
+        while i < hi:  # runs of equal trained-ness, decoded together
+            trained = labels[i] != IGNORE
+            j = i
+            while j < hi and (labels[j] != IGNORE) == trained:
+                j += 1
+            text = tokenizer.decode(ids[i:j].tolist(), skip_special_tokens=False)
+            if trained:
+                text = click.style(text, fg="green", bold=True) if color else f"{TRAIN_OPEN}{text}{TRAIN_CLOSE}"
+            pieces.append(text)
+            i = j
+        docs.append("".join(pieces))
+    return BOUNDARY.join(docs)

@@ -1,0 +1,136 @@
+"""The run plan: ``OUT/plan.json``, written last, the commit marker of a build.
+
+The plan is what the runtime reads: every stage with its settings (the
+recipe's own typed :class:`~compiler.recipe.Stage`), its shards with sha256,
+row and token counts, per-task counts, the fill rate, the recipe's hash and
+the versions that produced it. Paths inside the plan are relative to the
+build folder, so a build folder can be moved as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import FORMAT_VERSION
+from .errors import TunecError
+from .recipe import Stage
+
+PLAN_FILE = "plan.json"
+MANIFEST_FILE = "manifest.json"
+MARKER_FILE = ".tunec-build"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ShardEntry(Strict):
+    path: str  # relative to the build folder
+    sha256: str
+    bytes: int
+    rows: int
+    tokens: int  # non-padding tokens
+    trained_tokens: int  # tokens with a label
+
+
+class PackedSet(Strict):
+    """A set of packed shards (a stage's training data, or one task's eval data)."""
+
+    rows: int
+    seq_len: int
+    tokens: int
+    trained_tokens: int
+    fill_rate: float = Field(description="Non-padding tokens / (rows * seq_len).")
+    shards: list[ShardEntry]
+
+
+class TaskCounts(Strict):
+    examples: int = Field(description="Documents kept (one per row and template).")
+    tokens: int
+    trained_tokens: int
+    truncated: int = Field(description="Kept documents cut to seq_len.")
+    dropped: int = Field(description="Documents left out: too long under `truncation: drop`, or nothing left to train.")
+    boundary_merges: int = Field(
+        description="Documents whose first trained token also holds prompt characters (a BPE merge across "
+        "the prompt/completion boundary): end prompts without a trailing space to avoid them."
+    )
+    templates: dict[str, int] = Field(description="Documents kept per template.")
+
+
+class EvalSet(Strict):
+    counts: TaskCounts
+    data: PackedSet
+
+
+class StagePlan(Strict):
+    name: str
+    settings: Stage  # the recipe's stage, local paths made absolute
+    train: PackedSet
+    tasks: dict[str, TaskCounts]
+    eval: dict[str, EvalSet]
+
+
+class TokenizerPlan(Strict):
+    path: str  # relative to the build folder: the tokenizer as compiled, chat template included
+    sha256: str
+    vocab_size: int
+    bos_id: int | None
+    eos_id: int
+    pad_id: int
+
+
+class RecipeInfo(Strict):
+    file: str
+    sha256: str = Field(description="sha256 of the recipe file's bytes.")
+    hash: str = Field(description="sha256 of the validated recipe (canonical JSON) and of every input's content.")
+
+
+class Plan(Strict):
+    format: Literal["tunec.plan"] = "tunec.plan"
+    format_version: int = FORMAT_VERSION
+    versions: dict[str, str]
+    recipe: RecipeInfo
+    seq_len: int
+    seed: int
+    tokenizer: TokenizerPlan
+    inputs: dict[str, dict[str, str]] = Field(description="Content hashes of sources and templates.")
+    stages: list[StagePlan]
+
+    def stage(self, name: str) -> StagePlan:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        from .errors import did_you_mean
+
+        raise TunecError(f"no stage '{name}' in the plan{did_you_mean(name, [s.name for s in self.stages])}")
+
+
+def canonical_json(data) -> str:
+    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+
+def read_plan(out: Path) -> Plan:
+    """Read ``OUT/plan.json``; a folder without one is not a finished build."""
+    out = Path(out)
+    path = out / PLAN_FILE
+    if not path.is_file():
+        if (out / MARKER_FILE).exists():
+            raise TunecError(f"{out}: the build did not finish (no {PLAN_FILE}); run `tunec compile` again")
+        raise TunecError(f"{out}: not a tunec build folder (no {PLAN_FILE})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TunecError(f"{path}:{exc.lineno}: corrupted plan: {exc.msg}") from None
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if data.get("format") != "tunec.plan" if isinstance(data, dict) else True:
+        raise TunecError(f"{path}: not a tunec plan")
+    if version != FORMAT_VERSION:
+        raise TunecError(
+            f"{path}: plan format version {version}, this tunec reads version {FORMAT_VERSION}; "
+            "compile the recipe again with this tunec"
+        )
+    return Plan.model_validate(data)

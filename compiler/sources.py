@@ -1,0 +1,207 @@
+"""Sources: where a task's rows come from, loaded through ``datasets``.
+
+Local files (jsonl, json, csv, parquet) and hub datasets. Malformed input is
+diagnosed down to the file and line, since ``datasets`` itself reports only a
+byte position.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import Problem, TunecError
+from .load import LoadedRecipe
+from .shards import sha256_file
+from .recipe import FILE_KINDS, HubSource, Selection, Task
+
+PEEK_ROWS = 100  # rows read by `tunec validate` to learn a file's columns
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The selected rows of one part of a task, column-major, after the field map."""
+
+    columns: dict[str, list[Any]]
+    count: int
+    first_row: int  # index, in the split, of the first selected row (for messages)
+
+
+def source_files(loaded: LoadedRecipe, task: Task) -> dict[str, Path]:
+    if task.source.kind not in FILE_KINDS:
+        return {}
+    return {split: loaded.resolve(p) for split, p in task.source.files().items()}
+
+
+def check_files(loaded: LoadedRecipe, name: str, task: Task) -> list[Problem]:
+    """Every file the task names exists and is not empty; its splits cover train/eval."""
+    problems = []
+    files = source_files(loaded, task)
+    loc = ("tasks", name, "source", "path")
+    for split, path in files.items():
+        where = loc if isinstance(task.source.path, str) else loc + (split,)
+        if not path.is_file():
+            problems.append(loaded.problem(where, f"file not found: {path}"))
+        elif path.stat().st_size == 0:
+            problems.append(loaded.problem(where, f"file is empty: {path}"))
+    if files:
+        for part in ("train", "eval"):
+            sel: Selection | None = getattr(task, part)
+            if sel is not None and sel.split not in files:
+                problems.append(
+                    loaded.problem(
+                        ("tasks", name, part, "split"),
+                        f"split '{sel.split}' is not among the source's splits ({', '.join(files)})",
+                    )
+                )
+    return problems
+
+
+def peek_columns(loaded: LoadedRecipe, task: Task, split: str) -> list[str] | None:
+    """Columns a source provides, read cheaply from its first rows (None if unknown offline)."""
+    source = task.source
+    if isinstance(source, HubSource):
+        return list(source.columns) if source.columns is not None else None
+    path = source_files(loaded, task).get(split)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return None
+    if source.kind == "jsonl":
+        cols: dict[str, None] = {}
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if lineno > PEEK_ROWS:
+                    break
+                if line.strip():
+                    row = _parse_jsonl_line(path, lineno, line)
+                    cols.update(dict.fromkeys(row))
+        return list(cols)
+    if source.kind == "json":
+        rows = _read_json(path)
+        cols = {}
+        for row in rows[:PEEK_ROWS]:
+            cols.update(dict.fromkeys(row))
+        return list(cols)
+    if source.kind == "csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            return next(csv.reader(fh), [])
+    if source.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names)
+    return None
+
+
+def _parse_jsonl_line(path: Path, lineno: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TunecError(
+            Problem(f"malformed JSON line: {exc.msg} (column {exc.colno})", str(path), lineno, exc.colno)
+        ) from None
+    if not isinstance(row, dict):
+        raise TunecError(
+            Problem(f"each JSONL line must be an object, got {type(row).__name__}", str(path), lineno, 1)
+        )
+    return row
+
+
+def _read_json(path: Path) -> list[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise TunecError(Problem(f"malformed JSON: {exc.msg}", str(path), exc.lineno, exc.colno)) from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise TunecError(Problem("a `json` source holds a list of objects", str(path), 1, 1))
+    return data
+
+
+def diagnose_file(kind: str, path: Path) -> None:
+    """Re-read a file that ``datasets`` failed on, raising a located error if we find the fault."""
+    if kind == "jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    _parse_jsonl_line(path, lineno, line)
+    elif kind == "json":
+        _read_json(path)
+
+
+def fingerprint(loaded: LoadedRecipe, task: Task) -> dict[str, str]:
+    """What identifies the source's content: file hashes, or hub id and revision."""
+    source = task.source
+    if isinstance(source, HubSource):
+        return {"hub": source.id, "name": source.name or "", "revision": source.revision or ""}
+    return {split: sha256_file(path) for split, path in sorted(source_files(loaded, task).items())}
+
+
+def _quiet_datasets():
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
+    """Load the rows of ``part`` ('train' or 'eval') of task ``name``, field map applied."""
+    sel: Selection = getattr(task, part)
+    datasets = _quiet_datasets()
+    source = task.source
+    if isinstance(source, HubSource):
+        try:
+            ds = datasets.load_dataset(source.id, source.name, revision=source.revision, split=sel.split)
+        except Exception as exc:  # network, unknown id, unknown split: all user-facing
+            raise TunecError(
+                loaded.problem(("tasks", name, "source", "id"), f"cannot load hub dataset '{source.id}': {exc}")
+            ) from None
+    else:
+        problems = check_files(loaded, name, task)
+        if problems:
+            raise TunecError(problems)
+        path = source_files(loaded, task)[sel.split]
+        builder = {"jsonl": "json"}.get(source.kind, source.kind)
+        try:
+            ds = datasets.load_dataset(builder, data_files={sel.split: str(path)}, split=sel.split)
+        except Exception as exc:
+            diagnose_file(source.kind, path)
+            raise TunecError(Problem(f"cannot read {source.kind} file: {exc}", str(path))) from None
+
+    total = len(ds)
+    stop = total if sel.stop is None else min(sel.stop, total)
+    if sel.start >= stop:
+        raise TunecError(
+            loaded.problem(
+                ("tasks", name, part),
+                f"the {part} selection is empty: split '{sel.split}' has {total} rows, "
+                f"selected rows {sel.start}..{'end' if sel.stop is None else sel.stop}",
+            )
+        )
+    if sel.start or stop != total:
+        ds = ds.select(range(sel.start, stop))
+
+    mapping = task.fields if task.fields is not None else {c: c for c in ds.column_names}
+    missing = [(new, old) for new, old in mapping.items() if old not in ds.column_names]
+    if missing:
+        raise TunecError(
+            [
+                loaded.problem(
+                    ("tasks", name, "fields", new),
+                    f"column `{old}` is not in the source (columns: {', '.join(ds.column_names)})"
+                    + _close(old, ds.column_names),
+                )
+                for new, old in missing
+            ]
+        )
+    wanted = sorted(set(mapping.values()))
+    raw = ds.select_columns(wanted).to_dict()
+    columns = {new: raw[old] for new, old in mapping.items()}
+    return Rows(columns=columns, count=stop - sel.start, first_row=sel.start)
+
+
+def _close(name: str, choices) -> str:
+    from .errors import did_you_mean
+
+    return did_you_mean(name, choices)

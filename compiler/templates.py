@@ -1,0 +1,188 @@
+"""Instruction templates: Jinja files with a ``prompt`` and a ``completion`` block.
+
+A template is rendered in Jinja's immutable sandbox with ``StrictUndefined``,
+so a misspelt column is an error, never an empty string. The text the model
+sees is ``prompt + completion``; only the completion carries loss under the
+``sft`` objective. See ``templates/README.md``.
+
+>>> t = TemplateSource.inline("demo", "Q: {{ q }}\\nA:", " {{ a }}", "r.yaml", 3)
+>>> Renderer([t]).render(0, {"q": "2+2?", "a": "4"})
+('Q: 2+2?\\nA:', ' 4')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+from jinja2 import meta, nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .errors import Problem, did_you_mean
+
+BLOCKS = ("prompt", "completion")
+LIBRARY_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+@dataclass(frozen=True)
+class TemplateSource:
+    """The text of one template and where it came from (for messages)."""
+
+    name: str  # what the recipe calls it: 'sentiment/review_short', a file path, or an inline name
+    text: str  # Jinja source with the two blocks
+    filename: str  # file shown in messages
+    first_line: int = 1  # line of `filename` where the Jinja text starts
+
+    @classmethod
+    def inline(cls, name: str, prompt: str, completion: str, filename: str, line: int) -> "TemplateSource":
+        # Same mechanism as a file: two blocks. Kept on one line so that Jinja's
+        # line numbers map onto the recipe's lines.
+        text = (
+            "{% block prompt %}" + prompt + "{% endblock %}"
+            "{% block completion %}" + completion + "{% endblock %}"
+        )
+        return cls(name, text, filename, line)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+    def place(self, jinja_line: int | None) -> tuple[str, int | None]:
+        return self.filename, None if jinja_line is None else self.first_line + jinja_line - 1
+
+
+def make_env() -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def library_names(dirs: list[Path]) -> list[str]:
+    names = set()
+    for d in dirs:
+        if d.is_dir():
+            names.update(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.j2"))
+    return sorted(names)
+
+
+def find_library_template(name: str, dirs: list[Path]) -> Path | None:
+    for d in dirs:
+        candidate = (d / f"{name}.j2").resolve()
+        if candidate.is_file() and d.resolve() in candidate.parents:
+            return candidate
+    return None
+
+
+# ----------------------------------------------------------------- static checks
+
+
+def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
+    """Check syntax, the two blocks, and that every variable used is a column.
+
+    ``columns=None`` means the columns are unknown (a hub source without a
+    declared column list): only syntax and blocks are checked.
+    """
+    env = make_env()
+    try:
+        ast = env.parse(source.text)
+    except jinja2.TemplateSyntaxError as exc:
+        file, line = source.place(exc.lineno)
+        return [Problem(f"template '{source.name}': syntax error: {exc.message}", file, line)]
+    problems = []
+    blocks = {b.name: b for b in ast.find_all(nodes.Block)}
+    for block in BLOCKS:
+        if block not in blocks:
+            file, _ = source.place(None)
+            problems.append(
+                Problem(
+                    f"template '{source.name}' has no `{{% block {block} %}}` (a template needs "
+                    "both a `prompt` and a `completion` block)",
+                    file,
+                    source.first_line,
+                )
+            )
+    if columns is None:
+        return problems
+    used = meta.find_undeclared_variables(ast) - set(env.globals)
+    for var in sorted(used - set(columns)):
+        line = next((n.lineno for n in ast.find_all(nodes.Name) if n.name == var), None)
+        file, line = source.place(line)
+        problems.append(
+            Problem(
+                f"template '{source.name}' uses `{var}`, which the task does not provide"
+                f"{did_you_mean(var, columns)}; columns: {', '.join(columns) or '(none)'}",
+                file,
+                line,
+            )
+        )
+    return problems
+
+
+# ----------------------------------------------------------------- rendering
+
+
+class RenderError(Exception):
+    """A template failed on a row; carries where, for a located user error."""
+
+    def __init__(self, template: TemplateSource, line: int | None, message: str):
+        self.template = template
+        self.line = line
+        self.message = message
+        super().__init__(message)
+
+    def __reduce__(self):  # cross process boundaries intact
+        return (RenderError, (self.template, self.line, self.message))
+
+
+class Renderer:
+    """Renders rows through a task's templates (built once per worker)."""
+
+    def __init__(self, sources: list[TemplateSource]):
+        self.sources = sources
+        by_name = {f"t{i}": s.text for i, s in enumerate(sources)}
+        env = make_env()
+        env.loader = jinja2.FunctionLoader(lambda n: (by_name[n], n, lambda: True))
+        self._templates = [env.get_template(f"t{i}") for i in range(len(sources))]
+
+    def render(self, index: int, row: dict) -> tuple[str, str]:
+        """``(prompt, completion)`` of ``row`` under template ``index``.
+
+        Missing values (None) are left undefined, so a template that uses one
+        fails loudly instead of printing "None"; test optional columns with
+        ``{% if x is defined %}``.
+        """
+        tmpl = self._templates[index]
+        values = {k: v for k, v in row.items() if v is not None}
+        try:
+            ctx = tmpl.new_context(values)
+            return (
+                "".join(tmpl.blocks["prompt"](ctx)),
+                "".join(tmpl.blocks["completion"](ctx)),
+            )
+        except Exception as exc:  # any Jinja runtime error is the template's or the row's fault
+            line = _template_line(exc, tmpl)
+            raise RenderError(self.sources[index], line, f"{type(exc).__name__}: {exc}") from None
+
+
+def _template_line(exc: BaseException, tmpl: jinja2.Template) -> int | None:
+    """The template line a Jinja runtime error came from.
+
+    Blocks are called directly, so Jinja does not rewrite the traceback; map
+    the generated code's line back through the template's debug info.
+    """
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == tmpl.filename:
+            line = tmpl.get_corresponding_lineno(tb.tb_lineno)
+        tb = tb.tb_next
+    return line
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print("\n".join(library_names([LIBRARY_DIR])), file=sys.stdout)

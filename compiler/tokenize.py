@@ -1,0 +1,128 @@
+"""Tokenization and loss masks, from character spans of the exact text the model sees.
+
+A document is ``prompt + completion`` tokenized in one piece (BPE merges across
+the boundary are what the model will see at inference, so pieces are never
+tokenized separately). The trained span starts at the token that holds the
+first completion character and runs to the end, EOS included::
+
+    text    "Review: great\\nAnswer: positive"         + EOS
+    tokens   Review | : | great | \\n | Answer | : | ␣positive | <eos>
+    trained                                        ^^^^^^^^^^^^^^^^^^^
+    span     (6, 8)
+
+The post-processor's BOS (if the tokenizer adds one) is kept once: a template
+that writes the BOS string itself does not get a second one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import TunecError
+from .load import LoadedRecipe
+from .recipe import HubTokenizer, LocalTokenizer
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """What workers need to tokenize: the fast tokenizer's JSON and its special ids."""
+
+    json: str
+    eos_id: int
+    bos_id: int | None
+    pad_id: int
+    vocab_size: int
+
+
+@dataclass
+class Encoded:
+    """One document: token ids and the half-open token spans that carry loss."""
+
+    ids: list[int]
+    spans: list[tuple[int, int]]
+    straddles: int  # spans whose first token also holds prompt characters
+
+
+def load_tokenizer(loaded: LoadedRecipe):
+    """Load the recipe's tokenizer with transformers (a fast tokenizer is required)."""
+    spec = loaded.recipe.tokenizer
+    loc = ("tokenizer",)
+    from transformers import AutoTokenizer  # heavy import: only when compiling
+
+    if isinstance(spec, LocalTokenizer):
+        path = loaded.resolve(spec.path)
+        if not path.is_dir():
+            raise TunecError(loaded.problem(loc + ("path",), f"tokenizer folder not found: {path}"))
+        target, kwargs = str(path), {"local_files_only": True}
+    else:
+        assert isinstance(spec, HubTokenizer)
+        target, kwargs = spec.id, {"revision": spec.revision}
+    try:
+        tok = AutoTokenizer.from_pretrained(target, **kwargs)
+    except Exception as exc:
+        raise TunecError(loaded.problem(loc, f"cannot load tokenizer '{target}': {exc}")) from None
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no fast (Rust) tokenizer; tunec needs one for character offsets"))
+    if spec.chat_template:
+        tpath = loaded.resolve(spec.chat_template)
+        if not tpath.is_file():
+            raise TunecError(loaded.problem(loc + ("chat_template",), f"chat template file not found: {tpath}"))
+        tok.chat_template = tpath.read_text(encoding="utf-8")
+    if tok.eos_token_id is None:
+        raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no EOS token; tunec ends every completion with one"))
+    return tok
+
+
+def tokenizer_info(tok) -> TokenizerInfo:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return TokenizerInfo(
+        json=tok.backend_tokenizer.to_str(),
+        eos_id=int(tok.eos_token_id),
+        bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id),
+        pad_id=int(pad),
+        vocab_size=len(tok),
+    )
+
+
+def hash_folder(folder: Path) -> str:
+    """sha256 over the (sorted) names and contents of the files in ``folder``."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode() + b"\0")
+        h.update(path.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def encode_pairs(backend, info: TokenizerInfo, prompts: list[str], completions: list[str]) -> list[Encoded]:
+    """Tokenize ``prompt + completion`` pairs in one batch and locate the completions."""
+    texts = [p + c for p, c in zip(prompts, completions)]
+    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    out = []
+    for prompt, text, enc in zip(prompts, texts, encodings):
+        ids = enc.ids
+        start = _first_token_at_or_after(enc, len(prompt), len(text))
+        straddles = 0
+        if start is None:
+            start = len(ids)
+        elif enc.offsets[start][0] < len(prompt):
+            straddles = 1  # a token merged the prompt's last characters with the completion's first
+        if info.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == info.bos_id:
+            ids = ids[1:]
+            start -= 1
+        if not ids or ids[-1] != info.eos_id:
+            ids = ids + [info.eos_id]
+        out.append(Encoded(ids, [(start, len(ids))], straddles))
+    return out
+
+
+def _first_token_at_or_after(enc, char: int, end: int) -> int | None:
+    """Index of the token holding character ``char`` (or the next character that has one)."""
+    for c in range(char, end):
+        tok = enc.char_to_token(c)
+        if tok is not None:
+            return tok
+    return None
+
