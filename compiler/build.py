@@ -83,14 +83,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         {f"templates:{n}": {t.name: t.sha256 for t in checked.templates[n]} for n in checked.used_tasks()}
     )
 
-    _prepare_out(out, loaded, options.force)
-
-    tok_dir = out / "tokenizer"
-    _save_tokenizer(tok, tok_dir)
-    tok_plan = TokenizerPlan(
-        path="tokenizer", sha256=hash_folder(tok_dir), vocab_size=info.vocab_size,
-        bos_id=info.bos_id, eos_id=info.eos_id, pad_id=info.pad_id,
-    )
+    _check_out(out, loaded, options.force)  # refuse early, before the long work
 
     chunks = [c for i, rows in enumerate(parts) for c in chunks_of(i, rows.columns, rows.count, rows.first_row)]
     total_rows = sum(p.count for p in parts)
@@ -100,6 +93,16 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
             results[chunk.unit].append(result)
             bar(len(next(iter(chunk.columns.values()), [])))
     units = {(s.task, s.part): join(r) for s, r in zip(specs, results)}
+
+    # Every user error in the data has surfaced by now: only here is a previous
+    # build in `out` replaced.
+    _prepare_out(out, loaded, options.force)
+    tok_dir = out / "tokenizer"
+    _save_tokenizer(tok, tok_dir)
+    tok_plan = TokenizerPlan(
+        path="tokenizer", sha256=hash_folder(tok_dir), vocab_size=info.vocab_size,
+        bos_id=info.bos_id, eos_id=info.eos_id, pad_id=info.pad_id,
+    )
 
     stages = [
         _link_stage(stage, units, checked, out, info.pad_id, options, loaded)
@@ -129,23 +132,35 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
 # ----------------------------------------------------------------- output folder
 
 
-def _prepare_out(out: Path, loaded: LoadedRecipe, force: bool) -> None:
-    """Refuse a folder holding something else; clear a previous build of ours."""
+def _check_out(out: Path, loaded: LoadedRecipe, force: bool) -> str | None:
+    """Refuse a folder holding something else; return the recipe of the build it holds."""
     marker = out / MARKER_FILE
     if out.exists() and not out.is_dir():
         raise TunecError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not marker.is_file():
-            raise TunecError(
-                f"output folder {out} is not empty and is not a tunec build folder; "
-                "choose an empty or new folder"
-            )
-        previous = json.loads(marker.read_text(encoding="utf-8") or "{}").get("recipe")
-        if previous != str(loaded.path) and not force:
-            raise TunecError(
-                f"output folder {out} holds the build of another recipe ({previous}); "
-                "pass --force to replace it, or choose another folder"
-            )
+    if not out.is_dir() or not any(out.iterdir()):
+        return None
+    if not marker.is_file():
+        raise TunecError(
+            f"output folder {out} is not empty and is not a tunec build folder; "
+            "choose an empty or new folder"
+        )
+    try:
+        previous = json.loads(marker.read_text(encoding="utf-8")).get("recipe")
+    except (json.JSONDecodeError, AttributeError):
+        previous = None
+    if previous != str(loaded.path) and not force:
+        raise TunecError(
+            f"output folder {out} holds the build of another recipe ({previous}); "
+            "pass --force to replace it, or choose another folder"
+        )
+    return previous
+
+
+def _prepare_out(out: Path, loaded: LoadedRecipe, force: bool) -> None:
+    """Clear a previous build of ours (its `runs/` stay when the recipe is the same)."""
+    marker = out / MARKER_FILE
+    previous = _check_out(out, loaded, force)
+    if out.is_dir():
         # Commit marker first: from here on the folder is an unfinished build.
         (out / PLAN_FILE).unlink(missing_ok=True)
         for name in COMPILED:
@@ -312,7 +327,7 @@ def _pack_and_write(docs: Docs, seq_len: int, pad_id: int, out: Path, rel: Path,
     for s, lo in enumerate(range(0, len(bins), shard_rows)):
         arrays = build_rows(docs, bins[lo : lo + shard_rows], seq_len, pad_id)
         path = rel / f"{s:05d}.safetensors"
-        written = write_shard(out / path, arrays, {"stage": stage, "seq_len": str(seq_len)})
+        written = write_shard(out / path, arrays, {"stage": stage, "seq_len": seq_len})
         real = int(sum(int(docs.lengths[d]) for b in bins[lo : lo + shard_rows] for d in b))
         shards.append(ShardEntry(
             path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,

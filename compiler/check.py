@@ -13,7 +13,8 @@ from .errors import Problem, TunecError, did_you_mean
 from .load import LoadedRecipe, display_path
 from .recipe import FileTemplate, InlineTemplate, LibraryTemplate, LocalModel, LocalTokenizer, StageModel, Task
 from .sources import check_files, peek_columns
-from .templates import LIBRARY_DIR, TemplateSource, analyse, find_library_template, library_names
+from .refs import reference_problems, template_dirs
+from .templates import TemplateSource, analyse, find_library_template
 
 
 @dataclass(frozen=True)
@@ -38,14 +39,11 @@ def check(loaded: LoadedRecipe) -> Checked:
     recipe = loaded.recipe
     problems: list[Problem] = []
 
-    # Library folders: the recipe's own first, then the built-in one.
-    dirs = []
     for i, d in enumerate(recipe.template_dirs):
-        path = loaded.resolve(d)
-        if not path.is_dir():
-            problems.append(loaded.problem(("template_dirs", i), f"template folder not found: {path}"))
-        dirs.append(path)
-    dirs.append(LIBRARY_DIR)
+        if not loaded.resolve(d).is_dir():
+            problems.append(loaded.problem(("template_dirs", i), f"template folder not found: {loaded.resolve(d)}"))
+    dirs = template_dirs(loaded.data, loaded.resolve)
+    problems.extend(reference_problems(loaded.data, loaded.problem, dirs))
 
     tok = recipe.tokenizer
     if isinstance(tok, LocalTokenizer) and not loaded.resolve(tok.path).is_dir():
@@ -107,11 +105,7 @@ def _resolve_template(loaded, ref, loc, dirs, problems) -> TemplateSource | None
         return TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1)
     if isinstance(ref, LibraryTemplate):
         path = find_library_template(ref.name, dirs)
-        if path is None:
-            names = library_names(dirs)
-            problems.append(
-                loaded.problem(loc, f"unknown template '{ref.name}'{did_you_mean(ref.name, names)}")
-            )
+        if path is None:  # reported by reference_problems
             return None
         name = ref.name
     else:
@@ -132,14 +126,7 @@ def _check_stages(loaded: LoadedRecipe) -> list[Problem]:
         if stage.name in seen:
             problems.append(loaded.problem(("stages", i, "name"), f"stage name '{stage.name}' is used twice"))
         for j, task in enumerate(stage.tasks):
-            if task not in recipe.tasks:
-                problems.append(
-                    loaded.problem(
-                        ("stages", i, "tasks", j),
-                        f"unknown task '{task}'{did_you_mean(task, recipe.tasks)}",
-                    )
-                )
-            elif task in stage.tasks[:j]:
+            if task in stage.tasks[:j]:  # unknown names: see reference_problems
                 problems.append(loaded.problem(("stages", i, "tasks", j), f"task '{task}' is listed twice"))
         model = stage.model
         if isinstance(model, StageModel) and model.stage not in seen:

@@ -73,6 +73,16 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         problems = [_problem_from_error(err, data, where, shown) for err in exc.errors()]
+        # Misspelt names are reported together with schema errors, in one pass.
+        from .refs import reference_problems, template_dirs
+
+        def problem_at(loc: tuple, message: str) -> Problem:
+            _, pos = locate(where, data, loc)
+            line, col = pos if pos else (None, None)
+            return Problem(message, shown, line, col, field_path(loc))
+
+        resolve = lambda rel: (path.parent / rel).expanduser().resolve()  # noqa: E731
+        problems += reference_problems(data, problem_at, template_dirs(data, resolve))
         raise TunecError(_sorted_unique(problems)) from None
     return LoadedRecipe(recipe, path, text, data, where)
 

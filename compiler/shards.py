@@ -22,6 +22,7 @@ from . import FORMAT_VERSION
 
 TENSORS = ("input_ids", "labels", "position_ids")
 SHARD_FORMAT = "tunec.shard"
+META_KEY = "tunec"
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,18 @@ class WrittenShard:
     rows: int
 
 
-def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> WrittenShard:
+def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> WrittenShard:
     """Write one shard atomically (temporary name, fsync, rename) and hash it."""
     from safetensors.numpy import save
 
-    meta = {"format": SHARD_FORMAT, "format_version": str(FORMAT_VERSION)}
+    meta = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION}
     meta.update(metadata or {})
-    blob = save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=meta)
+    # One metadata key holding canonical JSON: safetensors keeps metadata in a
+    # hash map whose order varies between runs, which would break byte-identical builds.
+    blob = save(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
+        metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))},
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
@@ -81,7 +87,10 @@ def open_shard(path: Path, expect_bytes: int | None = None) -> dict[str, np.ndar
     size = path.stat().st_size
     if expect_bytes is not None and size != expect_bytes:
         raise ShardError(f"{path}: {size} bytes, the plan says {expect_bytes} (truncated or replaced)")
-    meta = header.get("__metadata__", {})
+    try:
+        meta = json.loads(header.get("__metadata__", {}).get(META_KEY, "{}"))
+    except json.JSONDecodeError:
+        meta = {}
     if meta.get("format") != SHARD_FORMAT:
         raise ShardError(f"{path}: not a tunec shard")
     out = {}

@@ -9,7 +9,7 @@ tokenizing on one thread, so ``--workers N`` means N cores.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np

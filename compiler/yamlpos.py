@@ -45,7 +45,9 @@ def load_yaml_text(text: str, filename: str) -> tuple[Any, dict[tuple, Position]
     if node is None:
         return None, where
     where[()] = _pos(node)
-    data = _build(loader, node, (), where, problems, filename)
+    explicit: dict[int, set[int]] = {}
+    _explicit_keys(node, set(), explicit)
+    data = _build(loader, node, (), where, problems, filename, explicit)
     if problems:
         raise TunecError(problems)
     return data, where
@@ -55,17 +57,47 @@ def _pos(node: yaml.Node) -> Position:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
 
-def _build(loader, node, path, where, problems, filename):
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+def _explicit_keys(node, seen: set[int], out: dict[int, set[int]]) -> None:
+    """Record, for every mapping node, the key nodes written in it (before merges are flattened)."""
+    if id(node) in seen:  # an alias: already walked
+        return
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        loader.flatten_mapping(node)  # resolve `<<: *anchor` merge keys
+        out[id(node)] = {id(k) for k, _ in node.value if k.tag != MERGE_TAG}
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        return
+    for child in children:
+        _explicit_keys(child, seen, out)
+
+
+def _build(loader, node, path, where, problems, filename, explicit_keys):
+    if isinstance(node, yaml.MappingNode):
+        # Resolve `<<: *anchor` merge keys. flatten_mapping puts the merged
+        # entries first; an explicit key then overrides a merged one (that is
+        # what merge keys are for), so only explicit repeats are duplicates.
+        # flatten_mapping mutates the node, hence the explicit keys recorded
+        # beforehand (an aliased node is built again, already flattened).
+        explicit = explicit_keys.get(id(node), set())
+        loader.flatten_mapping(node)
         out: dict = {}
+        merged: set = set()  # keys whose current value came from a merge
         for key_node, value_node in node.value:
             key = loader.construct_object(key_node, deep=True)
             if not isinstance(key, (str, int, float, bool)) or key is None:
                 line, col = _pos(key_node)
                 problems.append(Problem("mapping keys must be plain scalars", filename, line, col))
                 continue
-            if key in out:
+            if key in merged:  # a merged value, overridden (in place, as PyYAML does)
+                merged.discard(key)
+                for stale in [p for p in where if p[: len(path) + 1] == path + (key,)]:
+                    del where[stale]
+            elif key in out:
                 line, col = _pos(key_node)
                 first = where.get(path + (key,), ("?", "?"))[0]
                 problems.append(
@@ -78,14 +110,16 @@ def _build(loader, node, path, where, problems, filename):
                     )
                 )
                 continue
+            if id(key_node) not in explicit:
+                merged.add(key)
             where[path + (key,)] = _pos(key_node)
-            out[key] = _build(loader, value_node, path + (key,), where, problems, filename)
+            out[key] = _build(loader, value_node, path + (key,), where, problems, filename, explicit_keys)
         return out
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
             where[path + (i,)] = _pos(item)
-            items.append(_build(loader, item, path + (i,), where, problems, filename))
+            items.append(_build(loader, item, path + (i,), where, problems, filename, explicit_keys))
         return items
     return loader.construct_object(node, deep=True)
 
