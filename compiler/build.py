@@ -204,6 +204,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def _run_chunks(chunks: list[Chunk], info, specs, workers: int) -> Iterator[tuple[Chunk, UnitResult]]:
+    workers = min(workers, len(chunks))  # a process per chunk at most: spawning costs ~1 s
     try:
         if workers <= 1:
             with _single_threaded_tokenizers():

@@ -45,9 +45,8 @@ def _table(tasks, stage_trained: int) -> list[str]:
         cells = [str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))]
         out.append("  " + "  ".join(cells))
     for name, c in tasks.items():
-        if len(c.templates) > 1 or True:
-            per = ", ".join(f"{k} {v}" for k, v in c.templates.items())
-            out.append(f"    {name} templates: {per}")
+        per = ", ".join(f"{k} {v}" for k, v in c.templates.items())
+        out.append(f"    {name} templates: {per}")
     return out
 
 
