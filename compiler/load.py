@@ -62,10 +62,16 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     shown = display_path(path)
     if not path.is_file():
         raise TunecError(Problem(f"recipe file not found: {shown}"))
+    raw = path.read_bytes()  # decoded whole, so that the error's byte offset is the file's
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise TunecError(Problem(f"recipe is not UTF-8 text ({exc.reason} at byte {exc.start})", shown))
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1  # in bytes
+        raise TunecError(
+            Problem(f"recipe is not UTF-8 text ({exc.reason} at byte {exc.start})", shown, line, col)
+        ) from None
+    text = text.replace("\r\n", "\n").replace("\r", "\n")  # as read_text's universal newlines did
     data, where = load_yaml_text(text, shown)
     if not isinstance(data, dict):
         raise TunecError(Problem("a recipe is a YAML mapping (tokenizer:, seq_len:, tasks:, stages:)", shown, 1, 1))

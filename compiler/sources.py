@@ -163,6 +163,10 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
             raise TunecError(problems)
         path = source_files(loaded, task)[sel.split]
         builder = {"jsonl": "json"}.get(source.kind, source.kind)
+        if source.kind == "json":
+            # `datasets` reads a bare object as one row and a list of scalars as a
+            # `text` column, without complaint; a `json` source is a list of objects.
+            _read_json(path)
         try:
             ds = datasets.load_dataset(builder, data_files={sel.split: str(path)}, split=sel.split)
         except Exception as exc:
