@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import Problem, TunecError
+from .errors import Problem, TunecError, did_you_mean
 from .load import LoadedRecipe
 from .shards import sha256_file
 from .recipe import FILE_KINDS, HubSource, Selection, Task
@@ -141,7 +141,7 @@ def _quiet_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our own errors say it better
     return datasets
 
 
@@ -193,8 +193,8 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
             [
                 loaded.problem(
                     ("tasks", name, "fields", new),
-                    f"column `{old}` is not in the source (columns: {', '.join(ds.column_names)})"
-                    + _close(old, ds.column_names),
+                    f"column `{old}` is not in the source{did_you_mean(old, ds.column_names)}; "
+                    f"columns: {', '.join(ds.column_names)}",
                 )
                 for new, old in missing
             ]
@@ -204,8 +204,3 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
     columns = {new: raw[old] for new, old in mapping.items()}
     return Rows(columns=columns, count=stop - sel.start, first_row=sel.start)
 
-
-def _close(name: str, choices) -> str:
-    from .errors import did_you_mean
-
-    return did_you_mean(name, choices)

@@ -156,7 +156,7 @@ def test_missing_column_at_load_time(task):
     with pytest.raises(TunecError) as info:
         load(t)
     assert error_lines(info, t[0]) == [
-        "R:7:27: tasks.sums.fields.answer: column `answer` is not in the source (columns: q, a)"
+        "R:7:27: tasks.sums.fields.answer: column `answer` is not in the source; columns: q, a"
     ]
 
 
@@ -165,7 +165,7 @@ def test_missing_column_at_load_time_suggests(task):
     with pytest.raises(TunecError) as info:
         load(t)
     assert error_lines(info, t[0]) == [
-        "R:7:14: tasks.sums.fields.question: column `qq` is not in the source (columns: q, a) (did you mean 'q'?)"
+        "R:7:14: tasks.sums.fields.question: column `qq` is not in the source (did you mean 'q'?); columns: q, a"
     ]
 
 
