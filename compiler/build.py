@@ -36,6 +36,8 @@ from .plan import (
     ShardEntry,
     StagePlan,
     TaskCounts,
+    TaskPlan,
+    TemplatePlan,
     TokenizerPlan,
     canonical_json,
 )
@@ -122,6 +124,13 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         seed=recipe.seed,
         tokenizer=tok_plan,
         inputs=inputs,
+        tasks={
+            n: TaskPlan(
+                columns=checked.columns[n],
+                templates=[TemplatePlan(name=t.name, sha256=t.sha256, source=t.text) for t in checked.templates[n]],
+            )
+            for n in checked.used_tasks()
+        },
         stages=stages,
     )
     _write_manifest(out)

@@ -89,6 +89,19 @@ class RecipeInfo(Strict):
     hash: str = Field(description="sha256 of the validated recipe (canonical JSON) and of every input's content.")
 
 
+class TemplatePlan(Strict):
+    name: str
+    sha256: str
+    source: str  # the Jinja text, so the runtime renders prompts exactly as the compiler did
+
+
+class TaskPlan(Strict):
+    """How a task's text was made: what `tunec generate` needs to render a prompt the same way."""
+
+    columns: list[str] | None
+    templates: list[TemplatePlan]
+
+
 class Plan(Strict):
     format: Literal["tunec.plan"] = "tunec.plan"
     format_version: int = FORMAT_VERSION
@@ -98,6 +111,7 @@ class Plan(Strict):
     seed: int
     tokenizer: TokenizerPlan
     inputs: dict[str, dict[str, str]] = Field(description="Content hashes of sources and templates.")
+    tasks: dict[str, TaskPlan]
     stages: list[StagePlan]
 
     def stage(self, name: str) -> StagePlan:

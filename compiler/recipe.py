@@ -223,6 +223,11 @@ class StageModel(Strict):
 
     kind: Literal["stage"]
     stage: Name
+    adapter: Literal["merge", "continue"] = Field(
+        default="merge",
+        description="When the earlier stage trained a LoRA adapter: merge it into the weights and start "
+        "afresh (`merge`), or keep training the same adapter (`continue`).",
+    )
 
 
 ModelSpec = Annotated[
@@ -240,6 +245,7 @@ class LoraPeft(Strict):
     alpha: float = Field(default=32.0, gt=0)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    save_merged: bool = Field(default=False, description="Also save the model with the adapter merged in.")
 
 
 Peft = Annotated[Union[NoPeft, LoraPeft], Field(discriminator="kind"), BeforeValidator(_kind_shorthand)]
@@ -260,7 +266,13 @@ class Stage(Strict):
     warmup_steps: int = Field(default=0, ge=0)
     weight_decay: float = Field(default=0.0, ge=0)
     max_grad_norm: float = Field(default=1.0, gt=0)
+    micro_batch_rows: int = Field(
+        default=4, gt=0, description="Packed rows per forward pass; gradients accumulate up to `batch_tokens`."
+    )
     peft: Peft = NoPeft(kind="none")
+    eval_every_steps: int | None = Field(default=None, gt=0, description="Also evaluate every N steps (always at the end).")
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N steps (always at the end).")
+    log_every_steps: int = Field(default=1, gt=0)
 
 
 # --------------------------------------------------------------------------- recipe

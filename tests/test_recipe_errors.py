@@ -98,8 +98,9 @@ def test_problems_carry_file_line_col_and_field(write_recipe):
 def test_unknown_field_without_close_name_lists_allowed_fields(write_recipe):
     path = write_recipe(VALID.replace("    objective: sft\n", "    objective: sft\n    zzz: 1\n"))
     assert errors(path) == [
-        "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: batch_tokens, epochs, lr, max_grad_norm, "
-        "max_steps, model, name, objective, peft, tasks, warmup_steps, weight_decay"
+        "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: batch_tokens, checkpoint_every_steps, epochs, "
+        "eval_every_steps, log_every_steps, lr, max_grad_norm, max_steps, micro_batch_rows, model, name, "
+        "objective, peft, tasks, warmup_steps, weight_decay"
     ]
 
 
