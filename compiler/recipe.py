@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
@@ -131,11 +131,6 @@ def _template_shorthand(value: Any) -> Any:
     return {"kind": "library", "name": value} if isinstance(value, str) else value
 
 
-TemplateRef = Annotated[
-    Union[LibraryTemplate, FileTemplate, InlineTemplate],
-    Field(discriminator="kind"),
-    BeforeValidator(_template_shorthand),
-]
 
 
 # --------------------------------------------------------------------------- tasks
@@ -155,6 +150,115 @@ class Selection(Strict):
         return self
 
 
+class FractionEval(Strict):
+    """A seeded fraction of the train selection, held out for eval (train then excludes it)."""
+
+    fraction: float = Field(gt=0, lt=1)
+
+
+class FileEval(Strict):
+    """Eval rows from their own file, read like the task's source (same `kind`)."""
+
+    file: str = Field(description="Relative to the recipe.")
+
+
+def _eval_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        if "fraction" in value:
+            return "fraction"
+        if "file" in value:
+            return "file"
+    return "split"
+
+
+EvalSelection = Annotated[
+    Union[
+        Annotated[Selection, Tag("split")],
+        Annotated[FractionEval, Tag("fraction")],
+        Annotated[FileEval, Tag("file")],
+    ],
+    Discriminator(_eval_kind),
+]
+
+
+class FewShot(Strict):
+    """Prefix each example with exemplars drawn from the task's own training rows."""
+
+    shots: int = Field(gt=0, description="Exemplars per example (the most, when `min_shots` is given).")
+    min_shots: int | None = Field(default=None, ge=0, description="Draw the count uniformly in [min_shots, shots].")
+    share: float = Field(default=1.0, gt=0, le=1, description="Fraction of examples made few-shot; the rest stay zero-shot.")
+    separator: str = Field(default="\n\n", description="Text between exemplars and before the example.")
+
+    @model_validator(mode="after")
+    def _range(self) -> "FewShot":
+        if self.min_shots is not None and self.min_shots > self.shots:
+            raise ValueError(f"`min_shots` ({self.min_shots}) must not exceed `shots` ({self.shots})")
+        return self
+
+
+class ColumnChoices(Strict):
+    """Answer choices read from a column holding a list of strings."""
+
+    kind: Literal["column"]
+    column: str
+
+
+class JinjaChoices(Strict):
+    """Answer choices rendered from the row: a Jinja string with choices separated by `|||`."""
+
+    kind: Literal["jinja"]
+    template: str
+
+
+AnswerChoices = Union[list[str], Annotated[Union[ColumnChoices, JinjaChoices], Field(discriminator="kind")]]
+
+
+class CompletionFormat(Strict):
+    """Plain text: prompt + completion + EOS."""
+
+    kind: Literal["completion"]
+
+
+DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                 "system": "system", "bot": "assistant", "model": "assistant"}
+
+
+class ChatFormat(Strict):
+    """Rendered through the tokenizer's chat template; loss on assistant turns only."""
+
+    kind: Literal["chat"]
+    messages: str | None = Field(
+        default=None,
+        description="Column holding a conversation (a list of turns). Without it, each template's prompt "
+        "and completion become one user turn and one assistant turn.",
+    )
+    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=lambda: dict(DEFAULT_ROLES),
+        description="Maps the data's speaker names (ShareGPT `from`, OpenAI `role`) onto chat roles.",
+    )
+    system: str | None = Field(default=None, description="System prompt (Jinja over the row's columns).")
+    train_on: Literal["all", "last"] = Field(default="all", description="Train on every assistant turn, or the last only.")
+
+
+Format = Annotated[Union[CompletionFormat, ChatFormat], Field(discriminator="kind"), BeforeValidator(_kind_shorthand)]
+
+
+class PromptsourceTemplates(Strict):
+    """Templates from a promptsource `templates.yaml` (`!Template` entries)."""
+
+    kind: Literal["promptsource"]
+    path: str = Field(description="The templates.yaml file, relative to the recipe.")
+    names: list[str] | None = Field(default=None, description="Templates to use, by name; all when omitted.")
+    separator: str = Field(default=" ", description="Text placed between the rendered input and target.")
+
+
+TemplateRef = Annotated[
+    Union[LibraryTemplate, FileTemplate, InlineTemplate, PromptsourceTemplates],
+    Field(discriminator="kind"),
+    BeforeValidator(_template_shorthand),
+]
+
+
 class Task(Strict):
     source: Source
     fields: dict[Name, str] | None = Field(
@@ -162,14 +266,35 @@ class Task(Strict):
         description="Column map `new_name: source_column`. When given, the task sees exactly these "
         "columns (rename and select).",
     )
-    templates: list[TemplateRef] = Field(min_length=1)
+    format: Format = CompletionFormat(kind="completion")
+    templates: list[TemplateRef] = Field(default_factory=list)
+    template_policy: Literal["all", "sample", "round_robin"] = Field(
+        default="all",
+        description="`all`: every example under every template; `sample`: one seeded template per example; "
+        "`round_robin`: templates in turn.",
+    )
+    few_shot: FewShot | None = None
+    answer_choices: AnswerChoices | None = Field(
+        default=None, description="Shown to templates as `answer_choices`; recorded for eval tasks."
+    )
     train: Selection = Selection()
-    eval: Selection | None = None
+    eval: EvalSelection | None = None
     truncation: Literal["drop", "truncate", "error"] = Field(
         default="drop",
         description="What to do with an example longer than `seq_len`: drop it (counted), keep its "
         "first `seq_len` tokens (counted), or stop with an error.",
     )
+
+    @model_validator(mode="after")
+    def _templates_or_messages(self) -> "Task":
+        chat_messages = isinstance(self.format, ChatFormat) and self.format.messages is not None
+        if not self.templates and not chat_messages:
+            raise ValueError("a task needs `templates` (or `format: {kind: chat, messages: COLUMN}`)")
+        if chat_messages and self.templates:
+            raise ValueError("a chat task reads either a `messages` column or `templates`, not both")
+        if chat_messages and self.few_shot is not None:
+            raise ValueError("`few_shot` needs templates; a `messages` column already holds whole conversations")
+        return self
 
 
 # --------------------------------------------------------------------------- stages
@@ -251,10 +376,61 @@ class LoraPeft(Strict):
 Peft = Annotated[Union[NoPeft, LoraPeft], Field(discriminator="kind"), BeforeValidator(_kind_shorthand)]
 
 
+class ProportionalMixture(Strict):
+    """Examples-proportional mixing (FLAN): each task contributes its examples, at most `cap`."""
+
+    kind: Literal["proportional"]
+    cap: int | None = Field(default=None, gt=0, description="Most examples any one task contributes.")
+
+
+class TemperatureMixture(Strict):
+    """Temperature mixing (T5/seqio): rates proportional to min(size, cap) ** (1 / temperature)."""
+
+    kind: Literal["temperature"]
+    temperature: float = Field(gt=0)
+    cap: int | None = Field(default=None, gt=0)
+
+
+class WeightsMixture(Strict):
+    """Explicit rates per task (normalised to sum to 1)."""
+
+    kind: Literal["weights"]
+    weights: dict[Name, float]
+
+
+Mixture = Annotated[
+    Union[ProportionalMixture, TemperatureMixture, WeightsMixture],
+    Field(discriminator="kind"),
+    BeforeValidator(_kind_shorthand),
+]
+
+
+class ExamplesBudget(Strict):
+    kind: Literal["examples"]
+    count: int = Field(gt=0)
+
+
+class TokensBudget(Strict):
+    """A budget in tokens of packed documents (prompt and completion)."""
+
+    kind: Literal["tokens"]
+    count: int = Field(gt=0)
+
+
+Budget = Annotated[Union[ExamplesBudget, TokensBudget], Field(discriminator="kind")]
+
+
 class Stage(Strict):
     name: Name
     objective: Objective
     tasks: list[Name] = Field(min_length=1)
+    held_out: list[Name] = Field(
+        default_factory=list, description="Tasks compiled to eval data only: never trained in this stage."
+    )
+    mixture: Mixture = ProportionalMixture(kind="proportional")
+    budget: Budget | None = Field(
+        default=None, description="Total size of the mixture; without it each task gives its (capped) examples."
+    )
     model: ModelSpec
     lr: float = Field(default=2e-5, gt=0)
     batch_tokens: int = Field(default=65536, gt=0, description="Tokens per optimizer step (all ranks).")
@@ -291,3 +467,8 @@ class Recipe(Strict):
     )
     tasks: dict[Name, Task] = Field(min_length=1)
     stages: list[Stage] = Field(min_length=1)
+    leakage: Literal["error", "warn", "ignore"] = Field(
+        default="error",
+        description="An eval or held-out example whose text also appears in a training mixture: stop "
+        "(`error`), report it in the plan and on the console (`warn`), or only record it (`ignore`).",
+    )

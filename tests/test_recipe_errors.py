@@ -98,9 +98,9 @@ def test_problems_carry_file_line_col_and_field(write_recipe):
 def test_unknown_field_without_close_name_lists_allowed_fields(write_recipe):
     path = write_recipe(VALID.replace("    objective: sft\n", "    objective: sft\n    zzz: 1\n"))
     assert errors(path) == [
-        "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: batch_tokens, checkpoint_every_steps, epochs, "
-        "eval_every_steps, log_every_steps, lr, max_grad_norm, max_steps, micro_batch_rows, model, name, "
-        "objective, peft, tasks, warmup_steps, weight_decay"
+        "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: batch_tokens, budget, checkpoint_every_steps, epochs, "
+        "eval_every_steps, held_out, log_every_steps, lr, max_grad_norm, max_steps, micro_batch_rows, mixture, "
+        "model, name, objective, peft, tasks, warmup_steps, weight_decay"
     ]
 
 
@@ -133,7 +133,7 @@ def test_misspelt_kinds_everywhere(write_recipe):
     assert errors(path) == [
         "R:1:13: tokenizer: unknown kind 'locl' (did you mean 'local'?); expected one of: local, hub",
         "R:6:18: tasks.sums.templates[0]: unknown kind 'libary' (did you mean 'library'?); "
-        "expected one of: library, file, inline",
+        "expected one of: library, file, inline, promptsource",
         # the `objective: sfft` shorthand has no `kind:` key: the error is at `objective`
         "R:9:5: stages[0].objective: unknown kind 'sfft' (did you mean 'sft'?); expected one of: sft, lm",
         "R:12:12: stages[0].peft: unknown kind 'lora_' (did you mean 'lora'?); expected one of: none, lora",
@@ -183,8 +183,8 @@ def test_missing_nested_fields(write_recipe):
         ("seq_len: 64", "seq_len: 0", "R:2:1: seq_len: Input should be greater than 8 (got 0)"),
         ("seq_len: 64", "seq_len: sixty", "R:2:1: seq_len: Input should be a valid integer, unable to "
          "parse string as an integer (got 'sixty')"),
-        ("[arithmetic/qa]", "[]", "R:6:5: tasks.sums.templates: List should have at least 1 item "
-         "after validation, not 0"),
+        ("[arithmetic/qa]", "[]", "R:4:3: tasks.sums: a task needs `templates` (or `format: {kind: chat, "
+         "messages: COLUMN}`)"),
         ("templates: [arithmetic/qa]", "templates: [arithmetic/qa]\n    train: {start: 10, stop: 3}",
          "R:7:5: tasks.sums.train: `stop` (3) must be greater than `start` (10)"),
         ("templates: [arithmetic/qa]", "templates: [arithmetic/qa]\n    eval: {start: -1}",
@@ -306,7 +306,7 @@ def test_error_in_merged_value_points_at_where_it_was_written(write_recipe):
         """
     )
     assert errors(path) == [
-        "R:7:1: defaults: unknown field `defaults`; allowed: seed, seq_len, stages, tasks, template_dirs, tokenizer",
+        "R:7:1: defaults: unknown field `defaults`; allowed: leakage, seed, seq_len, stages, tasks, template_dirs, tokenizer",
         "R:8:3: stages[0].lr: Input should be greater than 0 (got -1)",
     ]
 
