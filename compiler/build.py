@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -24,28 +25,26 @@ from . import FORMAT_VERSION, __version__
 from .check import Checked, check
 from .errors import Problem, TunecError
 from .load import LoadedRecipe
-from .pack import IGNORE, Docs, best_fit_decreasing, build_rows, doc_labels
+from . import leakage
+from .link import Linker, leak_reports
 from .plan import (
     MANIFEST_FILE,
     MARKER_FILE,
+    LeakReport,
     PLAN_FILE,
-    EvalSet,
-    PackedSet,
     Plan,
     RecipeInfo,
-    ShardEntry,
     StagePlan,
-    TaskCounts,
     TaskPlan,
     TemplatePlan,
     TokenizerPlan,
     canonical_json,
 )
-from .recipe import LocalModel, Stage
-from .shards import sha256_file, write_shard
+from .recipe import LocalModel
+from .shards import sha256_file
 from .sources import fingerprint, load_part
 from .tokenize import hash_folder, load_tokenizer, tokenizer_info
-from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join
+from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join, plan_docs
 
 DEFAULT_SHARD_ROWS = 2048
 COMPILED = ("stages", "tokenizer", MANIFEST_FILE)  # what a rebuild replaces (runs/ is kept)
@@ -71,14 +70,29 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
     recipe = loaded.recipe
     tok = load_tokenizer(loaded)
     info = tokenizer_info(tok)
+    _check_chat(checked, info)
 
-    # Units: the train part of every used task, and its eval part when it has one.
+    # Units: a task's train part when a stage trains on it (or it is held out
+    # without an eval part, or it draws few-shot exemplars); its eval part when it has one.
+    trained = {t for s in recipe.stages for t in s.tasks}
+    held = {t for s in recipe.stages for t in s.held_out}
     specs: list[UnitSpec] = []
     for name in checked.used_tasks():
         task = recipe.tasks[name]
-        for part in ("train", "eval") if task.eval is not None else ("train",):
-            specs.append(UnitSpec(name, part, checked.templates[name], task.truncation, recipe.seq_len))
-    parts = [load_part(loaded, s.task, recipe.tasks[s.task], s.part) for s in specs]
+        wanted = []
+        if name in trained or (name in held and task.eval is None) or task.few_shot is not None:
+            wanted.append("train")
+        if task.eval is not None:
+            wanted.append("eval")
+        for part in wanted:
+            specs.append(UnitSpec(
+                task=name, part=part, templates=checked.templates[name], truncation=task.truncation,
+                seq_len=recipe.seq_len, seed=recipe.seed, policy=task.template_policy, format=task.format,
+                few_shot=task.few_shot, answer_choices=task.answer_choices,
+                record_choices=part == "eval" or name in held,
+            ))
+    parts = {(s.task, s.part): load_part(loaded, s.task, recipe.tasks[s.task], s.part) for s in specs}
+    pools = {s.task: parts[(s.task, "train")].columns for s in specs if s.few_shot is not None and s.part == "train"}
 
     inputs = {f"source:{n}": fingerprint(loaded, recipe.tasks[n]) for n in checked.used_tasks()}
     inputs.update(
@@ -87,14 +101,23 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
 
     _check_out(out, loaded, options.force)  # refuse early, before the long work
 
-    chunks = [c for i, rows in enumerate(parts) for c in chunks_of(i, rows.columns, rows.count, rows.first_row)]
-    total_rows = sum(p.count for p in parts)
+    chunks = []
+    for i, spec in enumerate(specs):
+        rows = parts[(spec.task, spec.part)]
+        docs = plan_docs(spec, rows.count, len(pools[spec.task][next(iter(pools[spec.task]))]) if spec.task in pools else 0)
+        chunks.extend(chunks_of(i, rows.columns, rows.index.tolist(), docs))
+    total_rows = sum(p.count for p in parts.values())
     results: list[list[UnitResult]] = [[] for _ in specs]
     with _progress(options.progress, total_rows, "compile") as bar:
-        for chunk, result in _run_chunks(chunks, info, specs, options.workers):
+        for chunk, result in _run_chunks(chunks, info, specs, pools, options.workers):
             results[chunk.unit].append(result)
-            bar(len(next(iter(chunk.columns.values()), [])))
-    units = {(s.task, s.part): join(r) for s, r in zip(specs, results)}
+            bar(len(chunk.rows))
+    units = {(s.task, s.part): join(r, len(s.templates)) for s, r in zip(specs, results)}
+
+    linker = Linker(out=out, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
+                    seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
+    mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
+    leaks = _leakage(recipe, units, parts, mixes)
 
     # Every user error in the data has surfaced by now: only here is a previous
     # build in `out` replaced.
@@ -106,10 +129,19 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         bos_id=info.bos_id, eos_id=info.eos_id, pad_id=info.pad_id,
     )
 
-    stages = [
-        _link_stage(stage, units, checked, out, info.pad_id, options, loaded)
-        for stage in recipe.stages
-    ]
+    stages = []
+    for stage in recipe.stages:
+        train, counts = linker.train(stage, {t: units[(t, "train")] for t in stage.tasks}, mixes[stage.name])
+        evals = {}
+        for t in list(stage.tasks) + list(stage.held_out):
+            unit = units.get((t, "eval")) or (units[(t, "train")] if t in stage.held_out else None)
+            if unit is not None:
+                evals[t] = linker.eval(stage, t, unit, held_out=t in stage.held_out)
+        settings = stage
+        if isinstance(stage.model, LocalModel):
+            settings = stage.model_copy(update={"model": LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))})
+        stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
+                                leakage=leaks.get(stage.name, {})))
 
     recipe_hash = _sha256_text(canonical_json({
         "format_version": FORMAT_VERSION,
@@ -124,18 +156,66 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         seed=recipe.seed,
         tokenizer=tok_plan,
         inputs=inputs,
-        tasks={
-            n: TaskPlan(
-                columns=checked.columns[n],
-                templates=[TemplatePlan(name=t.name, sha256=t.sha256, source=t.text) for t in checked.templates[n]],
-            )
-            for n in checked.used_tasks()
-        },
+        tasks={n: _task_plan(checked, n) for n in checked.used_tasks()},
         stages=stages,
     )
     _write_manifest(out)
     _atomic_write(out / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
+
+
+def _task_plan(checked: Checked, name: str) -> TaskPlan:
+    task = checked.recipe.tasks[name]
+    return TaskPlan(
+        columns=checked.columns[name],
+        templates=[TemplatePlan(name=t.name, sha256=t.sha256, source=t.text, kind=t.kind,
+                                answer_choices=t.answer_choices, separator=t.separator)
+                   for t in checked.templates[name]],
+        format=task.format.kind,
+        answer_choices=list(task.answer_choices) if isinstance(task.answer_choices, list) else None,
+    )
+
+
+def _check_chat(checked: Checked, info) -> None:
+    chat = [n for n in checked.used_tasks() if checked.recipe.tasks[n].format.kind == "chat"]
+    if chat and not info.chat_template:
+        raise TunecError(checked.loaded.problem(
+            ("tokenizer",), f"task(s) {', '.join(chat)} use `format: chat`, but the tokenizer has no chat "
+            "template; give one with `tokenizer.chat_template: FILE`"))
+
+
+def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
+    """Per stage, eval and held-out examples whose text appears in any training mixture."""
+    def texts_of(task: str, part: str, rows: np.ndarray) -> list[set[str]]:
+        src = parts[(task, part)]
+        pos = {int(r): i for i, r in enumerate(src.index.tolist())}
+        return [leakage.texts({k: v[pos[int(r)]] for k, v in src.columns.items()}) for r in np.unique(rows)]
+
+    train_texts: dict[str, list[set[str]]] = {}
+    for stage in recipe.stages:
+        for t in stage.tasks:
+            train_texts.setdefault(t, []).extend(texts_of(t, "train", units[(t, "train")].row[mixes[stage.name].docs[t]]))
+    reports: dict[str, dict[str, LeakReport]] = {}
+    problems = []
+    for stage in recipe.stages:
+        evals = {}
+        for t in list(stage.tasks) + list(stage.held_out):
+            part = "eval" if (t, "eval") in units else ("train" if t in stage.held_out else None)
+            if part is not None:
+                evals[t] = texts_of(t, part, units[(t, part)].row)
+        found = leak_reports(train_texts, evals)
+        if found:
+            reports[stage.name] = found
+            for t, r in found.items():
+                with_ = ", ".join(f"{k} ({v})" for k, v in r.by_task.items())
+                problems.append(f"stage '{stage.name}': {r.leaked} of {r.examples} eval examples of task '{t}' "
+                                f"also appear in the training mixture: {with_}")
+    if problems and recipe.leakage == "error":
+        raise TunecError([Problem(p + "; remove them, or set `leakage: warn` to train anyway") for p in problems])
+    if problems and recipe.leakage == "warn":
+        for p in problems:
+            print(f"warning: {p}", file=sys.stderr)
+    return reports
 
 
 # ----------------------------------------------------------------- output folder
@@ -212,19 +292,19 @@ def _atomic_write(path: Path, text: str) -> None:
 # ----------------------------------------------------------------- workers
 
 
-def _run_chunks(chunks: list[Chunk], info, specs, workers: int) -> Iterator[tuple[Chunk, UnitResult]]:
+def _run_chunks(chunks: list[Chunk], info, specs, pools, workers: int) -> Iterator[tuple[Chunk, UnitResult]]:
     workers = min(workers, len(chunks))  # a process per chunk at most: spawning costs ~1 s
     try:
         if workers <= 1:
             with _single_threaded_tokenizers():
-                init_worker(info, specs, single_thread=True)
+                init_worker(info, specs, pools, single_thread=True)
                 for chunk in chunks:
                     yield chunk, compile_chunk(chunk)
             return
         # spawn: a clean interpreter per worker (fork after the tokenizer's thread
         # pool has started can deadlock), importing only the light worker modules.
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=init_worker, initargs=(info, specs, True)) as pool:
+        with ctx.Pool(workers, initializer=init_worker, initargs=(info, specs, pools, True)) as pool:
             for chunk, result in zip(chunks, pool.imap(compile_chunk, chunks, chunksize=1)):
                 yield chunk, result
     except RowError as exc:
@@ -254,103 +334,6 @@ def _progress(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], 
 
     with tqdm(total=total, desc=desc, unit="rows", disable=None, leave=False) as bar:
         yield bar.update
-
-
-# ----------------------------------------------------------------- linking
-
-
-def _link_stage(stage: Stage, units, checked: Checked, out: Path, pad_id: int, options: Options, loaded) -> StagePlan:
-    objective = stage.objective.kind
-    seq_len = checked.recipe.seq_len
-    base = Path("stages") / stage.name
-
-    train_units = [(t, units[(t, "train")]) for t in stage.tasks]
-    docs, _, counts = _gather(train_units, objective, checked)
-    train = _pack_and_write(docs, seq_len, pad_id, out, base / "train", options.shard_rows, stage.name)
-
-    evals = {}
-    for t in stage.tasks:
-        if (t, "eval") not in units:
-            continue
-        edocs, _, ecounts = _gather([(t, units[(t, "eval")])], objective, checked)
-        data = _pack_and_write(edocs, seq_len, pad_id, out, base / "eval" / t, options.shard_rows, stage.name)
-        evals[t] = EvalSet(counts=ecounts[t], data=data)
-
-    settings = stage
-    if isinstance(stage.model, LocalModel):
-        settings = stage.model_copy(update={"model": LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))})
-    return StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals)
-
-
-def _gather(task_units: list[tuple[str, UnitResult]], objective: str, checked: Checked):
-    """Labels per document; drop documents with nothing to train; count per task."""
-    ids_parts, offsets_parts, label_parts, task_of_doc = [], [np.zeros(1, np.int64)], [], []
-    counts: dict[str, TaskCounts] = {}
-    base = 0
-    for ti, (task, unit) in enumerate(task_units):
-        labels = doc_labels(unit.ids, unit.offsets, unit.spans, objective)
-        trained_per_doc = np.add.reduceat((labels != IGNORE).astype(np.int64), unit.offsets[:-1]) if unit.docs else np.zeros(0, np.int64)
-        keep = trained_per_doc > 0
-        lengths = unit.lengths[keep]
-        token_mask = np.repeat(keep, unit.lengths)
-        ids_parts.append(unit.ids[token_mask])
-        label_parts.append(labels[token_mask])
-        offsets_parts.append(base + np.cumsum(lengths))
-        base += int(lengths.sum())
-        task_of_doc.append(np.full(int(keep.sum()), ti, dtype=np.int32))
-        names = [t.name for t in checked.templates[task]]
-        per_template = np.bincount(unit.template[keep], minlength=len(names))
-        counts[task] = TaskCounts(
-            examples=int(keep.sum()),
-            tokens=int(lengths.sum()),
-            trained_tokens=int(trained_per_doc[keep].sum()),
-            truncated=unit.truncated,
-            dropped=unit.dropped + int((~keep).sum()),
-            boundary_merges=unit.straddles,
-            templates=_template_counts(names, per_template),
-        )
-        if counts[task].examples == 0:
-            raise TunecError(f"task '{task}': no example left to train on (all {counts[task].dropped} dropped); "
-                             "check `truncation` and `seq_len`")
-    docs = Docs(
-        ids=np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int32),
-        offsets=np.concatenate(offsets_parts).astype(np.int64),
-        labels=np.concatenate(label_parts) if label_parts else np.zeros(0, np.int32),
-    )
-    return docs, np.concatenate(task_of_doc) if task_of_doc else np.zeros(0, np.int32), counts
-
-
-def _template_counts(names: list[str], per_template: np.ndarray) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for name, n in zip(names, per_template.tolist()):
-        key, k = name, 2
-        while key in out:  # two templates of one task may share a name (e.g. two inline ones)
-            key, k = f"{name}#{k}", k + 1
-        out[key] = int(n)
-    return out
-
-
-def _pack_and_write(docs: Docs, seq_len: int, pad_id: int, out: Path, rel: Path,
-                    shard_rows: int, stage: str) -> PackedSet:
-    bins = best_fit_decreasing(docs.lengths, seq_len)
-    shards = []
-    for s, lo in enumerate(range(0, len(bins), shard_rows)):
-        arrays = build_rows(docs, bins[lo : lo + shard_rows], seq_len, pad_id)
-        path = rel / f"{s:05d}.safetensors"
-        written = write_shard(out / path, arrays, {"stage": stage, "seq_len": seq_len})
-        real = int(sum(int(docs.lengths[d]) for b in bins[lo : lo + shard_rows] for d in b))
-        shards.append(ShardEntry(
-            path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,
-            tokens=real, trained_tokens=int((arrays["labels"] != IGNORE).sum()),
-        ))
-    rows = len(bins)
-    tokens = int(docs.lengths.sum())
-    return PackedSet(
-        rows=rows, seq_len=seq_len, tokens=tokens,
-        trained_tokens=sum(s.trained_tokens for s in shards),
-        fill_rate=round(tokens / (rows * seq_len), 6) if rows else 0.0,
-        shards=shards,
-    )
 
 
 def _versions() -> dict[str, str]:

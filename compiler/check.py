@@ -11,7 +11,20 @@ from dataclasses import dataclass
 
 from .errors import Problem, TunecError, did_you_mean
 from .load import LoadedRecipe, display_path
-from .recipe import FileTemplate, InlineTemplate, LibraryTemplate, LocalModel, LocalTokenizer, StageModel, Task
+from . import promptsource
+from .recipe import (
+    ChatFormat,
+    ColumnChoices,
+    FileTemplate,
+    InlineTemplate,
+    LibraryTemplate,
+    LocalModel,
+    LocalTokenizer,
+    PromptsourceTemplates,
+    StageModel,
+    Task,
+    WeightsMixture,
+)
 from .sources import check_files, peek_columns
 from .refs import reference_problems, template_dirs
 from .templates import TemplateSource, analyse, find_library_template
@@ -30,8 +43,8 @@ class Checked:
         return self.loaded.recipe
 
     def used_tasks(self) -> list[str]:
-        """Tasks that some stage trains on, in recipe order."""
-        used = {t for s in self.recipe.stages for t in s.tasks}
+        """Tasks that some stage trains on or holds out, in recipe order."""
+        used = {t for s in self.recipe.stages for t in [*s.tasks, *s.held_out]}
         return [t for t in self.recipe.tasks if t in used]
 
 
@@ -60,22 +73,42 @@ def check(loaded: LoadedRecipe) -> Checked:
         sources = []
         for i, ref in enumerate(task.templates):
             loc = ("tasks", name, "templates", i)
-            source = _resolve_template(loaded, ref, loc, dirs, problems)
-            if source is None:
-                continue
-            sources.append(source)
-            for p in analyse(source, cols):
-                where = f" [{p.file}:{p.line}]" if p.line and p.file != loaded.display else ""
-                here = loaded.problem(loc, p.message + where)
-                if p.file == loaded.display and p.line:  # inline template: point at its own line
-                    here = Problem(here.message, here.file, p.line, None, here.field)
-                problems.append(here)
+            for source in _resolve_template(loaded, ref, loc, dirs, problems):
+                sources.append(source)
+                problems.extend(_template_problems(loaded, source, cols, loc))
         templates[name] = tuple(sources)
+        problems.extend(_format_problems(loaded, name, task, cols))
 
     problems.extend(_check_stages(loaded))
     if problems:
         raise TunecError(sorted(problems, key=lambda p: (p.file != loaded.display, p.line or 0, p.col or 0)))
     return Checked(loaded, templates, columns)
+
+
+def _template_problems(loaded: LoadedRecipe, source: TemplateSource, cols, loc) -> list[Problem]:
+    problems = []
+    for p in analyse(source, cols):
+        where = f" [{p.file}:{p.line}]" if p.line and p.file != loaded.display else ""
+        here = loaded.problem(loc, p.message + where)
+        if p.file == loaded.display and p.line:  # inline template: point at its own line
+            here = Problem(here.message, here.file, p.line, None, here.field)
+        problems.append(here)
+    return problems
+
+
+def _format_problems(loaded: LoadedRecipe, name: str, task: Task, cols: list[str] | None) -> list[Problem]:
+    """Columns that the chat format and answer choices read must exist."""
+    problems = []
+    needed = []
+    if isinstance(task.format, ChatFormat) and task.format.messages is not None:
+        needed.append((("tasks", name, "format", "messages"), task.format.messages))
+    if isinstance(task.answer_choices, ColumnChoices):
+        needed.append((("tasks", name, "answer_choices", "column"), task.answer_choices.column))
+    for loc, col in needed:
+        if cols is not None and col not in cols:
+            problems.append(loaded.problem(loc, f"column `{col}` is not in the task{did_you_mean(col, cols)}; "
+                                                f"columns: {', '.join(cols)}"))
+    return problems
 
 
 def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Problem]) -> list[str] | None:
@@ -99,23 +132,34 @@ def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Pr
     return list(task.fields)
 
 
-def _resolve_template(loaded, ref, loc, dirs, problems) -> TemplateSource | None:
+def _resolve_template(loaded, ref, loc, dirs, problems) -> list[TemplateSource]:
     if isinstance(ref, InlineTemplate):
         line, _ = loaded.position(loc + ("prompt",))
-        return TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1)
+        return [TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1)]
     if isinstance(ref, LibraryTemplate):
         path = find_library_template(ref.name, dirs)
         if path is None:  # reported by reference_problems
-            return None
-        name = ref.name
-    else:
-        assert isinstance(ref, FileTemplate)
-        path = loaded.resolve(ref.path)
-        if not path.is_file():
-            problems.append(loaded.problem(loc + ("path",), f"template file not found: {path}"))
-            return None
-        name = ref.path
-    return TemplateSource(name, path.read_text(encoding="utf-8"), display_path(path), 1)
+            return []
+        return [TemplateSource(ref.name, path.read_text(encoding="utf-8"), display_path(path), 1)]
+    path = loaded.resolve(ref.path)
+    if not path.is_file():
+        problems.append(loaded.problem(loc + ("path",), f"template file not found: {path}"))
+        return []
+    if isinstance(ref, FileTemplate):
+        return [TemplateSource(ref.path, path.read_text(encoding="utf-8"), display_path(path), 1)]
+    assert isinstance(ref, PromptsourceTemplates)
+    try:
+        found, missing = promptsource.select(promptsource.load_file(path), ref.names, display_path(path))
+    except TunecError as exc:
+        problems.extend(exc.problems)
+        return []
+    for m in missing:
+        problems.append(loaded.problem(loc + ("names",), f"no promptsource template named {m} in {display_path(path)}"))
+    return [
+        TemplateSource(t.name, t.jinja, display_path(path), t.line, kind="promptsource",
+                       answer_choices=t.answer_choices, separator=ref.separator)
+        for t in found
+    ]
 
 
 def _check_stages(loaded: LoadedRecipe) -> list[Problem]:
@@ -128,6 +172,22 @@ def _check_stages(loaded: LoadedRecipe) -> list[Problem]:
         for j, task in enumerate(stage.tasks):
             if task in stage.tasks[:j]:  # unknown names: see reference_problems
                 problems.append(loaded.problem(("stages", i, "tasks", j), f"task '{task}' is listed twice"))
+        for j, task in enumerate(stage.held_out):
+            if task in stage.tasks:
+                problems.append(loaded.problem(("stages", i, "held_out", j),
+                                               f"task '{task}' is held out and also trained in this stage"))
+        if isinstance(stage.mixture, WeightsMixture):
+            weights = stage.mixture.weights
+            for t in weights:
+                if t not in stage.tasks:
+                    problems.append(loaded.problem(("stages", i, "mixture", "weights", t),
+                                                   f"task '{t}' is not trained in this stage{did_you_mean(t, stage.tasks)}"))
+            for t in stage.tasks:
+                if t not in weights:
+                    problems.append(loaded.problem(("stages", i, "mixture", "weights"), f"no weight for task '{t}'"))
+            if sum(weights.values()) <= 0 or any(w < 0 for w in weights.values()):
+                problems.append(loaded.problem(("stages", i, "mixture", "weights"),
+                                               "weights must be non-negative and not all zero"))
         model = stage.model
         if isinstance(model, StageModel) and model.stage not in seen:
             later = [s.name for s in recipe.stages]

@@ -59,11 +59,35 @@ class TaskCounts(Strict):
         "the prompt/completion boundary): end prompts without a trailing space to avoid them."
     )
     templates: dict[str, int] = Field(description="Documents kept per template.")
+    skipped: dict[str, int] = Field(
+        default_factory=dict, description="Rows a promptsource template did not apply to (empty target), per template."
+    )
+    fewshot: int = Field(default=0, description="Documents with at least one few-shot exemplar.")
+    requested_share: float | None = Field(default=None, description="The mixture's rate for the task (training only).")
+    trained_share: float | None = Field(
+        default=None, description="The task's share of the stage's trained tokens, after packing (training only)."
+    )
+
+
+class ChoicesFile(Strict):
+    """Per eval document: prompt, target, answer choices and the right one (JSON lines)."""
+
+    path: str
+    sha256: str
+    count: int
 
 
 class EvalSet(Strict):
     counts: TaskCounts
     data: PackedSet
+    held_out: bool = False
+    choices: ChoicesFile | None = None
+
+
+class LeakReport(Strict):
+    examples: int
+    leaked: int
+    by_task: dict[str, int] = Field(description="Training task -> leaked examples found in it.")
 
 
 class StagePlan(Strict):
@@ -72,6 +96,7 @@ class StagePlan(Strict):
     train: PackedSet
     tasks: dict[str, TaskCounts]
     eval: dict[str, EvalSet]
+    leakage: dict[str, LeakReport] = Field(default_factory=dict, description="Per eval task, when any leaked.")
 
 
 class TokenizerPlan(Strict):
@@ -93,6 +118,9 @@ class TemplatePlan(Strict):
     name: str
     sha256: str
     source: str  # the Jinja text, so the runtime renders prompts exactly as the compiler did
+    kind: str = "blocks"  # "blocks" | "promptsource"
+    answer_choices: str | None = None
+    separator: str = " "
 
 
 class TaskPlan(Strict):
@@ -100,6 +128,8 @@ class TaskPlan(Strict):
 
     columns: list[str] | None
     templates: list[TemplatePlan]
+    format: str = "completion"  # "completion" | "chat"
+    answer_choices: list[str] | None = None  # a static list, when the recipe gives one
 
 
 class Plan(Strict):

@@ -30,10 +30,11 @@ def reference_problems(data: Any, problem_at: ProblemAt, dirs: list[Path]) -> li
     tasks = data.get("tasks") if isinstance(data.get("tasks"), dict) else {}
     stages = data.get("stages") if isinstance(data.get("stages"), list) else []
     for i, stage in enumerate(stages):
-        names = stage.get("tasks") if isinstance(stage, dict) else None
-        for j, name in enumerate(names if isinstance(names, list) else []):
-            if isinstance(name, str) and name not in tasks:
-                problems.append(problem_at(("stages", i, "tasks", j), f"unknown task '{name}'{did_you_mean(name, tasks)}"))
+        for key in ("tasks", "held_out"):
+            names = stage.get(key) if isinstance(stage, dict) else None
+            for j, name in enumerate(names if isinstance(names, list) else []):
+                if isinstance(name, str) and name not in tasks:
+                    problems.append(problem_at(("stages", i, key, j), f"unknown task '{name}'{did_you_mean(name, tasks)}"))
     known: list[str] | None = None
     for tname, task in tasks.items():
         refs = task.get("templates") if isinstance(task, dict) else None

@@ -8,15 +8,18 @@ byte position.
 from __future__ import annotations
 
 import csv
+import zlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .errors import Problem, TunecError, did_you_mean
 from .load import LoadedRecipe
 from .shards import sha256_file
-from .recipe import FILE_KINDS, HubSource, Selection, Task
+from .recipe import FILE_KINDS, FileEval, FractionEval, HubSource, Selection, Task
 
 PEEK_ROWS = 100  # rows read by `tunec validate` to learn a file's columns
 
@@ -26,8 +29,11 @@ class Rows:
     """The selected rows of one part of a task, column-major, after the field map."""
 
     columns: dict[str, list[Any]]
-    count: int
-    first_row: int  # index, in the split, of the first selected row (for messages)
+    index: np.ndarray  # each row's index in its split or file (for messages)
+
+    @property
+    def count(self) -> int:
+        return len(self.index)
 
 
 def source_files(loaded: LoadedRecipe, task: Task) -> dict[str, Path]:
@@ -49,8 +55,8 @@ def check_files(loaded: LoadedRecipe, name: str, task: Task) -> list[Problem]:
             problems.append(loaded.problem(where, f"file is empty: {path}"))
     if files:
         for part in ("train", "eval"):
-            sel: Selection | None = getattr(task, part)
-            if sel is not None and sel.split not in files:
+            sel = getattr(task, part)
+            if isinstance(sel, Selection) and sel.split not in files:
                 problems.append(
                     loaded.problem(
                         ("tasks", name, part, "split"),
@@ -145,46 +151,71 @@ def _quiet_datasets():
     return datasets
 
 
-def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
-    """Load the rows of ``part`` ('train' or 'eval') of task ``name``, field map applied."""
-    sel: Selection = getattr(task, part)
+def holdout(seed: int, task: str, count: int, fraction: float) -> np.ndarray:
+    """Sorted positions (within the train selection) held out for eval: seeded, a pure function of its inputs."""
+    rng = np.random.default_rng([seed, zlib.crc32(task.encode("utf-8"))])
+    n_eval = min(count - 1, max(1, round(count * fraction)))
+    return np.sort(rng.permutation(count)[:n_eval])
+
+
+def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | None = None):
+    """One split of the source (or one file read like it) as a ``datasets.Dataset``."""
     datasets = _quiet_datasets()
     source = task.source
     if isinstance(source, HubSource):
         try:
-            ds = datasets.load_dataset(source.id, source.name, revision=source.revision, split=sel.split)
+            return datasets.load_dataset(source.id, source.name, revision=source.revision, split=split)
         except Exception as exc:  # network, unknown id, unknown split: all user-facing
             raise TunecError(
                 loaded.problem(("tasks", name, "source", "id"), f"cannot load hub dataset '{source.id}': {exc}")
             ) from None
-    else:
+    if path is None:
         problems = check_files(loaded, name, task)
         if problems:
             raise TunecError(problems)
-        path = source_files(loaded, task)[sel.split]
-        builder = {"jsonl": "json"}.get(source.kind, source.kind)
-        if source.kind == "json":
-            # `datasets` reads a bare object as one row and a list of scalars as a
-            # `text` column, without complaint; a `json` source is a list of objects.
-            _read_json(path)
-        try:
-            ds = datasets.load_dataset(builder, data_files={sel.split: str(path)}, split=sel.split)
-        except Exception as exc:
-            diagnose_file(source.kind, path)
-            raise TunecError(Problem(f"cannot read {source.kind} file: {exc}", str(path))) from None
+        path = source_files(loaded, task)[split]
+    builder = {"jsonl": "json"}.get(source.kind, source.kind)
+    if source.kind == "json":
+        # `datasets` reads a bare object as one row and a list of scalars as a
+        # `text` column, without complaint; a `json` source is a list of objects.
+        _read_json(path)
+    try:
+        return datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows")
+    except Exception as exc:
+        diagnose_file(source.kind, path)
+        raise TunecError(Problem(f"cannot read {source.kind} file: {exc}", str(path))) from None
 
-    total = len(ds)
-    stop = total if sel.stop is None else min(sel.stop, total)
-    if sel.start >= stop:
-        raise TunecError(
-            loaded.problem(
-                ("tasks", name, part),
-                f"the {part} selection is empty: split '{sel.split}' has {total} rows, "
-                f"selected rows {sel.start}..{'end' if sel.stop is None else sel.stop}",
-            )
-        )
-    if sel.start or stop != total:
-        ds = ds.select(range(sel.start, stop))
+
+def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
+    """Load the rows of ``part`` ('train' or 'eval') of task ``name``, field map applied.
+
+    An eval ``fraction`` is taken from the train selection (seeded) and the
+    train part then excludes those rows; an eval ``file`` is read like the source.
+    """
+    ev = task.eval
+    if part == "eval" and isinstance(ev, FileEval):
+        path = loaded.resolve(ev.file)
+        if not path.is_file() or path.stat().st_size == 0:
+            why = "not found" if not path.is_file() else "empty"
+            raise TunecError(loaded.problem(("tasks", name, "eval", "file"), f"eval file {why}: {path}"))
+        ds = _load(loaded, name, task, "eval", path)
+        index = np.arange(len(ds))
+        where, what = ("tasks", name, "eval"), f"eval file {path}"
+    else:
+        sel: Selection = task.train if part == "train" or isinstance(ev, FractionEval) else ev
+        ds = _load(loaded, name, task, sel.split)
+        total = len(ds)
+        stop = total if sel.stop is None else min(sel.stop, total)
+        index = np.arange(sel.start, max(stop, sel.start))
+        where = ("tasks", name, part)
+        what = f"split '{sel.split}' has {total} rows, selected rows {sel.start}..{'end' if sel.stop is None else sel.stop}"
+        if isinstance(ev, FractionEval) and len(index):
+            held = holdout(loaded.recipe.seed, name, len(index), ev.fraction)
+            keep = np.zeros(len(index), dtype=bool)
+            keep[held] = True
+            index = index[keep] if part == "eval" else index[~keep]
+    if len(index) == 0:
+        raise TunecError(loaded.problem(where, f"the {part} selection is empty: {what}"))
 
     mapping = task.fields if task.fields is not None else {c: c for c in ds.column_names}
     missing = [(new, old) for new, old in mapping.items() if old not in ds.column_names]
@@ -200,7 +231,9 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
             ]
         )
     wanted = sorted(set(mapping.values()))
-    raw = ds.select_columns(wanted).to_dict()
+    subset = ds.select_columns(wanted)
+    if len(index) != len(ds) or (len(index) and index[0] != 0):
+        subset = subset.select(index.tolist())
+    raw = subset.to_dict()
     columns = {new: raw[old] for new, old in mapping.items()}
-    return Rows(columns=columns, count=stop - sel.start, first_row=sel.start)
-
+    return Rows(columns=columns, index=index.astype(np.int64))

@@ -13,6 +13,7 @@ sees is ``prompt + completion``; only the completion carries loss under the
 from __future__ import annotations
 
 import hashlib
+import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import jinja2
 from jinja2 import meta, nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import promptsource
 from .errors import Problem, did_you_mean
 
 BLOCKS = ("prompt", "completion")
@@ -32,9 +34,12 @@ class TemplateSource:
     """The text of one template and where it came from (for messages)."""
 
     name: str  # what the recipe calls it: 'sentiment/review_short', a file path, or an inline name
-    text: str  # Jinja source with the two blocks
+    text: str  # Jinja source: two blocks, or (promptsource) one string with `|||` before the target
     filename: str  # file shown in messages
     first_line: int = 1  # line of `filename` where the Jinja text starts
+    kind: str = "blocks"  # "blocks" | "promptsource"
+    answer_choices: str | None = None  # promptsource: Jinja listing the choices, separated by `|||`
+    separator: str = " "  # promptsource: between the rendered input and target
 
     @classmethod
     def inline(cls, name: str, prompt: str, completion: str, filename: str, line: int) -> "TemplateSource":
@@ -48,7 +53,8 @@ class TemplateSource:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+        key = self.text if self.kind == "blocks" else "\0".join([self.text, self.answer_choices or "", self.separator])
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     def place(self, jinja_line: int | None) -> tuple[str, int | None]:
         return self.filename, None if jinja_line is None else self.first_line + jinja_line - 1
@@ -95,7 +101,7 @@ def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
         return [Problem(f"template '{source.name}': syntax error: {exc.message}", file, line)]
     problems = []
     blocks = {b.name: b for b in ast.find_all(nodes.Block)}
-    for block in BLOCKS:
+    for block in BLOCKS if source.kind == "blocks" else ():
         if block not in blocks:
             file, _ = source.place(None)
             problems.append(
@@ -108,7 +114,13 @@ def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
             )
     if columns is None:
         return problems
-    used = meta.find_undeclared_variables(ast) - set(env.globals)
+    used = meta.find_undeclared_variables(ast) - set(env.globals) - {"answer_choices", "zip"}
+    if source.answer_choices:
+        try:
+            used |= meta.find_undeclared_variables(env.parse(source.answer_choices)) - set(env.globals) - {"zip"}
+        except jinja2.TemplateSyntaxError as exc:
+            file, line = source.place(None)
+            problems.append(Problem(f"template '{source.name}': answer_choices: syntax error: {exc.message}", file, line))
     for var in sorted(used - set(columns)):
         line = next((n.lineno for n in ast.find_all(nodes.Name) if n.name == var), None)
         file, line = source.place(line)
@@ -140,30 +152,60 @@ class RenderError(Exception):
 
 
 class Renderer:
-    """Renders rows through a task's templates (built once per worker)."""
+    """Renders rows through a task's templates (built once per worker).
+
+    Missing values (None) are left undefined, so a template that uses one fails
+    loudly instead of printing "None"; test optional columns with
+    ``{% if x is defined %}``. ``answer_choices`` (a list), when the task has
+    them, is one more variable.
+    """
 
     def __init__(self, sources: list[TemplateSource]):
         self.sources = sources
-        by_name = {f"t{i}": s.text for i, s in enumerate(sources)}
+        self.rng = random.Random(0)  # promptsource's `choice` filter draws from it
+        texts = {f"t{i}": s.text for i, s in enumerate(sources)}
+        texts.update({f"c{i}": s.answer_choices for i, s in enumerate(sources) if s.answer_choices})
         env = make_env()
-        env.loader = jinja2.FunctionLoader(lambda n: (by_name[n], n, lambda: True))
+        env.loader = jinja2.FunctionLoader(lambda n: (texts[n], n, lambda: True))
+        promptsource.install(env, self)
         self._templates = [env.get_template(f"t{i}") for i in range(len(sources))]
+        self._choices = {i: env.get_template(f"c{i}") for i, s in enumerate(sources) if s.answer_choices}
 
-    def render(self, index: int, row: dict) -> tuple[str, str]:
+    def has_own_choices(self, index: int) -> bool:
+        return index in self._choices
+
+    def choices(self, index: int, row: dict, seed: int = 0) -> list[str]:
+        """A promptsource template's own answer choices for ``row``."""
+        self.rng.seed(seed)
+        text = self._call(index, self._choices[index], lambda t, ctx: t.render(ctx), row)
+        return [c.strip() for c in text.split("|||")]
+
+    def render(self, index: int, row: dict, seed: int = 0) -> tuple[str, str] | None:
         """``(prompt, completion)`` of ``row`` under template ``index``.
 
-        Missing values (None) are left undefined, so a template that uses one
-        fails loudly instead of printing "None"; test optional columns with
-        ``{% if x is defined %}``.
+        None when a promptsource template does not apply to the row (its target
+        renders empty): the caller counts and skips it.
         """
+        source = self.sources[index]
         tmpl = self._templates[index]
-        values = {k: v for k, v in row.items() if v is not None}
+        self.rng.seed(seed)
+        if source.kind == "promptsource":
+            text = self._call(index, tmpl, lambda t, ctx: t.render(ctx), row)
+            parts = [p.strip() for p in text.split("|||")]
+            if len(parts) < 2 or not parts[1]:
+                return None
+            return parts[0], source.separator + parts[1]
+
+        def blocks(t, ctx):
+            context = t.new_context(ctx)
+            return "".join(t.blocks["prompt"](context)), "".join(t.blocks["completion"](context))
+
+        return self._call(index, tmpl, blocks, row)
+
+    def _call(self, index: int, tmpl, fn, row: dict | None = None):
+        values = {k: v for k, v in (row or {}).items() if v is not None}
         try:
-            ctx = tmpl.new_context(values)
-            return (
-                "".join(tmpl.blocks["prompt"](ctx)),
-                "".join(tmpl.blocks["completion"](ctx)),
-            )
+            return fn(tmpl, values)
         except Exception as exc:  # any Jinja runtime error is the template's or the row's fault
             line = _template_line(exc, tmpl)
             raise RenderError(self.sources[index], line, f"{type(exc).__name__}: {exc}") from None

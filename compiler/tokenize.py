@@ -34,6 +34,8 @@ class TokenizerInfo:
     bos_id: int | None
     pad_id: int
     vocab_size: int
+    chat_template: str | None = None
+    special_tokens: tuple[tuple[str, str], ...] = ()  # (name, text), passed to the chat template
 
 
 @dataclass
@@ -83,6 +85,8 @@ def tokenizer_info(tok) -> TokenizerInfo:
         bos_id=None if tok.bos_token_id is None else int(tok.bos_token_id),
         pad_id=int(pad),
         vocab_size=len(tok),
+        chat_template=tok.chat_template if isinstance(tok.chat_template, str) else None,
+        special_tokens=tuple(sorted((k, v) for k, v in tok.special_tokens_map.items() if isinstance(v, str))),
     )
 
 
@@ -97,32 +101,60 @@ def hash_folder(folder: Path) -> str:
 
 
 def encode_pairs(backend, info: TokenizerInfo, prompts: list[str], completions: list[str]) -> list[Encoded]:
-    """Tokenize ``prompt + completion`` pairs in one batch and locate the completions."""
+    """Tokenize ``prompt + completion`` pairs in one batch; the completion and the EOS carry loss."""
     texts = [p + c for p, c in zip(prompts, completions)]
-    encodings = backend.encode_batch(texts, add_special_tokens=True)
+    spans = [[(len(p), len(t))] for p, t in zip(prompts, texts)]
+    return encode_texts(backend, info, texts, spans, add_special=True, append_eos=True)
+
+
+def encode_texts(backend, info: TokenizerInfo, texts: list[str], char_spans: list[list[tuple[int, int]]],
+                 *, add_special: bool, append_eos: bool) -> list[Encoded]:
+    """Tokenize texts in one batch and turn trained character spans into token spans.
+
+    A token is trained when it holds any character of a span. ``append_eos``
+    adds EOS (unless the text already ends with it) and trains it with a span
+    that reaches the end of the text. Chat texts come with their own
+    end-of-turn tokens and special tokens, so they use neither option.
+    """
+    encodings = backend.encode_batch(texts, add_special_tokens=add_special)
     out = []
-    for prompt, text, enc in zip(prompts, texts, encodings):
+    for text, spans, enc in zip(texts, char_spans, encodings):
         ids = enc.ids
-        start = _first_token_at_or_after(enc, len(prompt), len(text))
-        straddles = 0
-        if start is None:
-            start = len(ids)
-        elif enc.offsets[start][0] < len(prompt):
-            straddles = 1  # a token merged the prompt's last characters with the completion's first
+        tok_spans, straddles = [], 0
+        for s, e in spans:
+            first = _first_token_at_or_after(enc, s, e)
+            if first is None:
+                continue
+            last = _last_token_before(enc, s, e)
+            if enc.offsets[first][0] < s:
+                straddles += 1  # a token merged the characters before the span with its first ones
+            tok_spans.append((first, last + 1))
         if info.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == info.bos_id:
             ids = ids[1:]
-            start -= 1
-        if not ids or ids[-1] != info.eos_id:
+            tok_spans = [(a - 1, b - 1) for a, b in tok_spans]
+        if append_eos and (not ids or ids[-1] != info.eos_id):
+            reaches_end = bool(tok_spans) and tok_spans[-1][1] == len(ids)
             ids = ids + [info.eos_id]
-        out.append(Encoded(ids, [(start, len(ids))], straddles))
+            if reaches_end:
+                tok_spans[-1] = (tok_spans[-1][0], len(ids))
+            elif spans and spans[-1][1] == len(text):
+                tok_spans.append((len(ids) - 1, len(ids)))
+        out.append(Encoded(ids, tok_spans, straddles))
     return out
 
 
 def _first_token_at_or_after(enc, char: int, end: int) -> int | None:
-    """Index of the token holding character ``char`` (or the next character that has one)."""
+    """Index of the token holding character ``char`` (or the next character, before ``end``, that has one)."""
     for c in range(char, end):
         tok = enc.char_to_token(c)
         if tok is not None:
             return tok
     return None
 
+
+def _last_token_before(enc, start: int, end: int) -> int:
+    for c in range(end - 1, start - 1, -1):
+        tok = enc.char_to_token(c)
+        if tok is not None:
+            return tok
+    raise AssertionError("unreachable: a first token was found in the same range")

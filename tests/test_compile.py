@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from compiler import build as build_mod
+from compiler import link as link_mod
 from compiler.build import Options, compile_recipe
 from compiler.errors import TunecError
 from compiler.pack import IGNORE
@@ -376,7 +377,7 @@ def test_interrupted_compile_leaves_no_plan(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(build_mod, "write_shard", crash)
+    monkeypatch.setattr(link_mod, "write_shard", crash)
     with pytest.raises(KeyboardInterrupt):
         compile_recipe(recipe, out, Options())
     assert not (out / "plan.json").exists()

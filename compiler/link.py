@@ -1,0 +1,171 @@
+"""Linking a stage: mix the compiled task units, pack them, write shards, count.
+
+Like a linker, a stage takes objects (each task's tokenized documents),
+selects from them by the stage's mixture, decides labels by its objective,
+packs, and writes the stage's training shards, plus one packed eval set per
+evaluated task (its eval part, or all its rows for a held-out task).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import leakage, mixture
+from .errors import TunecError
+from .pack import IGNORE, Docs, best_fit_decreasing, build_rows, doc_labels
+from .plan import ChoicesFile, EvalSet, LeakReport, PackedSet, ShardEntry, TaskCounts
+from .recipe import Stage
+from .shards import write_shard
+from .units import MESSAGES, UnitResult
+
+
+@dataclass(frozen=True)
+class Mix:
+    labelled: dict[str, tuple]  # task -> (labels, kept-doc mask, trained tokens per doc)
+    docs: dict[str, np.ndarray]  # task -> selected document indices (sorted; repeats allowed)
+    rates: dict[str, float]  # task -> requested share
+
+
+@dataclass(frozen=True)
+class Linker:
+    out: Path
+    seq_len: int
+    pad_id: int
+    shard_rows: int
+    seed: int
+    template_names: dict[str, list[str]]  # task -> its templates' names
+
+    def select(self, stage: Stage, units: dict[str, UnitResult]) -> "Mix":
+        """The stage's mixture: which documents of each task (pure: no files written)."""
+        objective = stage.objective.kind
+        labelled = {t: _labelled(units[t], objective) for t in stage.tasks}
+        sizes = {t: int(keep.sum()) for t, (_, keep, _) in labelled.items()}
+        for t, n in sizes.items():
+            if n == 0:
+                raise TunecError(f"stage '{stage.name}': task '{t}' has no example left to train on "
+                                 f"(all {units[t].docs + units[t].dropped} dropped); check `truncation` and `seq_len`")
+        kept = {t: np.flatnonzero(keep) for t, (_, keep, _) in labelled.items()}
+        lengths = {t: units[t].lengths[kept[t]] for t in stage.tasks}
+        picks, rates = mixture.select(stage.mixture, stage.budget, sizes, lengths, self.seed, stage.name)
+        return Mix(labelled, {t: kept[t][picks[t]] for t in stage.tasks}, rates)
+
+    def train(self, stage: Stage, units: dict[str, UnitResult], mix: "Mix") -> tuple[PackedSet, dict[str, TaskCounts]]:
+        """Write the stage's training shards; per-task counts, shares after packing included."""
+        parts, counts = [], {}
+        for t in stage.tasks:
+            parts.append((units[t], mix.labelled[t][0], mix.docs[t]))
+            counts[t] = self._counts(t, units[t], mix.labelled[t], mix.docs[t], mix.rates[t])
+        data = self._pack(_concat(parts), Path("stages") / stage.name / "train", stage.name)
+        total = data.trained_tokens
+        counts = {t: c.model_copy(update={"trained_share": round(c.trained_tokens / total, 6) if total else 0.0})
+                  for t, c in counts.items()}
+        return data, counts
+
+    def eval(self, stage: Stage, task: str, unit: UnitResult, held_out: bool) -> EvalSet:
+        labels, keep, trained = _labelled(unit, stage.objective.kind)
+        idx = np.flatnonzero(keep)
+        docs = _concat([(unit, labels, idx)])
+        rel = Path("stages") / stage.name / "eval" / task
+        data = self._pack(docs, rel, stage.name)
+        choices = None
+        if unit.choices is not None:
+            records = [unit.choices[i] for i in idx.tolist() if unit.choices[i] is not None]
+            if records:
+                choices = _write_choices(self.out, rel / "choices.jsonl", records)
+        counts = self._counts(task, unit, (labels, keep, trained), idx, None)
+        return EvalSet(counts=counts, data=data, held_out=held_out, choices=choices)
+
+    def _counts(self, task, unit: UnitResult, labelled, docs_idx: np.ndarray, rate: float | None) -> TaskCounts:
+        _, keep, trained = labelled
+        names = self.template_names[task] or ["messages"]
+        template = np.where(unit.template[docs_idx] == MESSAGES, 0, unit.template[docs_idx])
+        return TaskCounts(
+            examples=len(docs_idx),
+            tokens=int(unit.lengths[docs_idx].sum()),
+            trained_tokens=int(trained[docs_idx].sum()),
+            truncated=unit.truncated,
+            dropped=unit.dropped + int((~keep).sum()),
+            boundary_merges=unit.straddles,
+            templates=_named(names, np.bincount(template, minlength=len(names))),
+            skipped={k: v for k, v in _named(names, unit.skipped).items() if v},
+            fewshot=unit.fewshot,
+            requested_share=rate,
+        )
+
+    def _pack(self, docs: Docs, rel: Path, stage: str) -> PackedSet:
+        bins = best_fit_decreasing(docs.lengths, self.seq_len)
+        shards = []
+        for s, lo in enumerate(range(0, len(bins), self.shard_rows)):
+            group = bins[lo : lo + self.shard_rows]
+            arrays = build_rows(docs, group, self.seq_len, self.pad_id)
+            path = rel / f"{s:05d}.safetensors"
+            written = write_shard(self.out / path, arrays, {"stage": stage, "seq_len": self.seq_len})
+            shards.append(ShardEntry(
+                path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,
+                tokens=int(sum(int(docs.lengths[d]) for b in group for d in b)),
+                trained_tokens=int((arrays["labels"] != IGNORE).sum()),
+            ))
+        tokens = int(docs.lengths.sum())
+        return PackedSet(
+            rows=len(bins), seq_len=self.seq_len, tokens=tokens,
+            trained_tokens=sum(s.trained_tokens for s in shards),
+            fill_rate=round(tokens / (len(bins) * self.seq_len), 6) if bins else 0.0,
+            shards=shards,
+        )
+
+
+def _labelled(unit: UnitResult, objective: str):
+    """Labels of every token, which documents keep something to train, trained tokens per document."""
+    labels = doc_labels(unit.ids, unit.offsets, unit.spans, objective)
+    if unit.docs == 0:
+        return labels, np.zeros(0, bool), np.zeros(0, np.int64)
+    trained = np.add.reduceat((labels != IGNORE).astype(np.int64), unit.offsets[:-1])
+    trained[unit.lengths == 0] = 0
+    return labels, trained > 0, trained
+
+
+def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
+    """Flat documents from (unit, its labels, selected doc indices), in order; repeats allowed."""
+    ids, labels, lengths = [], [], []
+    for unit, unit_labels, idx in parts:
+        for d in idx.tolist():
+            lo, hi = int(unit.offsets[d]), int(unit.offsets[d + 1])
+            ids.append(unit.ids[lo:hi])
+            labels.append(unit_labels[lo:hi])
+            lengths.append(hi - lo)
+    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+    empty = np.zeros(0, np.int32)
+    return Docs(np.concatenate(ids) if ids else empty, offsets, np.concatenate(labels) if labels else empty)
+
+
+def _named(names: list[str], counts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for name, n in zip(names, np.asarray(counts).tolist()):
+        key, k = name, 2
+        while key in out:  # two templates of one task may share a name (e.g. two inline ones)
+            key, k = f"{name}#{k}", k + 1
+        out[key] = int(n)
+    return out
+
+
+def _write_choices(out: Path, rel: Path, records: list[dict]) -> ChoicesFile:
+    import hashlib
+    import os
+
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return ChoicesFile(path=rel.as_posix(), sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), count=len(records))
+
+
+def leak_reports(train_texts: dict[str, list[set[str]]], eval_texts: dict[str, list[set[str]]]) -> dict[str, LeakReport]:
+    found = leakage.find(train_texts, eval_texts)
+    return {t: LeakReport(examples=l.examples, leaked=l.leaked, by_task=dict(sorted(l.by_task.items())))
+            for t, l in found.items() if l.leaked}
