@@ -28,25 +28,34 @@ def summary_lines(plan: Plan) -> list[str]:
         )
         lines.extend(_table(stage.tasks, t.trained_tokens))
         for task, ev in stage.eval.items():
-            lines.append(f"  eval {task}: {ev.counts.examples} examples, {ev.data.rows} rows, "
-                         f"{ev.counts.trained_tokens} trained tokens, {ev.counts.dropped} dropped")
+            kind = "held-out" if ev.held_out else "eval"
+            choices = f", {ev.choices.count} with answer choices" if ev.choices else ""
+            lines.append(f"  {kind} {task}: {ev.counts.examples} examples, {ev.data.rows} rows, "
+                         f"{ev.counts.trained_tokens} trained tokens, {ev.counts.dropped} dropped{choices}")
+        for task, leak in stage.leakage.items():
+            by = ", ".join(f"{k} {v}" for k, v in leak.by_task.items())
+            lines.append(f"  LEAK {task}: {leak.leaked} of {leak.examples} eval examples appear in training ({by})")
     return lines
 
 
 def _table(tasks, stage_trained: int) -> list[str]:
-    head = ("task", "examples", "tokens", "trained", "share", "truncated", "dropped", "merges")
+    head = ("task", "examples", "tokens", "trained", "share", "asked", "few-shot", "truncated", "dropped", "merges")
     rows = [head]
     for name, c in tasks.items():
-        share = c.trained_tokens / stage_trained if stage_trained else 0.0
-        rows.append((name, c.examples, c.tokens, c.trained_tokens, f"{share:.1%}", c.truncated, c.dropped, c.boundary_merges))
+        share = c.trained_share if c.trained_share is not None else (c.trained_tokens / stage_trained if stage_trained else 0.0)
+        asked = "-" if c.requested_share is None else f"{c.requested_share:.1%}"
+        rows.append((name, c.examples, c.tokens, c.trained_tokens, f"{share:.1%}", asked, c.fewshot,
+                     c.truncated, c.dropped, c.boundary_merges))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     out = []
     for r in rows:
         cells = [str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))]
         out.append("  " + "  ".join(cells))
+    out.append("  (share: of the stage's trained tokens after packing; asked: the mixture's rate)")
     for name, c in tasks.items():
         per = ", ".join(f"{k} {v}" for k, v in c.templates.items())
-        out.append(f"    {name} templates: {per}")
+        skipped = ", ".join(f"{k} {v}" for k, v in c.skipped.items())
+        out.append(f"    {name} templates: {per}" + (f"; skipped (did not apply): {skipped}" if skipped else ""))
     return out
 
 

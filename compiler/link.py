@@ -92,7 +92,7 @@ class Linker:
             boundary_merges=unit.straddles,
             templates=_named(names, np.bincount(template, minlength=len(names))),
             skipped={k: v for k, v in _named(names, unit.skipped).items() if v},
-            fewshot=unit.fewshot,
+            fewshot=int((unit.shots[docs_idx] > 0).sum()),
             requested_share=rate,
         )
 

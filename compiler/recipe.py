@@ -163,6 +163,8 @@ class FileEval(Strict):
 
 
 def _eval_kind(value: Any) -> str:
+    if isinstance(value, (FractionEval, FileEval)):  # serialising a validated model
+        return "fraction" if isinstance(value, FractionEval) else "file"
     if isinstance(value, dict):
         if "fraction" in value:
             return "fraction"

@@ -89,10 +89,10 @@ class UnitResult:
     template: np.ndarray  # int16
     row: np.ndarray  # int32
     skipped: np.ndarray  # int64 per template: promptsource templates that did not apply to a row
+    shots: np.ndarray  # int16: few-shot exemplars kept in each doc
     truncated: int = 0
     dropped: int = 0
     straddles: int = 0
-    fewshot: int = 0  # documents with at least one exemplar
     choices: list[dict] | None = None
 
     @property
@@ -340,7 +340,8 @@ def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, 
     offsets = [0]
     spans: list[tuple[int, int, int]] = []
     keep_t, keep_r, choices = [], [], []
-    truncated = dropped = straddles = fewshot = 0
+    keep_s = []
+    truncated = dropped = straddles = 0
     limit = spec.seq_len
     for doc, enc in zip(docs, encoded):
         if len(enc.ids) > limit and doc.prefix_cuts:
@@ -361,7 +362,7 @@ def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, 
         d = len(offsets) - 1
         spans.extend((d, s, e) for s, e in doc_spans)
         straddles += enc.straddles
-        fewshot += bool(doc.prefix_cuts)
+        keep_s.append(len(doc.prefix_cuts))
         flat.extend(ids)
         offsets.append(len(flat))
         keep_t.append(doc.template)
@@ -375,10 +376,10 @@ def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, 
         template=np.asarray(keep_t, dtype=np.int16),
         row=np.asarray(keep_r, dtype=np.int32),
         skipped=skipped,
+        shots=np.asarray(keep_s, dtype=np.int16),
         truncated=truncated,
         dropped=dropped,
         straddles=straddles,
-        fewshot=fewshot,
         choices=choices if spec.record_choices else None,
     )
 
@@ -388,7 +389,8 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
     if not results:
         empty = np.zeros(0, dtype=np.int32)
         return UnitResult(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 3), np.int32),
-                          np.zeros(0, np.int16), empty.copy(), np.zeros(max(n_templates, 1), np.int64))
+                          np.zeros(0, np.int16), empty.copy(), np.zeros(max(n_templates, 1), np.int64),
+                          np.zeros(0, np.int16))
     ids = np.concatenate([r.ids for r in results])
     offsets, spans, base_tok, base_doc = [np.zeros(1, np.int64)], [], 0, 0
     for r in results:
@@ -406,9 +408,9 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
         template=np.concatenate([r.template for r in results]),
         row=np.concatenate([r.row for r in results]),
         skipped=np.sum([r.skipped for r in results], axis=0),
+        shots=np.concatenate([r.shots for r in results]),
         truncated=sum(r.truncated for r in results),
         dropped=sum(r.dropped for r in results),
         straddles=sum(r.straddles for r in results),
-        fewshot=sum(r.fewshot for r in results),
         choices=[c for r in results for c in r.choices] if has_choices else None,
     )
