@@ -60,12 +60,19 @@ class TemplateSource:
         return self.filename, None if jinja_line is None else self.first_line + jinja_line - 1
 
 
-def make_env() -> ImmutableSandboxedEnvironment:
-    return ImmutableSandboxedEnvironment(
+class _FixedRng:
+    rng = random.Random(0)
+
+
+def make_env(rng_holder=_FixedRng) -> ImmutableSandboxedEnvironment:
+    """The sandbox every template renders in, with promptsource's filters and globals."""
+    env = ImmutableSandboxedEnvironment(
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
+    promptsource.install(env, rng_holder)
+    return env
 
 
 def library_names(dirs: list[Path]) -> list[str]:
@@ -165,9 +172,8 @@ class Renderer:
         self.rng = random.Random(0)  # promptsource's `choice` filter draws from it
         texts = {f"t{i}": s.text for i, s in enumerate(sources)}
         texts.update({f"c{i}": s.answer_choices for i, s in enumerate(sources) if s.answer_choices})
-        env = make_env()
+        env = make_env(self)
         env.loader = jinja2.FunctionLoader(lambda n: (texts[n], n, lambda: True))
-        promptsource.install(env, self)
         self._templates = [env.get_template(f"t{i}") for i in range(len(sources))]
         self._choices = {i: env.get_template(f"c{i}") for i, s in enumerate(sources) if s.answer_choices}
 
