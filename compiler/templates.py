@@ -128,7 +128,7 @@ def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
         except jinja2.TemplateSyntaxError as exc:
             file, line = source.place(None)
             problems.append(Problem(f"template '{source.name}': answer_choices: syntax error: {exc.message}", file, line))
-    for var in sorted(used - set(columns)):
+    for var in sorted(used - set(columns) - optional_variables(ast)):
         line = next((n.lineno for n in ast.find_all(nodes.Name) if n.name == var), None)
         file, line = source.place(line)
         problems.append(
@@ -140,6 +140,15 @@ def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
             )
         )
     return problems
+
+
+def optional_variables(ast: nodes.Template) -> set[str]:
+    """Variables the template tests with ``is defined`` / ``is not defined``: it works without them."""
+    return {
+        test.node.name
+        for test in ast.find_all(nodes.Test)
+        if test.name in ("defined", "undefined") and isinstance(test.node, nodes.Name)
+    }
 
 
 # ----------------------------------------------------------------- rendering

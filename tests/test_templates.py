@@ -323,3 +323,15 @@ def test_optional_input_column(name):
     assert "Name a colour." in prompt and "Input" not in prompt and completion == "\nBlue."
     with_input, _ = r.render(0, {**base, "input": "  the sky  "})
     assert "\nthe sky" in with_input and with_input != prompt
+
+
+def test_variables_guarded_by_is_defined_are_optional_columns():
+    source = TemplateSource(
+        "opt",
+        "{% block prompt %}{% if passage is defined %}{{ passage }}\n{% endif %}{{ question }}{% endblock %}"
+        "{% block completion %} {{ answer }}{% endblock %}",
+        "opt.j2",
+    )
+    assert analyse(source, ["question", "answer"]) == []
+    problems = analyse(source, ["question"])
+    assert [p.message.split(",")[0] for p in problems] == ["template 'opt' uses `answer`"]
