@@ -191,6 +191,8 @@ def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
         pos = {int(r): i for i, r in enumerate(src.index.tolist())}
         return [leakage.texts({k: v[pos[int(r)]] for k, v in src.columns.items()}) for r in np.unique(rows)]
 
+    if not any((t, "eval") in units or t in s.held_out for s in recipe.stages for t in [*s.tasks, *s.held_out]):
+        return {}  # nothing is evaluated: nothing can leak
     train_texts: dict[str, list[set[str]]] = {}
     for stage in recipe.stages:
         for t in stage.tasks:

@@ -132,12 +132,17 @@ def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
     """Flat documents from (unit, its labels, selected doc indices), in order; repeats allowed."""
     ids, labels, lengths = [], [], []
     for unit, unit_labels, idx in parts:
-        for d in idx.tolist():
-            lo, hi = int(unit.offsets[d]), int(unit.offsets[d + 1])
-            ids.append(unit.ids[lo:hi])
-            labels.append(unit_labels[lo:hi])
-            lengths.append(hi - lo)
-    offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
+        if len(idx) == 0:
+            continue
+        lens = unit.lengths[idx]
+        # token positions of the selected documents, without a Python loop per document
+        starts = unit.offsets[:-1][idx]
+        take = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))
+        ids.append(unit.ids[take])
+        labels.append(unit_labels[take])
+        lengths.append(lens)
+    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths_all, dtype=np.int64)]).astype(np.int64)
     empty = np.zeros(0, np.int32)
     return Docs(np.concatenate(ids) if ids else empty, offsets, np.concatenate(labels) if labels else empty)
 
