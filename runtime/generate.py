@@ -1,0 +1,108 @@
+"""``tunec generate``: try a trained stage on a prompt rendered the way its training data was.
+
+The prompt is either raw text (``--prompt``) or the ``prompt`` block of one of
+the task's templates rendered from ``--set column=value`` pairs, with the very
+Jinja text the compiler used (the plan carries it) in the same sandbox. It is
+tokenized the way the compiler tokenized documents (the tokenizer's own special
+tokens, nothing added) and, for a task trained in chat format (or with
+``--chat``), wrapped as a user turn in the tokenizer's chat template with the
+assistant's turn opened. The model continues it::
+
+    $ tunec generate build/demo --task plurals --template spell_plural --set word=plamposh
+    What is the plural of "plamposh"?« plamposhes»
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+import torch
+
+from compiler.errors import TunecError, did_you_mean
+from compiler.plan import Plan
+from compiler.templates import make_env
+
+from . import outputs
+from .model import pick_device
+from .run import load_plan
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    completion: str
+
+
+def render_prompt(plan: Plan, task: str, template: str | None, values: dict[str, str]) -> str:
+    """The ``prompt`` block of ``task``'s template ``template`` (default: its first) on ``values``."""
+    if task not in plan.tasks:
+        raise TunecError(f"no task '{task}' in the plan{did_you_mean(task, plan.tasks)}")
+    templates = plan.tasks[task].templates
+    names = [t.name for t in templates]
+    chosen = templates[0] if template is None else next((t for t in templates if t.name == template), None)
+    if chosen is None:
+        raise TunecError(f"task `{task}` has no template '{template}'{did_you_mean(template, names)}; "
+                         f"templates: {', '.join(names)}")
+    columns = plan.tasks[task].columns
+    for name in sorted(set(values) - set(columns or values)):
+        raise TunecError(f"--set {name}: task `{task}` has no column `{name}`{did_you_mean(name, columns)}; "
+                         f"columns: {', '.join(columns)}")
+    if getattr(chosen, "kind", "blocks") != "blocks":
+        raise TunecError(f"template '{chosen.name}' is a {chosen.kind} template; give the prompt with --prompt")
+    try:
+        tmpl = make_env().from_string(chosen.source)
+        return "".join(tmpl.blocks["prompt"](tmpl.new_context(dict(values))))
+    except jinja2.UndefinedError as exc:
+        hint = f" (columns: {', '.join(columns)})" if columns else ""
+        raise TunecError(f"template '{chosen.name}' of task `{task}`: {exc.message}; "
+                         f"give it with --set NAME=VALUE{hint}") from None
+    except jinja2.TemplateError as exc:
+        raise TunecError(f"template '{chosen.name}' of task `{task}`: {exc}") from None
+
+
+def build_prompt(plan: Plan, stage: str, prompt: str | None, task: str | None, template: str | None,
+                 values: dict[str, str]) -> tuple[str, bool]:
+    """``(text, chat)``: the prompt, and whether its task was trained through the chat template."""
+    if prompt is not None and (values or template or task):
+        raise TunecError("give either --prompt TEXT or --set COLUMN=VALUE (with --task/--template), not both")
+    if prompt is not None:
+        return prompt, False
+    if not values:
+        raise TunecError("nothing to generate from: give --prompt TEXT, or --set COLUMN=VALUE to fill a "
+                         "task's template")
+    task = task or plan.stage(stage).settings.tasks[0]
+    text = render_prompt(plan, task, template, values)
+    chat = getattr(plan.tasks[task], "format", "completion") == "chat"
+    return (text.strip(), True) if chat else (text, False)  # chat tasks trained on the stripped prompt
+
+
+def generate(out: str | Path, stage: str | None = None, prompt: str | None = None, task: str | None = None,
+             template: str | None = None, values: dict[str, str] | None = None, chat: bool = False,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             device: str = "auto") -> Generation:
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    plan = load_plan(out)
+    stage = stage or plan.stages[-1].name
+    plan.stage(stage)  # a known stage, or a located error
+    text, task_chat = build_prompt(plan, stage, prompt, task, template, values or {})
+    chat = chat or task_chat
+    tokenizer = AutoTokenizer.from_pretrained(str(out / plan.tokenizer.path), local_files_only=True)
+    if chat:
+        if not tokenizer.chat_template:
+            raise TunecError("--chat: the build's tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+    dev = pick_device(device)
+    model = outputs.load_for_inference(out, stage).to(dev).eval()
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"].to(dev)
+    torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             eos_token_id=plan.tokenizer.eos_id, pad_token_id=plan.tokenizer.pad_id, **sampling)
+    completion = tokenizer.decode(new[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    return Generation(text, completion)

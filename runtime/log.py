@@ -1,0 +1,86 @@
+"""What a run reports: ``metrics.jsonl``, TensorBoard events (when installed), a progress bar.
+
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per line, keys
+sorted; a training record and an evaluation record look like::
+
+    {"elapsed_s": 3.1, "epoch": 0.12, "grad_norm": 1.9, "loss": 6.2, "lr": 0.0003, "step": 2,
+     "tokens": 8080, "tokens_per_s": 2615.0, "trained_tokens": 988}
+    {"eval_loss": {"all": 4.9, "arithmetic": 5.1, "reviews": 4.4}, "eval_tokens": {...}, "step": 34}
+
+``tokens`` and ``trained_tokens`` count from the start of the stage (padding
+excluded); ``tokens_per_s`` is non-padding tokens per second since the
+previous record. On resume, records after the checkpoint's step are dropped,
+so the file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS = "metrics.jsonl"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, total_steps: int,
+                 start_step: int, desc: str, progress: bool):
+        self.enabled = enabled
+        self.last_loss: float | None = None
+        self.path = run_dir / METRICS
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if resume_step else None)
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
+
+    def write(self, record: dict) -> None:
+        self.last_loss = record.get("loss", self.last_loss)
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        self._tb.add_scalar(f"{key}/{sub}", v, step)
+                elif key != "step":
+                    self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None and "loss" in record:
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def note(self, text: str) -> None:
+        """A line of text that does not break the progress bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,200 @@
+"""Models: device choice, building or loading a causal LM, LoRA through peft, packed attention.
+
+Packed rows hold several documents; ``position_ids`` restart at 0 at each of
+them. Attention must stay inside a document, so the model gets either
+
+- (SDPA, eager) a 4D block-diagonal causal mask built from ``position_ids``::
+
+      position_ids  0 1 2 0 1 0        allowed (query row, key column)
+      document      1 1 1 2 2 3        1 . . . . .
+                                       1 1 . . . .
+                                       1 1 1 . . .
+                                       . . . 1 . .
+                                       . . . 1 1 .
+                                       . . . . . 1
+
+  which transformers passes to the attention kernel unchanged; or
+- (flash attention 2, when installed on CUDA) no mask: the micro-batch is
+  flattened into one sequence and transformers derives the variable-length
+  boundaries (``cu_seqlens``) from ``position_ids``.
+
+``tests/test_runtime_model.py`` proves that the logits of a packed row equal
+those of each of its documents run alone.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from compiler.errors import TunecError
+from compiler.recipe import ConfigModel, HubModel, LocalModel, LoraPeft
+
+from .data import IGNORE
+
+
+def pick_device(choice: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if choice == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if choice == "cuda":
+        raise TunecError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False); "
+                         "use --device cpu or auto")
+    return torch.device("cpu")
+
+
+def attention_for(device: torch.device) -> str:
+    """flash attention 2 when it is installed and we are on CUDA, else PyTorch's SDPA."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# ----------------------------------------------------------------- building and loading
+
+
+def _with_attention(make, attn: str):
+    """``make(attn_implementation=...)``, falling back to SDPA, then eager, for architectures without ``attn``."""
+    choices = list(dict.fromkeys([attn, "sdpa", "eager"]))
+    for i, choice in enumerate(choices):
+        try:
+            return make(attn_implementation=choice), choice
+        except ValueError as exc:  # transformers: "... does not support ... attention ..."
+            if i == len(choices) - 1 or "attention" not in str(exc).lower():
+                raise
+
+
+def build_from_config(spec: ConfigModel, seed: int, attn: str):
+    """Random weights from a config, seeded so every run (and every rank) starts the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    args = dict(spec.config)
+    model_type = args.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **args)
+    except (ValueError, TypeError) as exc:
+        raise TunecError(f"model config: {exc}") from None
+    torch.manual_seed(seed)
+    return _with_attention(lambda **kw: AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kw), attn)
+
+
+def quiet_transformers() -> None:
+    """No per-file progress bars while loading and saving small models."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+
+
+def load_pretrained(target: str, attn: str, revision: str | None = None, what: str = "model"):
+    """A ``save_pretrained`` folder or a hub id, in float32 (the optimizer's master weights)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+
+    is_path = Path(target).is_absolute() or Path(target).exists()
+    if is_path and not (Path(target) / "config.json").is_file():
+        raise TunecError(f"{what} {target}: not found (no config.json there); give a `save_pretrained` folder")
+    kwargs = {"local_files_only": True} if is_path else {"revision": revision}
+    try:
+        return _with_attention(
+            lambda **kw: AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, **kwargs, **kw), attn)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TunecError(f"cannot load {what} '{target}': {first}") from None
+
+
+def load_spec(spec, seed: int, attn: str):
+    """A stage's ``model:`` when it is not an earlier stage (see :mod:`runtime.outputs` for those)."""
+    if isinstance(spec, ConfigModel):
+        return build_from_config(spec, seed, attn)
+    if isinstance(spec, LocalModel):
+        return load_pretrained(spec.path, attn, what="model path")
+    if isinstance(spec, HubModel):
+        return load_pretrained(spec.id, attn, revision=spec.revision, what="hub model")
+    raise TypeError(spec)
+
+
+def check_vocab(model, vocab_size: int) -> None:
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < vocab_size:
+        raise TunecError(f"the model has {rows} token embeddings but the tokenizer has {vocab_size} tokens; "
+                         "use a model made for this tokenizer (for `kind: config`, set `vocab_size`)")
+
+
+def set_special_tokens(model, bos_id: int | None, eos_id: int, pad_id: int) -> None:
+    """Record the tokenizer's special ids in the model's config, so saved models generate correctly."""
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None:
+            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = bos_id, eos_id, pad_id
+
+
+def add_lora(model, peft: LoraPeft, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=peft.r,
+        lora_alpha=peft.alpha,
+        lora_dropout=peft.dropout,
+        target_modules=peft.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise TunecError(f"peft: {exc}") from None
+
+
+def load_adapter(model, folder: Path, trainable: bool):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+
+
+# ----------------------------------------------------------------- packed forward
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, T, T]`` booleans: query ``i`` may attend key ``j`` iff ``j <= i`` in the same document."""
+    doc = torch.cumsum(position_ids == 0, dim=1)
+    same = doc[:, :, None] == doc[:, None, :]
+    t = position_ids.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=position_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+def packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: str) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of packed rows, attention kept inside each document."""
+    b, t = input_ids.shape
+    if attn.startswith("flash"):
+        out = model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False)
+        return out.logits.reshape(b, t, -1)
+    mask = packed_causal_mask(position_ids)
+    if attn == "eager":  # eager attention adds the mask to the scores
+        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed token cross-entropy (float32); labels are unshifted, as in the shards."""
+    vocab = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+
+
+class PackedLM(torch.nn.Module):
+    """The model plus its packed forward and summed loss, in one module so DDP can wrap it."""
+
+    def __init__(self, model, attn: str):
+        super().__init__()
+        self.model = model
+        self.attn = attn
+
+    def forward(self, input_ids, position_ids, labels):
+        return loss_sum(packed_logits(self.model, input_ids, position_ids, self.attn), labels)
