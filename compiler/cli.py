@@ -124,5 +124,77 @@ def schema() -> None:
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
+@main.command("run")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--stage", default=None, help="Train only this stage (stages it starts from must have finished).")
+@click.option("--resume", is_flag=True, help="Continue interrupted stages from their last checkpoint; skip finished ones.")
+@click.option("--force", is_flag=True, help="Train again from scratch, replacing the stages' results and checkpoints.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available, else CPU.")
+@click.option("--verify", is_flag=True, help="Also check every shard's sha256 against the plan (sizes and headers "
+              "are always checked).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str, verify: bool,
+            progress: bool | None) -> None:
+    """Train the stages of the build in OUT; results go to OUT/runs/<stage>/.
+
+    Several processes or GPUs: `torchrun --nproc_per_node N -m compiler.cli run OUT`.
+    """
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other")
+    from runtime.run import RunOptions, run
+
+    show = sys.stderr.isatty() if progress is None else progress
+    options = RunOptions(stage=stage, resume=resume, force=force, device=device, verify=verify, progress=show)
+    try:
+        run(out, options)
+    except TunecError as exc:
+        raise _fail(exc) from None
+
+
+@main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--stage", default=None, help="Whose trained model [default: the last stage].")
+@click.option("--prompt", default=None, help="Raw prompt text (instead of --set).")
+@click.option("--task", default=None, help="Render this task's template [default: the stage's first task].")
+@click.option("--template", default=None, help="Which of the task's templates [default: its first].")
+@click.option("--set", "values", multiple=True, metavar="COLUMN=VALUE", help="A template variable; repeat as needed.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template, as a user turn.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--raw", is_flag=True, help="Print only the continuation.")
+@click.option("--color/--no-color", default=None, help="Highlight the continuation [default: on a terminal].")
+def generate(out: str, stage: str | None, prompt: str | None, task: str | None, template: str | None,
+             values: tuple[str, ...], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
+             seed: int, device: str, raw: bool, color: bool | None) -> None:
+    """Continue a prompt with a trained stage's model; the prompt is rendered as the stage's data was.
+
+    The output is the prompt followed by the continuation, marked «like this» (green on a terminal).
+    """
+    pairs = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"'{item}' is not COLUMN=VALUE", param_hint="--set")
+        pairs[name] = value
+    from runtime.generate import generate as run_generate
+
+    try:
+        g = run_generate(out, stage=stage, prompt=prompt, task=task, template=template, values=pairs, chat=chat,
+                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         device=device)
+    except TunecError as exc:
+        raise _fail(exc) from None
+    if raw:
+        click.echo(g.completion)
+    elif sys.stdout.isatty() if color is None else color:
+        click.echo(g.prompt + click.style(g.completion, fg="green", bold=True))
+    else:
+        click.echo(f"{g.prompt}«{g.completion}»")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
