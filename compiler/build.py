@@ -40,7 +40,7 @@ from .plan import (
     TokenizerPlan,
     canonical_json,
 )
-from .recipe import LocalModel
+from .recipe import LocalModel, StageModel
 from .shards import sha256_file
 from .sources import fingerprint, load_part
 from .tokenize import hash_folder, load_tokenizer, tokenizer_info
@@ -185,7 +185,12 @@ def _check_chat(checked: Checked, info) -> None:
 
 
 def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
-    """Per stage, eval and held-out examples whose text appears in any training mixture."""
+    """Per stage, eval and held-out examples whose text the model has trained on by then.
+
+    A stage's model has seen its own mixture and those of the stages it starts
+    from (``model: {kind: stage}``, transitively): a task held out of a first
+    stage and fine-tuned on in a second one leaks only into the second stage's eval.
+    """
     def texts_of(task: str, part: str, rows: np.ndarray) -> list[set[str]]:
         src = parts[(task, part)]
         pos = {int(r): i for i, r in enumerate(src.index.tolist())}
@@ -193,19 +198,27 @@ def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
 
     if not any((t, "eval") in units or t in s.held_out for s in recipe.stages for t in [*s.tasks, *s.held_out]):
         return {}  # nothing is evaluated: nothing can leak
-    train_texts: dict[str, list[set[str]]] = {}
-    for stage in recipe.stages:
-        for t in stage.tasks:
-            train_texts.setdefault(t, []).extend(texts_of(t, "train", units[(t, "train")].row[mixes[stage.name].docs[t]]))
+    own: dict[str, dict[str, list[set[str]]]] = {
+        stage.name: {t: texts_of(t, "train", units[(t, "train")].row[mixes[stage.name].docs[t]]) for t in stage.tasks}
+        for stage in recipe.stages
+    }
+    by_name = {stage.name: stage for stage in recipe.stages}
     reports: dict[str, dict[str, LeakReport]] = {}
     problems = []
     for stage in recipe.stages:
+        seen: dict[str, list[set[str]]] = {}
+        name: str | None = stage.name
+        while name is not None:  # this stage and the stages its model comes from
+            for t, rows in own[name].items():
+                seen.setdefault(t, []).extend(rows)
+            model = by_name[name].model
+            name = model.stage if isinstance(model, StageModel) else None
         evals = {}
         for t in list(stage.tasks) + list(stage.held_out):
             part = "eval" if (t, "eval") in units else ("train" if t in stage.held_out else None)
             if part is not None:
                 evals[t] = texts_of(t, part, units[(t, part)].row)
-        found = leak_reports(train_texts, evals)
+        found = leak_reports(seen, evals)
         if found:
             reports[stage.name] = found
             for t, r in found.items():

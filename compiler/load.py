@@ -135,6 +135,8 @@ def _problem_from_error(err: dict, data: Any, where: dict, filename: str) -> Pro
         message = message[len("Value error, ") :]
     if kind not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], (dict, list)):
         message += f" (got {err['input']!r})"
+    if kind == "string_type" and isinstance(err.get("input"), bool):
+        message += "; YAML reads yes/no/true/false/on/off as booleans: quote the value, e.g. 'yes'"
     return Problem(message, filename, line, col, field_path(found))
 
 

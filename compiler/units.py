@@ -183,6 +183,12 @@ class _Doc:
     prefix_cuts: list[int]  # completion format: where each exemplar ends in the prompt (to drop exemplars)
     prompt_end: int  # completion format: where the example's own prompt ends
     choice: dict | None = None
+    messages: list[dict] | None = None  # chat few-shot: the conversation, exemplar turns first (to drop them)
+    chat_shots: int = 0  # chat few-shot: exemplar exchanges at the start of `messages` (after a system turn)
+
+    @property
+    def shots(self) -> int:
+        return self.chat_shots if self.chat else len(self.prefix_cuts)
 
 
 def compile_chunk(chunk: Chunk) -> UnitResult:
@@ -289,7 +295,7 @@ def _make_doc(spec, info, system, row, row_index, t, prompt, completion, shots, 
         messages += [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": completion.strip()}]
         trained = [False] * (len(messages) - 1) + [True]
         text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-        return _Doc(text, spans, t, row_index, True, [], 0)
+        return _Doc(text, spans, t, row_index, True, [], 0, messages=messages, chat_shots=len(shots))
     sep = spec.few_shot.separator if spec.few_shot else ""
     prefix, cuts = "", []
     for p, c in shots:
@@ -324,7 +330,15 @@ def _encode(docs: list[_Doc], info: TokenizerInfo) -> list[Encoded]:
 def _fit_fewshot(doc: _Doc, enc: Encoded, info: TokenizerInfo, limit: int) -> tuple[_Doc, Encoded]:
     """Drop exemplars (the first ones first) until the document fits; never cut the example itself."""
     backend = _STATE["backend"]
-    while len(enc.ids) > limit and doc.prefix_cuts:
+    while len(enc.ids) > limit and doc.shots:
+        if doc.chat:
+            first = 1 if doc.messages[0]["role"] == "system" else 0
+            messages = doc.messages[:first] + doc.messages[first + 2 :]  # one user/assistant exchange less
+            trained = [False] * (len(messages) - 1) + [True]
+            text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
+            doc = _Doc(text, spans, doc.template, doc.row, True, [], 0, messages=messages, chat_shots=doc.chat_shots - 1)
+            (enc,) = encode_texts(backend, info, [text], [spans], add_special=False, append_eos=False)
+            continue
         cut = doc.prefix_cuts[0]
         text = doc.text[cut:]
         spans = [(s - cut, e - cut) for s, e in doc.spans]
@@ -344,7 +358,7 @@ def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, 
     truncated = dropped = straddles = 0
     limit = spec.seq_len
     for doc, enc in zip(docs, encoded):
-        if len(enc.ids) > limit and doc.prefix_cuts:
+        if len(enc.ids) > limit and doc.shots:
             doc, enc = _fit_fewshot(doc, enc, info, limit)
         ids, doc_spans = enc.ids, enc.spans
         if len(ids) > limit:
@@ -362,7 +376,7 @@ def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, 
         d = len(offsets) - 1
         spans.extend((d, s, e) for s, e in doc_spans)
         straddles += enc.straddles
-        keep_s.append(len(doc.prefix_cuts))
+        keep_s.append(doc.shots)
         flat.extend(ids)
         offsets.append(len(flat))
         keep_t.append(doc.template)

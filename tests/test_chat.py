@@ -147,3 +147,28 @@ def test_shared_sharegpt_conversations_compile_with_assistant_only_loss(tmp_path
     expected = sorted(t["value"] + "<|im_end|>" for r in rows for t in r["conversations"] if t["from"] == "gpt")
     got = sorted(r for ids, labels in docs for r in trained_runs(tok, ids, labels))
     assert plan.stages[0].tasks["chat"].dropped == 0 and got == expected
+
+
+def test_few_shot_in_chat_becomes_untrained_exchanges_dropped_to_fit(tmp_path):
+    rows = [{"q": f"What is {i} plus {i}?", "a": f"It is {2 * i}."} for i in range(12)]
+    task = """
+        format: {kind: chat, system: "Answer briefly."}
+        templates: [{kind: inline, prompt: "{{ q }}", completion: " {{ a }}"}]
+        few_shot: {shots: 3}
+        """
+    plan, tok, docs = compile_chat(tmp_path, task, rows=rows)
+    assert plan.stages[0].tasks["chat"].fewshot == 12
+    for ids, labels in docs:
+        text = tok.decode(ids.tolist())
+        assert text.count("<|im_start|>user") == 4 and text.startswith("<|im_start|>system\nAnswer briefly.")
+        (run,) = trained_runs(tok, ids, labels)  # only the example's own answer is trained
+        assert text.rstrip().endswith(run)
+
+    # a row too long for three exemplars keeps fewer, never losing its own exchange
+    (tmp_path / "out").rename(tmp_path / "roomy")
+    text = (tmp_path / "recipe.yaml").read_text().replace("seq_len: 256", "seq_len: 80")
+    (tmp_path / "recipe.yaml").write_text(text)
+    plan = compile_recipe(tmp_path / "recipe.yaml", tmp_path / "out", Options())
+    counts = plan.stages[0].tasks["chat"]
+    assert counts.examples == 12 and counts.dropped == 0 and counts.truncated == 0
+    assert counts.tokens <= 12 * 80

@@ -446,3 +446,22 @@ def test_promptsource_unknown_template_name_is_located(tmp_path):
             stages:
               - {{name: s, objective: sft, tasks: [nli], model: {MODEL}}}
             """)
+
+
+def test_a_task_held_out_then_fine_tuned_leaks_only_into_later_stages(tmp_path):
+    a = jsonl(tmp_path / "a.jsonl", facts(20))
+    b = jsonl(tmp_path / "b.jsonl", facts(8, offset=300))
+    body = f"""
+        tasks:
+          a: {{source: {{kind: jsonl, path: {a}}}, templates: [{QA}]}}
+          b: {{source: {{kind: jsonl, path: {b}}}, templates: [{QA}]}}
+        stages:
+          - {{name: instruct, objective: sft, tasks: [a], held_out: [b], model: {MODEL}}}
+          - {{name: tune, objective: sft, tasks: [b], model: {{kind: stage, stage: instruct}}}}
+        """
+    plan, _ = build(tmp_path, body)  # b's eval in stage 1 comes before stage 2 trains on it: no leak
+    assert plan.stages[0].eval["b"].held_out and plan.stages[0].leakage == {}
+    (tmp_path / "recipe.yaml").write_text((tmp_path / "recipe.yaml").read_text().replace(
+        "tasks: [b], model: {kind: stage, stage: instruct}", "tasks: [b], held_out: [a], model: {kind: stage, stage: instruct}"))
+    with pytest.raises(TunecError, match="stage 'tune': 20 of 20 eval examples of task 'a' also appear"):
+        compile_recipe(tmp_path / "recipe.yaml", tmp_path / "out2", Options())

@@ -334,3 +334,9 @@ def test_misspelt_names_are_reported_with_schema_errors(write_recipe):
         "R:10:13: stages[0].tasks[0]: unknown task 'summs' (did you mean 'sums'?)",
         "R:12:5: stages[0].lrr: unknown field `lrr` (did you mean 'lr'?)",
     ]
+
+
+def test_yaml_booleans_where_strings_are_expected_get_a_hint(write_recipe):
+    path = write_recipe(VALID.replace("templates: [arithmetic/qa]", "templates: [arithmetic/qa]\n    answer_choices: [yes, no]"))
+    messages = errors(path)
+    assert any("YAML reads yes/no/true/false/on/off as booleans: quote the value" in m for m in messages), messages
