@@ -9,7 +9,8 @@ sorted; a training record and an evaluation record look like::
 
 ``tokens`` and ``trained_tokens`` count from the start of the stage (padding
 excluded); ``tokens_per_s`` is non-padding tokens per second since the
-previous record. On resume, records after the checkpoint's step are dropped,
+previous record. Besides the bar, about ten lines per stage report the loss
+(every tenth of the steps). On resume, records after the checkpoint's step are dropped,
 so the file reads as if the run had never stopped.
 """
 
@@ -25,6 +26,8 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, total_steps: int,
                  start_step: int, desc: str, progress: bool):
         self.enabled = enabled
+        self.total_steps = total_steps
+        self.first_loss: tuple[int, float] | None = None  # (step, loss) of the first record of this run
         self.last_loss: float | None = None
         self.path = run_dir / METRICS
         self._tb = None
@@ -50,7 +53,9 @@ class MetricsLog:
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, unit="step", dynamic_ncols=True)
 
     def write(self, record: dict) -> None:
-        self.last_loss = record.get("loss", self.last_loss)
+        if "loss" in record:
+            self.first_loss = self.first_loss or (record["step"], record["loss"])
+            self.last_loss = record["loss"]
         if not self.enabled:
             return
         with self.path.open("a") as fh:
@@ -63,8 +68,13 @@ class MetricsLog:
                         self._tb.add_scalar(f"{key}/{sub}", v, step)
                 elif key != "step":
                     self._tb.add_scalar(f"train/{key}", value, step)
-        if self._bar is not None and "loss" in record:
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+        if "loss" in record:
+            if self._bar is not None:
+                self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+            step = record["step"]
+            if step == 1 or step * 10 // self.total_steps > (step - 1) * 10 // self.total_steps:
+                self.note(f"step {step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                          f"{record['tokens_per_s']:,.0f} tokens/s")
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

@@ -18,17 +18,25 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from compiler.recipe import Stage
 
-from .data import IGNORE, Batching, RowStream, ShardSet, micro_batches, step_rows, trained_tokens
+from .data import (
+    IGNORE,
+    Batching,
+    RowStream,
+    ShardSet,
+    micro_batches,
+    step_rows,
+    trained_tokens,
+)
 from .dist import Dist
 
 

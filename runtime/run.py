@@ -14,9 +14,9 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from pydantic import ValidationError
@@ -25,7 +25,8 @@ from compiler.errors import TunecError
 from compiler.plan import Plan, StagePlan, read_plan
 from compiler.recipe import ConfigModel, LoraPeft, StageModel
 
-from . import checkpoint, dist as distmod, outputs
+from . import checkpoint, outputs
+from . import dist as distmod
 from . import model as models
 from .data import RowStream, ShardSet, plan_batching
 from .evaluate import evaluate
@@ -225,7 +226,10 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
         wall_s=round(time.perf_counter() - started, 3), **paths)
     if dist.is_main:
         outputs.write_result(out, result)
-        print(f"stage {sp.name}: done in {result.wall_s:.1f}s, final loss {result.train_loss}, "
-              f"output {rd}", flush=True)
+        first = f"{log.first_loss[1]:.4f} (step {log.first_loss[0]}) -> " if log.first_loss else ""
+        last_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
+        evals = f", eval loss {result.eval_loss['all']:.4f}" if "all" in result.eval_loss else ""
+        print(f"stage {sp.name}: done in {result.wall_s:.1f}s, loss {first}{last_loss} (step {result.steps}){evals}; "
+              f"model in {out / (result.model or result.merged or result.adapter)}", flush=True)
     dist.barrier()
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,17 @@ def test_torchrun_two_processes_match_one(tmp_path, monkeypatch):
     env = dict(os.environ, TUNEC_TRACE_ROWS="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "compiler.cli", "run", str(two), "--device", "cpu", "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("stage ddp: done") == 1  # rank 0 reports, and saves, once
+    # a session of its own, so that a hang kills the launcher and both workers
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
+    assert proc.returncode == 0, stdout + stderr
+    assert stdout.count("stage ddp: done") == 1  # rank 0 reports, and saves, once
 
     # the ranks read disjoint halves of every step; together, the rows one process reads
     ranks = _trace(two)
