@@ -150,6 +150,8 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
         run(out, options)
     except TunecError as exc:
         raise _fail(exc) from None
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; `tunec run {out} --resume` continues from the last checkpoint") from None
 
 
 @main.command()

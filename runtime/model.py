@@ -25,6 +25,8 @@ those of each of its documents run alone.
 from __future__ import annotations
 
 import importlib.util
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -145,7 +147,8 @@ def add_lora(model, peft: LoraPeft, seed: int):
     )
     torch.manual_seed(seed)
     try:
-        return get_peft_model(model, config)
+        with _peft_quiet():
+            return get_peft_model(model, config)
     except ValueError as exc:
         raise TunecError(f"peft: {exc}") from None
 
@@ -153,7 +156,16 @@ def add_lora(model, peft: LoraPeft, seed: int):
 def load_adapter(model, folder: Path, trainable: bool):
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    with _peft_quiet():
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+
+
+@contextmanager
+def _peft_quiet():
+    """peft asks transformers a deprecated question (``is_gradient_checkpointing``); not the user's business."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 # ----------------------------------------------------------------- packed forward

@@ -122,6 +122,7 @@ def interrupt_after(step: int):
 # ----------------------------------------------------------------- training, outputs, chaining
 
 
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # peft asking transformers
 def test_all_stages_train_chain_save_and_reload(build):
     results = run(build, RunOptions(**QUIET))
     assert [r.stage for r in results] == ["base", "tune", "more", "final"]
@@ -170,6 +171,12 @@ def test_all_stages_train_chain_save_and_reload(build):
 
     # final: full fine-tuning on more's adapter merged into its base (merged on the fly, not saved by more)
     assert results[3].kind == "full" and (runs / "final" / "model" / "config.json").is_file()
+
+    # generate from a LoRA stage without a merged copy: base + adapter, merged for inference
+    from runtime.generate import generate
+
+    g = generate(build, stage="more", task="plurals", values={"word": "gul"}, max_new_tokens=3, device="cpu")
+    assert g.prompt == "Word: gul\nPlural:" and isinstance(g.completion, str)
 
 
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(build, tmp_path):
@@ -282,6 +289,42 @@ def test_missing_model_path_and_absent_cuda(build, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(TunecError, match="no CUDA device"):
         run(build, RunOptions(progress=False, device="cuda"))
+
+
+def test_out_of_memory_names_the_knob(build, monkeypatch):
+    from runtime import model as models
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(models.PackedLM, "forward", oom)
+    with pytest.raises(TunecError, match="out of GPU memory at step 1 with micro batches of 3 rows x 128 tokens; "
+                                         "lower `micro_batch_rows`"):
+        run(build, RunOptions(stage="base", **QUIET))
+    assert not (build / "runs" / "base" / "result.json").exists()
+
+
+def test_tensorboard_events_when_installed(build, monkeypatch):
+    """tensorboard is optional; when it imports, every metric goes to it too."""
+    import sys
+    import types
+
+    scalars = []
+
+    class Writer:
+        def __init__(self, logdir, purge_step=None):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            scalars.append((tag, step))
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    run(build, RunOptions(stage="base", **QUIET))
+    assert ("train/loss", 1) in scalars and ("train/tokens_per_s", 8) in scalars
+    assert ("eval_loss/arithmetic", 8) in scalars
 
 
 # ----------------------------------------------------------------- CLI
