@@ -179,6 +179,20 @@ def test_all_stages_train_chain_save_and_reload(build):
     assert g.prompt == "Word: gul\nPlural:" and isinstance(g.completion, str)
 
 
+def test_loss_falls_on_the_demo(tmp_path):
+    """README command 1's recipe and model, cut to its first 20 steps (plan.json edited to say so)."""
+    out = tmp_path / "demo"
+    compile_recipe(DEMO / "demo.yaml", out, Options(workers=1))
+    plan = json.loads((out / "plan.json").read_text())
+    plan["stages"][0]["settings"].update(max_steps=20)
+    (out / "plan.json").write_text(json.dumps(plan))
+    (result,) = run(out, RunOptions(**QUIET))
+    losses = [r["loss"] for r in metrics(out, "sft") if "loss" in r]
+    assert len(losses) == 20
+    assert losses[0] > 6.5 and max(losses[-5:]) < losses[0] - 2.5, losses
+    assert set(result.eval_loss) == {"reviews", "arithmetic", "plurals", "all"}
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(build, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(build, other)
