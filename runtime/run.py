@@ -111,13 +111,31 @@ def _decide(out: Path, sp: StagePlan, fp: str, options: RunOptions) -> tuple[str
     return "fresh", None
 
 
-def _load_model(out: Path, plan: Plan, sp: StagePlan, attn: str):
-    spec, lora = sp.settings.model, isinstance(sp.settings.peft, LoraPeft)
+def _prepare_model(out: Path, plan: Plan, sp: StagePlan, resuming: bool, dist: distmod.Dist,
+                   device: torch.device):
+    """The model to train, on ``device``: ``(model, attn, base)``; ``base`` says where a LoRA
+    stage's base weights live (saved to ``runs/<stage>/base`` first when they live nowhere else)."""
+    spec, lora = sp.settings.model, sp.settings.peft if isinstance(sp.settings.peft, LoraPeft) else None
+    attn, continued = models.attention_for(device), False
     if isinstance(spec, StageModel):
-        return outputs.start_from_stage(out, spec, sp.name, lora, attn)
-    model, attn = models.load_spec(spec, plan.seed, attn)
-    base = None if isinstance(spec, ConfigModel) else spec  # a config-built base exists nowhere on disk
-    return model, attn, base, False
+        model, attn, base, continued = outputs.start_from_stage(out, spec, sp.name, lora is not None, attn)
+    else:
+        model, attn = models.load_spec(spec, plan.seed, attn)
+        base = None if isinstance(spec, ConfigModel) else spec  # a config-built base exists nowhere on disk
+    models.check_vocab(model, plan.tokenizer.vocab_size)
+    models.set_special_tokens(model, plan.tokenizer.bos_id, plan.tokenizer.eos_id, plan.tokenizer.pad_id)
+    if lora and base is None:
+        folder = outputs.run_dir(out, sp.name) / "base"
+        if resuming:  # the very weights the checkpointed adapter was trained on
+            model, attn = models.load_pretrained(str(folder), attn, what="saved base model")
+        elif dist.is_main:
+            outputs.save_base(out, sp.name, model)
+        base = outputs.LocalModel(kind="local", path=outputs.relative(out, folder))
+    if lora and not continued:
+        model = models.add_lora(model, lora, plan.seed)
+    elif not lora:
+        model.requires_grad_(True)  # weights that come out of a peft merge are frozen
+    return model.to(device).train(), attn, base
 
 
 def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[str, ShardSet],
@@ -136,22 +154,7 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     dist.barrier()
 
     lora = stage.peft if isinstance(stage.peft, LoraPeft) else None
-    model, attn, base, continued = _load_model(out, plan, sp, models.attention_for(device))
-    models.check_vocab(model, plan.tokenizer.vocab_size)
-    models.set_special_tokens(model, plan.tokenizer.bos_id, plan.tokenizer.eos_id, plan.tokenizer.pad_id)
-    if lora and base is None:
-        base_path = outputs.run_dir(out, sp.name) / "base"
-        if dist.is_main and action == "fresh":
-            outputs.save_base(out, sp.name, model)
-        base = outputs.LocalModel(kind="local", path=outputs.relative(out, base_path))
-        if action == "resume":  # the very weights the checkpointed adapter was trained on
-            model, attn = models.load_pretrained(str(base_path), attn, what="saved base model")
-    if lora and not continued:
-        model = models.add_lora(model, lora, plan.seed)
-    elif not lora:
-        model.requires_grad_(True)  # weights that come out of a peft merge are frozen
-    model.to(device)
-    model.train()
+    model, attn, base = _prepare_model(out, plan, sp, action == "resume", dist, device)
 
     batching = plan_batching(data.rows, data.seq_len, stage.batch_tokens, stage.micro_batch_rows,
                              stage.epochs, stage.max_steps, dist.world_size)
@@ -204,7 +207,7 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
             options.on_step(p.step)
 
     try:
-        if progress.step >= batching.total_steps and not last["eval"]:
+        if progress.step >= batching.total_steps:  # resumed from the final checkpoint
             run_eval(progress)
         train(loop, progress, log, between_steps)
     except torch.OutOfMemoryError:
