@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import FORMAT_VERSION
 from .errors import TunecError
@@ -177,4 +177,10 @@ def read_plan(out: Path) -> Plan:
             f"{path}: plan format version {version}, this tunec reads version {FORMAT_VERSION}; "
             "compile the recipe again with this tunec"
         )
-    return Plan.model_validate(data)
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise TunecError(f"{path}: not a valid plan ({exc.error_count()} problem(s), first at `{where}`: "
+                         f"{first['msg']}); compile the recipe again") from None

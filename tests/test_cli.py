@@ -128,3 +128,13 @@ def test_schema_is_json_schema_of_the_recipe(runner):
     assert schema["title"] == "Recipe"
     assert {"tokenizer", "seq_len", "tasks", "stages"} <= set(schema["properties"])
     assert set(schema["required"]) >= {"tokenizer", "seq_len", "tasks", "stages"}
+
+
+def test_inspect_refuses_a_plan_that_does_not_match_the_schema(runner, tmp_path):
+    out = tmp_path / "out"
+    assert runner.invoke(main, ["compile", str(DEMO), "-o", str(out), "-j", "1"]).exit_code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    del plan["stages"][0]["train"]["rows"]
+    (out / "plan.json").write_text(json.dumps(plan))
+    result = runner.invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 1 and "not a valid plan" in result.output and "Traceback" not in result.output
