@@ -172,6 +172,7 @@ def _task_plan(checked: Checked, name: str) -> TaskPlan:
                                 answer_choices=t.answer_choices, separator=t.separator)
                    for t in checked.templates[name]],
         format=task.format.kind,
+        system=getattr(task.format, "system", None),
         answer_choices=list(task.answer_choices) if isinstance(task.answer_choices, list) else None,
     )
 

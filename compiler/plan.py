@@ -129,6 +129,7 @@ class TaskPlan(Strict):
     columns: list[str] | None
     templates: list[TemplatePlan]
     format: str = "completion"  # "completion" | "chat"
+    system: str | None = None  # chat: the system prompt's Jinja text
     answer_choices: list[str] | None = None  # a static list, when the recipe gives one
 
 

@@ -63,19 +63,42 @@ def render_prompt(plan: Plan, task: str, template: str | None, values: dict[str,
 
 
 def build_prompt(plan: Plan, stage: str, prompt: str | None, task: str | None, template: str | None,
-                 values: dict[str, str]) -> tuple[str, bool]:
-    """``(text, chat)``: the prompt, and whether its task was trained through the chat template."""
+                 values: dict[str, str]) -> tuple[str, bool, str | None]:
+    """``(text, chat, system)``: the prompt, whether its task was trained through the chat
+    template, and the task's system prompt (chat tasks that have one)."""
     if prompt is not None and (values or template or task):
         raise TunecError("give either --prompt TEXT or --set COLUMN=VALUE (with --task/--template), not both")
     if prompt is not None:
-        return prompt, False
+        return prompt, False, None
     if not values:
         raise TunecError("nothing to generate from: give --prompt TEXT, or --set COLUMN=VALUE to fill a "
                          "task's template")
     task = task or plan.stage(stage).settings.tasks[0]
     text = render_prompt(plan, task, template, values)
-    chat = getattr(plan.tasks[task], "format", "completion") == "chat"
-    return (text.strip(), True) if chat else (text, False)  # chat tasks trained on the stripped prompt
+    info = plan.tasks[task]
+    if info.format != "chat":
+        return text, False, None
+    system = None
+    if info.system:
+        try:
+            system = make_env().from_string(info.system).render(dict(values))
+        except jinja2.TemplateError as exc:
+            raise TunecError(f"system prompt of task `{task}`: {exc}; give its columns with --set") from None
+    return text.strip(), True, system  # chat tasks trained on the stripped prompt
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token the chat template puts right after an assistant's text (``<|im_end|>``, EOS...).
+
+    Found by rendering a one-exchange conversation: generation stops there, as
+    the model learned to end its turns.
+    """
+    marker = "tunec-end-of-turn-probe"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    after = text[text.index(marker) + len(marker):] if marker in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    return ids[:1]
 
 
 def generate(out: str | Path, stage: str | None = None, prompt: str | None = None, task: str | None = None,
@@ -88,14 +111,15 @@ def generate(out: str | Path, stage: str | None = None, prompt: str | None = Non
     plan = load_plan(out)
     stage = stage or plan.stages[-1].name
     plan.stage(stage)  # a known stage, or a located error
-    text, task_chat = build_prompt(plan, stage, prompt, task, template, values or {})
+    text, task_chat, system = build_prompt(plan, stage, prompt, task, template, values or {})
     chat = chat or task_chat
     tokenizer = AutoTokenizer.from_pretrained(str(out / plan.tokenizer.path), local_files_only=True)
     if chat:
         if not tokenizer.chat_template:
             raise TunecError("--chat: the build's tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    stop = [plan.tokenizer.eos_id] + (end_of_turn_ids(tokenizer) if chat else [])
     dev = pick_device(device)
     model = outputs.load_for_inference(out, stage).to(dev).eval()
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=not chat)["input_ids"].to(dev)
@@ -103,6 +127,6 @@ def generate(out: str | Path, stage: str | None = None, prompt: str | None = Non
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             eos_token_id=plan.tokenizer.eos_id, pad_token_id=plan.tokenizer.pad_id, **sampling)
+                             eos_token_id=stop, pad_token_id=plan.tokenizer.pad_id, **sampling)
     completion = tokenizer.decode(new[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
     return Generation(text, completion)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,3 +142,19 @@ def test_loss_sum_shifts_unshifted_labels():
     labels = torch.tensor([[-100, 3, -100, -100]])
     expected = torch.nn.functional.cross_entropy(logits[0, :1], torch.tensor([3]), reduction="sum")
     torch.testing.assert_close(loss_sum(logits, labels), expected)
+
+
+def test_generate_renders_chat_tasks_with_their_system_prompt_and_stops_at_end_of_turn(tmp_path):
+    from transformers import AutoTokenizer
+
+    from compiler.build import Options, compile_recipe
+    from runtime.generate import build_prompt, end_of_turn_ids
+
+    root = Path(__file__).resolve().parents[1]
+    plan = compile_recipe(root / "recipes" / "demo" / "collection.yaml", tmp_path / "out", Options())
+    text, chat, system = build_prompt(plan, plan.stages[0].name, None, "reviews_chat", None,
+                                      {"text": "A fine lamp.", "label": "positive"})
+    assert chat and "A fine lamp." in text and text == text.strip()
+    assert system == plan.tasks["reviews_chat"].system  # a plain string renders to itself
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
