@@ -184,4 +184,4 @@ def read_plan(out: Path) -> Plan:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise TunecError(f"{path}: not a valid plan ({exc.error_count()} problem(s), first at `{where}`: "
-                         f"{first['msg']}); compile the recipe again") from None
+                         f"{first['msg']}); written by an incompatible tunec? compile the recipe again") from None

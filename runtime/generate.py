@@ -21,12 +21,11 @@ import jinja2
 import torch
 
 from compiler.errors import TunecError, did_you_mean
-from compiler.plan import Plan
+from compiler.plan import Plan, read_plan
 from compiler.templates import make_env
 
 from . import outputs
 from .model import pick_device
-from .run import load_plan
 
 
 @dataclass(frozen=True)
@@ -108,7 +107,7 @@ def generate(out: str | Path, stage: str | None = None, prompt: str | None = Non
     from transformers import AutoTokenizer
 
     out = Path(out)
-    plan = load_plan(out)
+    plan = read_plan(out)
     stage = stage or plan.stages[-1].name
     plan.stage(stage)  # a known stage, or a located error
     text, task_chat, system = build_prompt(plan, stage, prompt, task, template, values or {})

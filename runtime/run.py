@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
 from compiler.errors import TunecError
 from compiler.plan import Plan, StagePlan, read_plan
@@ -45,15 +44,6 @@ class RunOptions:
     on_step: Callable[[int], None] | None = None  # called after every optimizer step (tests interrupt runs with it)
 
 
-def load_plan(out: Path) -> Plan:
-    """``read_plan``, with a plan that does not fit this tunec's schema reported as a user error."""
-    try:
-        return read_plan(out)
-    except ValidationError as exc:
-        raise TunecError(f"{Path(out) / 'plan.json'}: written by an incompatible tunec "
-                         f"({exc.error_count()} schema error(s)); compile the recipe again with this tunec") from None
-
-
 def fingerprint(out: Path, plan: Plan, sp: StagePlan) -> str:
     """What a stage's results depend on: its settings, its data, the seed and the stage it starts from."""
     upstream = None
@@ -67,7 +57,7 @@ def fingerprint(out: Path, plan: Plan, sp: StagePlan) -> str:
 
 def run(out: str | Path, options: RunOptions = RunOptions()) -> list[outputs.StageResult]:
     out = Path(out)
-    plan = load_plan(out)
+    plan = read_plan(out)
     stages = [plan.stage(options.stage)] if options.stage else list(plan.stages)
     tokenizer_dir = out / plan.tokenizer.path
     if not (tokenizer_dir / "tokenizer.json").is_file() and not (tokenizer_dir / "tokenizer_config.json").is_file():
