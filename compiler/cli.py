@@ -106,9 +106,9 @@ def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
         if stage is None or not line.startswith("stage ") or line.startswith(f"stage {stage} "):
             click.echo(line)
     if show:
-        from transformers import AutoTokenizer
+        from .tokenize import load_local_tokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(Path(out) / plan.tokenizer.path), local_files_only=True)
+        tok = load_local_tokenizer(Path(out) / plan.tokenizer.path)
         use_color = sys.stdout.isatty() if color is None else color
         for name in stages:
             click.echo("")

@@ -97,7 +97,8 @@ class Linker:
         )
 
     def _pack(self, docs: Docs, rel: Path, stage: str) -> PackedSet:
-        bins = best_fit_decreasing(docs.lengths, self.seq_len)
+        lengths = docs.lengths
+        bins = best_fit_decreasing(lengths, self.seq_len)
         shards = []
         for s, lo in enumerate(range(0, len(bins), self.shard_rows)):
             group = bins[lo : lo + self.shard_rows]
@@ -106,10 +107,10 @@ class Linker:
             written = write_shard(self.out / path, arrays, {"stage": stage, "seq_len": self.seq_len})
             shards.append(ShardEntry(
                 path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,
-                tokens=int(sum(int(docs.lengths[d]) for b in group for d in b)),
+                tokens=int(lengths[np.concatenate(group)].sum()) if group else 0,
                 trained_tokens=int((arrays["labels"] != IGNORE).sum()),
             ))
-        tokens = int(docs.lengths.sum())
+        tokens = int(lengths.sum())
         return PackedSet(
             rows=len(bins), seq_len=self.seq_len, tokens=tokens,
             trained_tokens=sum(s.trained_tokens for s in shards),
@@ -123,7 +124,7 @@ def _labelled(unit: UnitResult, objective: str):
     labels = doc_labels(unit.ids, unit.offsets, unit.spans, objective)
     if unit.docs == 0:
         return labels, np.zeros(0, bool), np.zeros(0, np.int64)
-    trained = np.add.reduceat((labels != IGNORE).astype(np.int64), unit.offsets[:-1])
+    trained = np.add.reduceat(labels != IGNORE, unit.offsets[:-1], dtype=np.int64)
     trained[unit.lengths == 0] = 0
     return labels, trained > 0, trained
 

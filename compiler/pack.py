@@ -82,12 +82,21 @@ def doc_labels(ids: np.ndarray, offsets: np.ndarray, spans: np.ndarray, objectiv
     if objective == "lm":
         labels = ids.copy()
     else:
-        labels = np.full_like(ids, IGNORE)
-        for doc, s, e in spans.tolist():
-            base = int(offsets[doc])
-            labels[base + s : base + e] = ids[base + s : base + e]
+        # Mark the spans with +1/-1 at their ends and a running sum: no loop per document.
+        edges = np.zeros(len(ids) + 1, dtype=np.int32)
+        base = offsets[spans[:, 0]] if len(spans) else np.zeros(0, np.int64)
+        np.add.at(edges, base + spans[:, 1], 1)
+        np.add.at(edges, base + spans[:, 2], -1)
+        labels = np.where(np.cumsum(edges[:-1]) > 0, ids, IGNORE).astype(ids.dtype)
     labels[offsets[:-1][np.diff(offsets) > 0]] = IGNORE
     return labels
+
+
+def _ramps(lengths: np.ndarray) -> np.ndarray:
+    """``[0..l0), [0..l1), ...`` concatenated: the position of every token inside its run."""
+    total = int(lengths.sum())
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(total, dtype=np.int64) - starts
 
 
 def build_rows(docs: Docs, bins: list[list[int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -95,16 +104,27 @@ def build_rows(docs: Docs, bins: list[list[int]], seq_len: int, pad_id: int) -> 
     n = len(bins)
     input_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
     labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
-    positions = np.zeros((n, seq_len), dtype=np.int32)
-    ramp = np.arange(seq_len, dtype=np.int32)
-    for r, members in enumerate(bins):
-        at = 0
-        for doc in members:
-            lo, hi = int(docs.offsets[doc]), int(docs.offsets[doc + 1])
-            k = hi - lo
-            input_ids[r, at : at + k] = docs.ids[lo:hi]
-            labels[r, at : at + k] = docs.labels[lo:hi]
-            positions[r, at : at + k] = ramp[:k]
-            at += k
-        positions[r, at:] = ramp[: seq_len - at]
+    if n == 0:
+        return {"input_ids": input_ids, "labels": labels, "position_ids": np.zeros((0, seq_len), np.int32)}
+    order = np.fromiter((d for b in bins for d in b), dtype=np.int64)
+    row_of = np.repeat(np.arange(n), [len(b) for b in bins])
+    lengths = docs.lengths[order]
+    # where each document starts inside its row: a running sum that restarts at every row
+    ends = np.cumsum(lengths)
+    row_start = np.zeros(n, dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum([len(b) for b in bins])[:-1]])
+    row_start[:] = (ends - lengths)[first]
+    at = (ends - lengths) - row_start[row_of]
+    inner = _ramps(lengths)
+    src = np.repeat(docs.offsets[:-1][order], lengths) + inner
+    dst = np.repeat(row_of * seq_len + at, lengths) + inner
+    input_ids.reshape(-1)[dst] = docs.ids[src]
+    labels.reshape(-1)[dst] = docs.labels[src]
+    # positions: 0.. inside every document; the padding after the last one counts from 0 too
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), (n, 1))
+    positions.reshape(-1)[dst] = inner
+    used = np.bincount(row_of, weights=lengths, minlength=n).astype(np.int64)
+    pad_rows = np.flatnonzero(used < seq_len)
+    for r in pad_rows.tolist():  # one slice per row (not per document)
+        positions[r, used[r]:] = np.arange(seq_len - used[r], dtype=np.int32)
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}

@@ -178,7 +178,8 @@ class Renderer:
 
     def __init__(self, sources: list[TemplateSource]):
         self.sources = sources
-        self.rng = random.Random(0)  # promptsource's `choice` filter draws from it
+        self._seed = 0
+        self._rng: random.Random | None = None
         texts = {f"t{i}": s.text for i, s in enumerate(sources)}
         texts.update({f"c{i}": s.answer_choices for i, s in enumerate(sources) if s.answer_choices})
         env = make_env(self)
@@ -186,12 +187,22 @@ class Renderer:
         self._templates = [env.get_template(f"t{i}") for i in range(len(sources))]
         self._choices = {i: env.get_template(f"c{i}") for i, s in enumerate(sources) if s.answer_choices}
 
+    @property
+    def rng(self) -> random.Random:
+        """The generator of the `choice` filter, seeded per row and template, made only when used."""
+        if self._rng is None:
+            self._rng = random.Random(self._seed)
+        return self._rng
+
+    def _reseed(self, seed: int) -> None:
+        self._seed, self._rng = seed, None
+
     def has_own_choices(self, index: int) -> bool:
         return index in self._choices
 
     def choices(self, index: int, row: dict, seed: int = 0) -> list[str]:
         """A promptsource template's own answer choices for ``row``."""
-        self.rng.seed(seed)
+        self._reseed(seed)
         text = self._call(index, self._choices[index], lambda t, ctx: t.render(ctx), row)
         return [c.strip() for c in text.split("|||")]
 
@@ -203,7 +214,7 @@ class Renderer:
         """
         source = self.sources[index]
         tmpl = self._templates[index]
-        self.rng.seed(seed)
+        self._reseed(seed)
         if source.kind == "promptsource":
             text = self._call(index, tmpl, lambda t, ctx: t.render(ctx), row)
             parts = [p.strip() for p in text.split("|||")]

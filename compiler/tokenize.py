@@ -17,6 +17,7 @@ that writes the BOS string itself does not get a second one.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,20 +52,24 @@ def load_tokenizer(loaded: LoadedRecipe):
     """Load the recipe's tokenizer with transformers (a fast tokenizer is required)."""
     spec = loaded.recipe.tokenizer
     loc = ("tokenizer",)
-    from transformers import AutoTokenizer  # heavy import: only when compiling
-
     if isinstance(spec, LocalTokenizer):
         path = loaded.resolve(spec.path)
         if not path.is_dir():
             raise TunecError(loaded.problem(loc + ("path",), f"tokenizer folder not found: {path}"))
-        target, kwargs = str(path), {"local_files_only": True}
+        target = str(path)
+        try:
+            tok = load_local_tokenizer(path)
+        except Exception as exc:
+            raise TunecError(loaded.problem(loc, f"cannot load tokenizer '{target}': {exc}")) from None
     else:
         assert isinstance(spec, HubTokenizer)
-        target, kwargs = spec.id, {"revision": spec.revision}
-    try:
-        tok = AutoTokenizer.from_pretrained(target, **kwargs)
-    except Exception as exc:
-        raise TunecError(loaded.problem(loc, f"cannot load tokenizer '{target}': {exc}")) from None
+        from transformers import AutoTokenizer
+
+        target = spec.id
+        try:
+            tok = AutoTokenizer.from_pretrained(target, revision=spec.revision)
+        except Exception as exc:
+            raise TunecError(loaded.problem(loc, f"cannot load tokenizer '{target}': {exc}")) from None
     if getattr(tok, "backend_tokenizer", None) is None:
         raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no fast (Rust) tokenizer; tunec needs one for character offsets"))
     if spec.chat_template:
@@ -75,6 +80,24 @@ def load_tokenizer(loaded: LoadedRecipe):
     if tok.eos_token_id is None:
         raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no EOS token; tunec ends every completion with one"))
     return tok
+
+
+def load_local_tokenizer(path: Path):
+    """A tokenizer folder through the class its ``tokenizer_config.json`` names.
+
+    ``transformers.AutoTokenizer`` imports torch (over a second, and the
+    compiler never needs it); looking the class up directly does not.
+    """
+    import transformers
+
+    config = path / "tokenizer_config.json"
+    name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str) and name.endswith("Fast"):
+        cls = getattr(transformers, name[: -len("Fast")], None)
+    if cls is None:
+        from transformers import AutoTokenizer as cls  # unknown class name: let transformers resolve it
+    return cls.from_pretrained(str(path), local_files_only=True)
 
 
 def tokenizer_info(tok) -> TokenizerInfo:
@@ -126,7 +149,7 @@ def encode_texts(backend, info: TokenizerInfo, texts: list[str], char_spans: lis
             if first is None:
                 continue
             last = _last_token_before(enc, s, e)
-            if enc.offsets[first][0] < s:
+            if enc.token_to_chars(first)[0] < s:
                 straddles += 1  # a token merged the characters before the span with its first ones
             tok_spans.append((first, last + 1))
         if info.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == info.bos_id:

@@ -138,3 +138,24 @@ def test_inspect_refuses_a_plan_that_does_not_match_the_schema(runner, tmp_path)
     (out / "plan.json").write_text(json.dumps(plan))
     result = runner.invoke(main, ["inspect", str(out)])
     assert result.exit_code == 1 and "not a valid plan" in result.output and "Traceback" not in result.output
+
+
+def test_compile_and_inspect_never_import_torch(tmp_path):
+    """The compiler runs on a data-preparation machine without torch, and starts fast."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from compiler.cli import main\n"
+        f"for args in (['compile', {str(DEMO)!r}, '-o', {str(tmp_path / 'out')!r}, '-j', '1'],"
+        f" ['inspect', {str(tmp_path / 'out')!r}, '--show', '1']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit as exc:\n"
+        "        assert exc.code == 0, exc.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
