@@ -16,11 +16,11 @@ import numpy as np
 
 from . import leakage, mixture
 from .errors import TunecError
-from .pack import IGNORE, Docs, best_fit_decreasing, build_rows, doc_labels
+from .pack import IGNORE, Docs, best_fit_decreasing, build_rows
 from .plan import ChoicesFile, EvalSet, LeakReport, PackedSet, ShardEntry, TaskCounts
 from .recipe import Stage
 from .shards import write_shard
-from .units import MESSAGES, UnitResult
+from .units import MESSAGES, UnitResult, lm_labels
 
 
 @dataclass(frozen=True)
@@ -120,12 +120,11 @@ class Linker:
 
 
 def _labelled(unit: UnitResult, objective: str):
-    """Labels of every token, which documents keep something to train, trained tokens per document."""
-    labels = doc_labels(unit.ids, unit.offsets, unit.spans, objective)
-    if unit.docs == 0:
-        return labels, np.zeros(0, bool), np.zeros(0, np.int64)
-    trained = np.add.reduceat(labels != IGNORE, unit.offsets[:-1], dtype=np.int64)
-    trained[unit.lengths == 0] = 0
+    """Labels of every token, which documents keep something to train, trained tokens per document.
+
+    The workers made the `sft` labels already; `lm` labels are the ids.
+    """
+    labels, trained = (unit.sft_labels, unit.sft_trained) if objective == "sft" else lm_labels(unit)
     return labels, trained > 0, trained
 
 
@@ -134,6 +133,11 @@ def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
     ids, labels, lengths = [], [], []
     for unit, unit_labels, idx in parts:
         if len(idx) == 0:
+            continue
+        if len(idx) == unit.docs and idx[0] == 0 and np.all(np.diff(idx) == 1):  # every doc, in order
+            ids.append(unit.ids)
+            labels.append(unit_labels)
+            lengths.append(unit.lengths)
             continue
         lens = unit.lengths[idx]
         # token positions of the selected documents, without a Python loop per document

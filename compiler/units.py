@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .chat import ChatError, assistant_spans, to_messages
+from .pack import IGNORE, doc_labels
 from .recipe import AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
 from .templates import RenderError, Renderer, TemplateSource, make_env
 from .tokenize import Encoded, TokenizerInfo, encode_texts
@@ -90,6 +91,8 @@ class UnitResult:
     row: np.ndarray  # int32
     skipped: np.ndarray  # int64 per template: promptsource templates that did not apply to a row
     shots: np.ndarray  # int16: few-shot exemplars kept in each doc
+    sft_labels: np.ndarray  # int32, like ids: the labels under the `sft` objective (made by the workers)
+    sft_trained: np.ndarray  # int64 per doc: tokens labelled under `sft`
     truncated: int = 0
     dropped: int = 0
     straddles: int = 0
@@ -383,19 +386,41 @@ def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, 
         keep_r.append(doc.row)
         if spec.record_choices:
             choices.append(doc.choice)
+    ids_arr = np.asarray(flat, dtype=np.int32)
+    offsets_arr = np.asarray(offsets, dtype=np.int64)
+    spans_arr = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
+    sft_labels = doc_labels(ids_arr, offsets_arr, spans_arr, "sft")
+    sft_trained = _per_doc(sft_labels != IGNORE, offsets_arr)
     return UnitResult(
-        ids=np.asarray(flat, dtype=np.int32),
-        offsets=np.asarray(offsets, dtype=np.int64),
-        spans=np.asarray(spans, dtype=np.int32).reshape(-1, 3),
+        ids=ids_arr,
+        offsets=offsets_arr,
+        spans=spans_arr,
         template=np.asarray(keep_t, dtype=np.int16),
         row=np.asarray(keep_r, dtype=np.int32),
         skipped=skipped,
         shots=np.asarray(keep_s, dtype=np.int16),
+        sft_labels=sft_labels,
+        sft_trained=sft_trained,
         truncated=truncated,
         dropped=dropped,
         straddles=straddles,
         choices=choices if spec.record_choices else None,
     )
+
+
+def _per_doc(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Count of true values in each document of a flat per-token mask."""
+    if len(offsets) < 2:
+        return np.zeros(0, np.int64)
+    counts = np.add.reduceat(mask, offsets[:-1], dtype=np.int64) if len(mask) else np.zeros(len(offsets) - 1, np.int64)
+    counts[np.diff(offsets) == 0] = 0  # reduceat reads one element for an empty range
+    return counts
+
+
+def lm_labels(unit: UnitResult) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and per-doc trained counts under the `lm` objective."""
+    labels = doc_labels(unit.ids, unit.offsets, unit.spans, "lm")
+    return labels, np.maximum(unit.lengths - 1, 0)
 
 
 def join(results: list[UnitResult], n_templates: int) -> UnitResult:
@@ -404,7 +429,7 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
         empty = np.zeros(0, dtype=np.int32)
         return UnitResult(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 3), np.int32),
                           np.zeros(0, np.int16), empty.copy(), np.zeros(max(n_templates, 1), np.int64),
-                          np.zeros(0, np.int16))
+                          np.zeros(0, np.int16), empty.copy(), np.zeros(0, np.int64))
     ids = np.concatenate([r.ids for r in results])
     offsets, spans, base_tok, base_doc = [np.zeros(1, np.int64)], [], 0, 0
     for r in results:
@@ -423,6 +448,8 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
         row=np.concatenate([r.row for r in results]),
         skipped=np.sum([r.skipped for r in results], axis=0),
         shots=np.concatenate([r.shots for r in results]),
+        sft_labels=np.concatenate([r.sft_labels for r in results]),
+        sft_trained=np.concatenate([r.sft_trained for r in results]),
         truncated=sum(r.truncated for r in results),
         dropped=sum(r.dropped for r in results),
         straddles=sum(r.straddles for r in results),
