@@ -184,7 +184,6 @@ class _Doc:
     row: int
     chat: bool
     prefix_cuts: list[int]  # completion format: where each exemplar ends in the prompt (to drop exemplars)
-    prompt_end: int  # completion format: where the example's own prompt ends
     choice: dict | None = None
     messages: list[dict] | None = None  # chat few-shot: the conversation, exemplar turns first (to drop them)
     chat_shots: int = 0  # chat few-shot: exemplar exchanges at the start of `messages` (after a system turn)
@@ -253,7 +252,7 @@ def _row_docs(spec, renderer, system, info, pool, row, row_index, plans, skipped
             last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
             trained = [m["role"] == "assistant" and (fmt.train_on == "all" or i == last) for i, m in enumerate(messages)]
             text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-            out.append(_Doc(text, spans, t, row_index, True, [], 0))
+            out.append(_Doc(text, spans, t, row_index, True, []))
             continue
         choices = _choices_for(spec, renderer, row, t, seed)
         ctx = row if choices is None or "answer_choices" in row else {**row, "answer_choices": choices}
@@ -298,7 +297,7 @@ def _make_doc(spec, info, system, row, row_index, t, prompt, completion, shots, 
         messages += [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": completion.strip()}]
         trained = [False] * (len(messages) - 1) + [True]
         text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-        return _Doc(text, spans, t, row_index, True, [], 0, messages=messages, chat_shots=len(shots))
+        return _Doc(text, spans, t, row_index, True, [], messages=messages, chat_shots=len(shots))
     sep = spec.few_shot.separator if spec.few_shot else ""
     prefix, cuts = "", []
     for p, c in shots:
@@ -313,7 +312,7 @@ def _make_doc(spec, info, system, row, row_index, t, prompt, completion, shots, 
             "answer": choices.index(target) if target in choices else -1,
             "choice_prefix": completion[: len(completion) - len(completion.lstrip())],
         }
-    return _Doc(text, [(len(prefix) + len(prompt), len(text))], t, row_index, False, cuts, len(prefix) + len(prompt), record)
+    return _Doc(text, [(len(prefix) + len(prompt), len(text))], t, row_index, False, cuts, record)
 
 
 def _encode(docs: list[_Doc], info: TokenizerInfo) -> list[Encoded]:
@@ -339,15 +338,14 @@ def _fit_fewshot(doc: _Doc, enc: Encoded, info: TokenizerInfo, limit: int) -> tu
             messages = doc.messages[:first] + doc.messages[first + 2 :]  # one user/assistant exchange less
             trained = [False] * (len(messages) - 1) + [True]
             text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-            doc = _Doc(text, spans, doc.template, doc.row, True, [], 0, messages=messages, chat_shots=doc.chat_shots - 1)
+            doc = _Doc(text, spans, doc.template, doc.row, True, [], messages=messages, chat_shots=doc.chat_shots - 1)
             (enc,) = encode_texts(backend, info, [text], [spans], add_special=False, append_eos=False)
             continue
         cut = doc.prefix_cuts[0]
         text = doc.text[cut:]
         spans = [(s - cut, e - cut) for s, e in doc.spans]
         choice = dict(doc.choice, prompt=doc.choice["prompt"][cut:]) if doc.choice else None
-        doc = _Doc(text, spans, doc.template, doc.row, False, [c - cut for c in doc.prefix_cuts[1:]],
-                   doc.prompt_end - cut, choice)
+        doc = _Doc(text, spans, doc.template, doc.row, False, [c - cut for c in doc.prefix_cuts[1:]], choice)
         (enc,) = encode_texts(backend, info, [doc.text], [doc.spans], add_special=True, append_eos=True)
     return doc, enc
 
