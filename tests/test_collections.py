@@ -285,7 +285,7 @@ def test_a_token_budget_fills_each_task_to_its_rate(tmp_path):
 def test_mixture_is_deterministic_and_seeded(tmp_path):
     body = mixture_body(tmp_path, "{kind: proportional, cap: 40}")
     plan, out = build(tmp_path, body)
-    again = compile_recipe(tmp_path / "recipe.yaml", tmp_path / "again", Options(workers=2))
+    compile_recipe(tmp_path / "recipe.yaml", tmp_path / "again", Options(workers=2))
     assert (out / "plan.json").read_bytes() == (tmp_path / "again" / "plan.json").read_bytes()
     reseeded_recipe = tmp_path / "reseeded.yaml"
     reseeded_recipe.write_text((tmp_path / "recipe.yaml").read_text().replace("seed: 3", "seed: 4"))
