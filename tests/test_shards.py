@@ -1,0 +1,53 @@
+"""The shard format: atomic writes, memory-mapped reads, and refusals of damaged files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from compiler.shards import ShardError, open_shard, sha256_file, write_shard
+
+
+def arrays(rows=3, seq_len=8):
+    ids = np.arange(rows * seq_len, dtype=np.int32).reshape(rows, seq_len)
+    return {"input_ids": ids, "labels": ids.copy(), "position_ids": np.zeros_like(ids)}
+
+
+def test_round_trip_is_memory_mapped_and_hashed(tmp_path):
+    path = tmp_path / "s" / "00000.safetensors"
+    written = write_shard(path, arrays(), {"stage": "x"})
+    assert written.rows == 3 and written.bytes == path.stat().st_size
+    assert written.sha256 == sha256_file(path)
+    assert not list(path.parent.glob(".*.tmp"))  # the temporary name is gone
+    back = open_shard(path, written.bytes)
+    assert isinstance(back["input_ids"], np.memmap) or isinstance(back["input_ids"].base, np.memmap)
+    for k, v in arrays().items():
+        assert np.array_equal(back[k], v) and back[k].dtype == np.int32
+
+
+def test_same_arrays_give_the_same_bytes(tmp_path):
+    a = write_shard(tmp_path / "a.safetensors", arrays(), {"stage": "x", "seq_len": 8})
+    b = write_shard(tmp_path / "b.safetensors", arrays(), {"seq_len": 8, "stage": "x"})
+    assert a.sha256 == b.sha256
+
+
+def test_damaged_shards_are_refused(tmp_path):
+    path = tmp_path / "s.safetensors"
+    written = write_shard(path, arrays())
+    data = path.read_bytes()
+    path.write_bytes(data[:-10])
+    with pytest.raises(ShardError, match="bytes, the plan says"):
+        open_shard(path, written.bytes)
+    with pytest.raises(ShardError, match="runs past the end"):
+        open_shard(path)
+    path.write_bytes(b"\x05\x00")
+    with pytest.raises(ShardError, match="too short"):
+        open_shard(path)
+    with pytest.raises(ShardError, match="missing"):
+        open_shard(tmp_path / "nope.safetensors")
+
+    from safetensors.numpy import save_file
+
+    save_file(arrays(), str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ShardError, match="not a tunec shard"):
+        open_shard(tmp_path / "foreign.safetensors")
