@@ -7,6 +7,7 @@ template problems the template's line too.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import Problem, TunecError, did_you_mean
@@ -135,6 +136,8 @@ def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Pr
 def _resolve_template(loaded, ref, loc, dirs, problems) -> list[TemplateSource]:
     if isinstance(ref, InlineTemplate):
         line, _ = loaded.position(loc + ("prompt",))
+        if line and re.match(r"^\s*-?\s*prompt:\s*[|>][-+0-9]*\s*(#.*)?$", loaded.text.splitlines()[line - 1]):
+            line += 1  # a block scalar (`prompt: |`): the text starts on the next line
         return [TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1)]
     if isinstance(ref, LibraryTemplate):
         path = find_library_template(ref.name, dirs)

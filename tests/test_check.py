@@ -309,3 +309,25 @@ def test_file_template(recipe, tmp_path):
     assert got[0].endswith(f"[{display_path(tmp_path / 'own.j2')}:3]")
     missing = problems(recipe(SUMS.replace("arithmetic/equation", "{kind: file, path: gone.j2}") + ONE_STAGE))
     assert len(missing) == 1 and missing[0].startswith("R:7:45: tasks.sums.templates[1].path: template file not found")
+
+
+def test_inline_block_scalar_template_lines_point_at_the_text(write_recipe, tiny_task_dir, demo_tokenizer):
+    path = write_recipe(f"""
+        tokenizer: {{kind: local, path: {demo_tokenizer}}}
+        seq_len: 64
+        tasks:
+          sums:
+            source: {{kind: jsonl, path: tiny/train.jsonl}}
+            templates:
+              - kind: inline
+                prompt: |-
+                  Question: {{{{ q }}}}
+                  Hint: {{{{ hint }}}}
+                completion: " {{{{ a }}}}"
+        stages:
+          - {{name: s, objective: sft, tasks: [sums], model: {{kind: config, config: {{model_type: llama}}}}}}
+        """)
+    with pytest.raises(TunecError) as err:
+        check(load_recipe(path))
+    (problem,) = err.value.problems
+    assert "uses `hint`" in problem.message and problem.line == 10  # the line that says Hint:
