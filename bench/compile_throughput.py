@@ -239,11 +239,9 @@ def _json_diff(x, y, path: str = "") -> list[str]:
 
 
 def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
+    from compiler.shards import sha256_file
+
+    return sha256_file(path)
 
 
 # ----------------------------------------------------------------- raw baseline

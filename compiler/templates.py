@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,6 +250,3 @@ def _template_line(exc: BaseException, tmpl: jinja2.Template) -> int | None:
         tb = tb.tb_next
     return line
 
-
-if __name__ == "__main__":  # pragma: no cover
-    print("\n".join(library_names([LIBRARY_DIR])), file=sys.stdout)
