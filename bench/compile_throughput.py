@@ -25,7 +25,7 @@ What it does, in one run on one machine:
 5. checks that every build is byte-identical to the first ``--workers 1``
    build (plan.json, manifest.json, every shard, the tokenizer files).
 
-The compile subprocess runs the same ``compiler.cli.main`` as the ``tunec``
+The compile subprocess runs the same ``tunec.cli.main`` as the ``tunec``
 console script, with light timers wrapped around the build's phases (a few
 ``perf_counter`` calls per phase, and one per rendered row with ``--workers
 1``); ``--plain-cli`` runs the installed ``tunec`` script instead, without
@@ -239,7 +239,7 @@ def _json_diff(x, y, path: str = "") -> list[str]:
 
 
 def _sha(path: Path) -> str:
-    from compiler.shards import sha256_file
+    from tunec.compiler.shards import sha256_file
 
     return sha256_file(path)
 
@@ -248,9 +248,9 @@ def _sha(path: Path) -> str:
 
 
 def render_texts(data: Path) -> list[str]:
-    """prompt + completion of every row, through compiler.templates.Renderer (as compiler/units.py does)."""
+    """prompt + completion of every row, through tunec.compiler.templates.Renderer (as compiler/units.py does)."""
     sys.path.insert(0, str(REPO))
-    from compiler.templates import LIBRARY_DIR, Renderer, TemplateSource
+    from tunec.compiler.templates import LIBRARY_DIR, Renderer, TemplateSource
 
     path = LIBRARY_DIR / "qa" / "alpaca.j2"
     renderer = Renderer([TemplateSource("qa/alpaca", path.read_text(encoding="utf-8"), str(path), 1)])
@@ -344,48 +344,48 @@ def raw_tokenizer(shared: Path, texts: list[str], batch: int, repeats: int) -> d
 # a name not found is listed in the report): (module, attribute, name shown).
 # Timers nest by call: a phase is shown under the timed phase that called it.
 PHASE_HOOKS = [
-    ("compiler.build", "compile_recipe", "compile_recipe"),
-    ("compiler.load", "load_recipe", "load_recipe"),
-    ("compiler.build", "check", "check"),
-    ("compiler.build", "load_tokenizer", "load_tokenizer (imports transformers)"),
-    ("compiler.build", "tokenizer_info", "tokenizer_info"),
-    ("compiler.build", "load_part", "load_part (datasets, to_dict)"),
-    ("compiler.build", "fingerprint", "fingerprint (sha256 of sources)"),
-    ("compiler.build", "plan_docs", "plan_docs"),
-    ("compiler.build", "join", "join"),
-    ("compiler.build", "_leakage", "_leakage"),
-    ("compiler.build", "_check_out", "_check_out"),
-    ("compiler.build", "_prepare_out", "_prepare_out"),
-    ("compiler.build", "_save_tokenizer", "_save_tokenizer"),
-    ("compiler.build", "hash_folder", "hash_folder (tokenizer)"),
-    ("compiler.build", "_write_manifest", "_write_manifest (re-hashes every file)"),
+    ("tunec.compiler.build", "compile_recipe", "compile_recipe"),
+    ("tunec.compiler.load", "load_recipe", "load_recipe"),
+    ("tunec.compiler.build", "check", "check"),
+    ("tunec.compiler.build", "load_tokenizer", "load_tokenizer (imports transformers)"),
+    ("tunec.compiler.build", "tokenizer_info", "tokenizer_info"),
+    ("tunec.compiler.build", "load_part", "load_part (datasets, to_dict)"),
+    ("tunec.compiler.build", "fingerprint", "fingerprint (sha256 of sources)"),
+    ("tunec.compiler.build", "plan_docs", "plan_docs"),
+    ("tunec.compiler.build", "join", "join"),
+    ("tunec.compiler.build", "_leakage", "_leakage"),
+    ("tunec.compiler.build", "_check_out", "_check_out"),
+    ("tunec.compiler.build", "_prepare_out", "_prepare_out"),
+    ("tunec.compiler.build", "_save_tokenizer", "_save_tokenizer"),
+    ("tunec.compiler.build", "hash_folder", "hash_folder (tokenizer)"),
+    ("tunec.compiler.build", "_write_manifest", "_write_manifest (re-hashes every file)"),
     # linking, first layout: functions of build.py
-    ("compiler.build", "_link_stage", "_link_stage"),
-    ("compiler.build", "_gather", "_gather (labels, keep)"),
-    ("compiler.build", "_pack_and_write", "_pack_and_write"),
-    ("compiler.build", "best_fit_decreasing", "best_fit_decreasing"),
-    ("compiler.build", "build_rows", "build_rows"),
-    ("compiler.build", "write_shard", "write_shard (save, sha256, fsync)"),
+    ("tunec.compiler.build", "_link_stage", "_link_stage"),
+    ("tunec.compiler.build", "_gather", "_gather (labels, keep)"),
+    ("tunec.compiler.build", "_pack_and_write", "_pack_and_write"),
+    ("tunec.compiler.build", "best_fit_decreasing", "best_fit_decreasing"),
+    ("tunec.compiler.build", "build_rows", "build_rows"),
+    ("tunec.compiler.build", "write_shard", "write_shard (save, sha256, fsync)"),
     # linking, later layout: compiler/link.py
-    ("compiler.link", "Linker.select", "Linker.select"),
-    ("compiler.link", "Linker.train", "Linker.train"),
-    ("compiler.link", "Linker.eval", "Linker.eval"),
-    ("compiler.link", "Linker._counts", "Linker._counts"),
-    ("compiler.link", "Linker._pack", "Linker._pack"),
-    ("compiler.link", "_labelled", "_labelled (labels)"),
-    ("compiler.link", "_concat", "_concat"),
-    ("compiler.link", "best_fit_decreasing", "best_fit_decreasing"),
-    ("compiler.link", "build_rows", "build_rows"),
-    ("compiler.link", "write_shard", "write_shard (save, sha256, fsync)"),
+    ("tunec.compiler.link", "Linker.select", "Linker.select"),
+    ("tunec.compiler.link", "Linker.train", "Linker.train"),
+    ("tunec.compiler.link", "Linker.eval", "Linker.eval"),
+    ("tunec.compiler.link", "Linker._counts", "Linker._counts"),
+    ("tunec.compiler.link", "Linker._pack", "Linker._pack"),
+    ("tunec.compiler.link", "_labelled", "_labelled (labels)"),
+    ("tunec.compiler.link", "_concat", "_concat"),
+    ("tunec.compiler.link", "best_fit_decreasing", "best_fit_decreasing"),
+    ("tunec.compiler.link", "build_rows", "build_rows"),
+    ("tunec.compiler.link", "write_shard", "write_shard (save, sha256, fsync)"),
 ]
 # In-process only (--workers 1): a pool pickles its functions by name.
 WORKER_HOOKS = [
-    ("compiler.units", "compile_chunk", "compile_chunk"),
-    ("compiler.templates", "Renderer.render", "Renderer.render (Jinja)"),
-    ("compiler.units", "encode_pairs", "encode_pairs"),
-    ("compiler.units", "_encode", "_encode"),
-    ("compiler.units", "encode_texts", "encode_texts"),
-    ("compiler.units", "_collect", "_collect (truncate, flatten)"),
+    ("tunec.compiler.units", "compile_chunk", "compile_chunk"),
+    ("tunec.compiler.templates", "Renderer.render", "Renderer.render (Jinja)"),
+    ("tunec.compiler.units", "encode_pairs", "encode_pairs"),
+    ("tunec.compiler.units", "_encode", "_encode"),
+    ("tunec.compiler.units", "encode_texts", "encode_texts"),
+    ("tunec.compiler.units", "_collect", "_collect (truncate, flatten)"),
 ]
 
 
@@ -440,10 +440,10 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
         setattr(owner, leaf, timed)
 
     t0 = perf_counter()
-    path = enter("import compiler.build (numpy, pydantic, ...)")
-    import compiler.build as b
-    import compiler.units as un
-    from compiler import cli
+    path = enter("import tunec.compiler.build (numpy, pydantic, ...)")
+    import tunec.compiler.build as b
+    import tunec.compiler.units as un
+    from tunec.compiler import cli
 
     leave(path, perf_counter() - t0)
     workers = int(cli_args[cli_args.index("--workers") + 1]) if "--workers" in cli_args else 0
@@ -463,7 +463,7 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
 
     orig_run = getattr(b, "_run_chunks", None)
     if orig_run is None:
-        missing.append("compiler.build._run_chunks")
+        missing.append("tunec.compiler.build._run_chunks")
     else:
         name = f"_run_chunks (render+tokenize, {workers} worker(s))"
 
@@ -508,7 +508,7 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
                 if "backend" in getattr(un, "_STATE", {}):
                     un._STATE["backend"] = TimedBackend(un._STATE["backend"])
 
-            wrap("compiler.build", "init_worker", "init_worker", after=swap_backend)
+            wrap("tunec.compiler.build", "init_worker", "init_worker", after=swap_backend)
 
     code = 0
     try:
@@ -825,7 +825,7 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
         "byte_identical": {"identical": identical, "reference": reference.name, "comparisons": identity},
         "compiler_versions_seen": len({run["compiler_sources_sha256"] for w in WORKER_COUNTS for run in runs[w]}),
         "argv": sys.argv,
-        "timing_mode": "installed tunec script" if args.plain_cli else "compiler.cli.main with phase timers",
+        "timing_mode": "installed tunec script" if args.plain_cli else "tunec.cli.main with phase timers",
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -66,7 +66,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, 
 
 def compile_alpaca(shared: Path, work: Path, seq_len: int):
     """Compile the Alpaca rows; return the plan and the build folder."""
-    from compiler.build import Options, compile_recipe
+    from tunec.compiler.build import Options, compile_recipe
 
     recipe = work / "recipe.yaml"
     recipe.write_text(
@@ -85,8 +85,8 @@ def compile_alpaca(shared: Path, work: Path, seq_len: int):
 
 def documents(plan, out: Path):
     """The packed rows, their non-padding token and document counts, and every document as (ids, labels)."""
-    from runtime.data import ShardSet
-    from runtime.loop import real_tokens
+    from tunec.runtime.data import ShardSet
+    from tunec.runtime.loop import real_tokens
 
     data = ShardSet(out, plan.stages[0].train)
     rows = data.gather(np.arange(len(data)))
@@ -107,7 +107,7 @@ def documents(plan, out: Path):
 
 def packed_batches(rows, per_row, tokens, rows_per_step: int):
     """Packed rows in the runtime's seeded order: ``(batch, non-padding tokens, padding, examples)``."""
-    from runtime.data import RowStream
+    from tunec.runtime.data import RowStream
 
     stream, start = RowStream(0, len(per_row)), 0
     while True:
@@ -178,8 +178,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from compiler.recipe import ConfigModel, LoraPeft
-    from runtime.model import (
+    from tunec.compiler.recipe import ConfigModel, LoraPeft
+    from tunec.runtime.model import (
         add_lora,
         attention_for,
         build_from_config,

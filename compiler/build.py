@@ -43,7 +43,7 @@ from .plan import (
 from .recipe import LocalModel, StageModel
 from .shards import sha256_file
 from .sources import fingerprint, load_part
-from .tokenize import hash_folder, load_tokenizer, tokenizer_info
+from .tokens import hash_folder, load_tokenizer, tokenizer_info
 from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join, plan_docs
 
 DEFAULT_SHARD_ROWS = 2048

@@ -66,7 +66,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 @dataclass
 class Docs:
-    """Documents of a stage, flat (see :class:`compiler.units.UnitResult`), with labels decided."""
+    """Documents of a stage, flat (see :class:`tunec.compiler.units.UnitResult`), with labels decided."""
 
     ids: np.ndarray  # int32
     offsets: np.ndarray  # int64, docs + 1

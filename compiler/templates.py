@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import random
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import jinja2
@@ -25,7 +26,8 @@ from . import promptsource
 from .errors import Problem, did_you_mean
 
 BLOCKS = ("prompt", "completion")
-LIBRARY_DIR = Path(__file__).resolve().parent.parent / "templates"
+# The library ships inside the package (``tunec.templates``), so an installed wheel has it too.
+LIBRARY_DIR = Path(str(resources.files("tunec.templates")))
 
 
 @dataclass(frozen=True)

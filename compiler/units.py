@@ -21,7 +21,7 @@ from .chat import ChatError, assistant_spans, to_messages
 from .pack import IGNORE, doc_labels
 from .recipe import AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
 from .templates import RenderError, Renderer, TemplateSource, make_env
-from .tokenize import Encoded, TokenizerInfo, encode_texts
+from .tokens import Encoded, TokenizerInfo, encode_texts
 
 CHUNK_ROWS = 512
 MESSAGES = -1  # the "template" of a document read from a chat `messages` column

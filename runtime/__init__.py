@@ -2,14 +2,14 @@
 
 Modules, in the order a run uses them (see ``runtime/README.md``):
 
-- :mod:`runtime.run`: ``tunec run``: checks the build, runs its stages in order
-- :mod:`runtime.data`: memory-mapped shards, seeded row order, each rank's slice
-- :mod:`runtime.model`: device, model building/loading, LoRA, packed attention
-- :mod:`runtime.loop`: AdamW, warmup + cosine, accumulation, clipping, autocast
-- :mod:`runtime.evaluate`: loss per eval task
-- :mod:`runtime.checkpoint`: atomic checkpoints, exact resume
-- :mod:`runtime.outputs`: ``OUT/runs/<stage>/``, chaining stages
-- :mod:`runtime.log`: ``metrics.jsonl``, TensorBoard, progress bar
-- :mod:`runtime.dist`: ``torchrun`` process groups
-- :mod:`runtime.generate`: ``tunec generate``
+- :mod:`tunec.runtime.run`: ``tunec run``: checks the build, runs its stages in order
+- :mod:`tunec.runtime.data`: memory-mapped shards, seeded row order, each rank's slice
+- :mod:`tunec.runtime.model`: device, model building/loading, LoRA, packed attention
+- :mod:`tunec.runtime.loop`: AdamW, warmup + cosine, accumulation, clipping, autocast
+- :mod:`tunec.runtime.evaluate`: loss per eval task
+- :mod:`tunec.runtime.checkpoint`: atomic checkpoints, exact resume
+- :mod:`tunec.runtime.outputs`: ``OUT/runs/<stage>/``, chaining stages
+- :mod:`tunec.runtime.log`: ``metrics.jsonl``, TensorBoard, progress bar
+- :mod:`tunec.runtime.dist`: ``torchrun`` process groups
+- :mod:`tunec.runtime.generate`: ``tunec generate``
 """

@@ -9,7 +9,7 @@ A checkpoint is a folder ``runs/<stage>/checkpoints/step-NNNNNNNN/``::
 
 It is written under a temporary name (``.tmp-step-...``) and renamed when
 complete, so a checkpoint folder that exists is whole. The data position is
-the step number itself (see :mod:`runtime.data`), so resuming from step ``s``
+the step number itself (see :mod:`tunec.runtime.data`), so resuming from step ``s``
 replays exactly the rows an uninterrupted run would have seen. The two most
 recent checkpoints are kept.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from compiler.errors import TunecError
+from tunec.compiler.errors import TunecError
 
 from .dist import Dist
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import TunecError
-from compiler.plan import PackedSet
-from compiler.shards import ShardError, open_shard, sha256_file
+from tunec.compiler.errors import TunecError
+from tunec.compiler.plan import PackedSet
+from tunec.compiler.shards import ShardError, open_shard, sha256_file
 
 IGNORE = -100
 

@@ -20,9 +20,9 @@ from pathlib import Path
 import jinja2
 import torch
 
-from compiler.errors import TunecError, did_you_mean
-from compiler.plan import Plan, read_plan
-from compiler.templates import make_env
+from tunec.compiler.errors import TunecError, did_you_mean
+from tunec.compiler.plan import Plan, read_plan
+from tunec.compiler.templates import make_env
 
 from . import outputs
 from .model import pick_device

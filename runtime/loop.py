@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compiler.recipe import Stage
+from tunec.compiler.recipe import Stage
 
 from .data import (
     IGNORE,

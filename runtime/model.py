@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from compiler.errors import TunecError
-from compiler.recipe import ConfigModel, HubModel, LocalModel, LoraPeft
+from tunec.compiler.errors import TunecError
+from tunec.compiler.recipe import ConfigModel, HubModel, LocalModel, LoraPeft
 
 from .data import IGNORE
 
@@ -111,7 +111,7 @@ def load_pretrained(target: str, attn: str, revision: str | None = None, what: s
 
 
 def load_spec(spec, seed: int, attn: str):
-    """A stage's ``model:`` when it is not an earlier stage (see :mod:`runtime.outputs` for those)."""
+    """A stage's ``model:`` when it is not an earlier stage (see :mod:`tunec.runtime.outputs` for those)."""
     if isinstance(spec, ConfigModel):
         return build_from_config(spec, seed, attn)
     if isinstance(spec, LocalModel):

@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from compiler.errors import TunecError
-from compiler.recipe import HubModel, LocalModel, StageModel
+from tunec.compiler.errors import TunecError
+from tunec.compiler.recipe import HubModel, LocalModel, StageModel
 
 from . import model as models
 

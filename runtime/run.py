@@ -2,9 +2,9 @@
 
 For each stage: decide what its run folder allows (start, resume, skip, or
 refuse), load the model (from a config, a folder, the hub, or an earlier
-stage), add LoRA when asked, train (:mod:`runtime.loop`), evaluate
-(:mod:`runtime.evaluate`), checkpoint (:mod:`runtime.checkpoint`), and save
-the final model (:mod:`runtime.outputs`) with ``result.json`` last.
+stage), add LoRA when asked, train (:mod:`tunec.runtime.loop`), evaluate
+(:mod:`tunec.runtime.evaluate`), checkpoint (:mod:`tunec.runtime.checkpoint`), and save
+the final model (:mod:`tunec.runtime.outputs`) with ``result.json`` last.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from compiler.errors import TunecError
-from compiler.plan import Plan, StagePlan, read_plan
-from compiler.recipe import ConfigModel, LoraPeft, StageModel
+from tunec.compiler.errors import TunecError
+from tunec.compiler.plan import Plan, StagePlan, read_plan
+from tunec.compiler.recipe import ConfigModel, LoraPeft, StageModel
 
 from . import checkpoint, outputs
 from . import dist as distmod

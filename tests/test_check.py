@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.check import check
-from compiler.errors import TunecError
-from compiler.load import display_path, load_recipe
-from compiler.templates import LIBRARY_DIR
+from tunec.compiler.check import check
+from tunec.compiler.errors import TunecError
+from tunec.compiler.load import display_path, load_recipe
+from tunec.compiler.templates import LIBRARY_DIR
 
 HEAD = """
 tokenizer: {kind: local, path: tok}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from compiler.cli import main
+from tunec.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo" / "demo.yaml"
@@ -147,7 +147,7 @@ def test_compile_and_inspect_never_import_torch(tmp_path):
 
     code = (
         "import sys\n"
-        "from compiler.cli import main\n"
+        "from tunec.cli import main\n"
         f"for args in (['compile', {str(DEMO)!r}, '-o', {str(tmp_path / 'out')!r}, '-j', '1'],"
         f" ['inspect', {str(tmp_path / 'out')!r}, '--show', '1']):\n"
         "    try:\n"

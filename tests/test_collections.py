@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from compiler.build import Options, compile_recipe
-from compiler.errors import TunecError
-from compiler.pack import IGNORE
-from compiler.shards import open_shard
+from tunec.compiler.build import Options, compile_recipe
+from tunec.compiler.errors import TunecError
+from tunec.compiler.pack import IGNORE
+from tunec.compiler.shards import open_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "recipes" / "demo" / "tokenizer"

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from compiler import build as build_mod
-from compiler import link as link_mod
-from compiler.build import Options, compile_recipe
-from compiler.errors import TunecError
-from compiler.pack import IGNORE
-from compiler.plan import read_plan
-from compiler.shards import open_shard
+from tunec.compiler import build as build_mod
+from tunec.compiler import link as link_mod
+from tunec.compiler.build import Options, compile_recipe
+from tunec.compiler.errors import TunecError
+from tunec.compiler.pack import IGNORE
+from tunec.compiler.plan import read_plan
+from tunec.compiler.shards import open_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "demo"
@@ -92,10 +92,10 @@ def demo_build(tmp_path_factory):
 
 def expected_pairs():
     """Every (prompt, completion) the demo recipe renders, keyed by the full text."""
-    from compiler.check import check
-    from compiler.load import load_recipe
-    from compiler.sources import load_part
-    from compiler.templates import Renderer
+    from tunec.compiler.check import check
+    from tunec.compiler.load import load_recipe
+    from tunec.compiler.sources import load_part
+    from tunec.compiler.templates import Renderer
 
     checked = check(load_recipe(DEMO / "demo.yaml"))
     pairs = {}

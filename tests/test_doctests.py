@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-MODULES = ["compiler.yamlpos", "compiler.pack", "compiler.templates", "compiler.mixture",
-           "compiler.leakage", "compiler.promptsource"]
+MODULES = ["tunec.compiler.yamlpos", "tunec.compiler.pack", "tunec.compiler.templates", "tunec.compiler.mixture",
+           "tunec.compiler.leakage", "tunec.compiler.promptsource"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.pack import IGNORE, Docs, best_fit_decreasing, build_rows, doc_labels
+from tunec.compiler.pack import IGNORE, Docs, best_fit_decreasing, build_rows, doc_labels
 
 
 def flat(docs: list[list[int]]):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from compiler.errors import Problem, TunecError
-from compiler.load import display_path, load_recipe
-from compiler.recipe import JsonlSource, LibraryTemplate, NoPeft, Recipe, SftObjective
+from tunec.compiler.errors import Problem, TunecError
+from tunec.compiler.load import display_path, load_recipe
+from tunec.compiler.recipe import JsonlSource, LibraryTemplate, NoPeft, Recipe, SftObjective
 
 VALID = """
 tokenizer: {kind: local, path: tok}

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from compiler.build import Options, compile_recipe
-from compiler.load import load_recipe
-from compiler.pack import IGNORE
-from compiler.plan import Plan
-from compiler.recipe import ChatFormat, ProportionalMixture, Recipe
-from compiler.shards import open_shard
+from tunec.compiler.build import Options, compile_recipe
+from tunec.compiler.load import load_recipe
+from tunec.compiler.pack import IGNORE
+from tunec.compiler.plan import Plan
+from tunec.compiler.recipe import ChatFormat, ProportionalMixture, Recipe
+from tunec.compiler.shards import open_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

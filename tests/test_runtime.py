@@ -18,10 +18,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from compiler.build import Options, compile_recipe
-from compiler.cli import main
-from compiler.errors import TunecError
-from runtime.run import RunOptions, run
+from tunec.compiler.build import Options, compile_recipe
+from tunec.cli import main
+from tunec.compiler.errors import TunecError
+from tunec.runtime.run import RunOptions, run
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 MODEL = ("{kind: config, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
@@ -173,7 +173,7 @@ def test_all_stages_train_chain_save_and_reload(build):
     assert results[3].kind == "full" and (runs / "final" / "model" / "config.json").is_file()
 
     # generate from a LoRA stage without a merged copy: base + adapter, merged for inference
-    from runtime.generate import generate
+    from tunec.runtime.generate import generate
 
     g = generate(build, stage="more", task="plurals", values={"word": "gul"}, max_new_tokens=3, device="cpu")
     assert g.prompt == "Word: gul\nPlural:" and isinstance(g.completion, str)
@@ -306,7 +306,7 @@ def test_missing_model_path_and_absent_cuda(build, tmp_path, monkeypatch):
 
 
 def test_out_of_memory_names_the_knob(build, monkeypatch):
-    from runtime import model as models
+    from tunec.runtime import model as models
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from compiler.build import Options, compile_recipe
-from runtime.data import RowStream, plan_batching, step_rows
-from runtime.run import RunOptions, run
+from tunec.compiler.build import Options, compile_recipe
+from tunec.runtime.data import RowStream, plan_batching, step_rows
+from tunec.runtime.run import RunOptions, run
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 RECIPE = f"""
@@ -60,7 +60,7 @@ def test_torchrun_two_processes_match_one(tmp_path, monkeypatch):
 
     env = dict(os.environ, TUNEC_TRACE_ROWS="1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "compiler.cli", "run", str(two), "--device", "cpu", "--no-progress"]
+           "-m", "tunec", "run", str(two), "--device", "cpu", "--no-progress"]
     # a session of its own, so that a hang kills the launcher and both workers
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

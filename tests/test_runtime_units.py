@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.recipe import ConfigModel
-from runtime.data import (
+from tunec.compiler.recipe import ConfigModel
+from tunec.runtime.data import (
     Batching,
     RowStream,
     epoch_order,
@@ -19,8 +19,8 @@ from runtime.data import (
     step_rows,
     trained_tokens,
 )
-from runtime.loop import lr_factor, real_tokens
-from runtime.model import build_from_config, loss_sum, packed_causal_mask, packed_logits
+from tunec.runtime.loop import lr_factor, real_tokens
+from tunec.runtime.model import build_from_config, loss_sum, packed_causal_mask, packed_logits
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 128}
@@ -147,8 +147,8 @@ def test_loss_sum_shifts_unshifted_labels():
 def test_generate_renders_chat_tasks_with_their_system_prompt_and_stops_at_end_of_turn(tmp_path):
     from transformers import AutoTokenizer
 
-    from compiler.build import Options, compile_recipe
-    from runtime.generate import build_prompt, end_of_turn_ids
+    from tunec.compiler.build import Options, compile_recipe
+    from tunec.runtime.generate import build_prompt, end_of_turn_ids
 
     root = Path(__file__).resolve().parents[1]
     plan = compile_recipe(root / "recipes" / "demo" / "collection.yaml", tmp_path / "out", Options())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compiler.shards import ShardError, open_shard, sha256_file, write_shard
+from tunec.compiler.shards import ShardError, open_shard, sha256_file, write_shard
 
 
 def arrays(rows=3, seq_len=8):

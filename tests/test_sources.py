@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from compiler.errors import TunecError
-from compiler.load import load_recipe
-from compiler.sources import Rows, check_files, fingerprint, load_part, peek_columns
+from tunec.compiler.errors import TunecError
+from tunec.compiler.load import load_recipe
+from tunec.compiler.sources import Rows, check_files, fingerprint, load_part, peek_columns
 
 pytestmark = pytest.mark.usefixtures("hf_cache")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from jinja2 import meta
 
-from compiler.templates import (
+from tunec.compiler.templates import (
     LIBRARY_DIR,
     Renderer,
     RenderError,

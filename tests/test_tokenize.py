@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from compiler.tokenize import TokenizerInfo, encode_pairs
+from tunec.compiler.tokens import TokenizerInfo, encode_pairs
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tokenizer"
 

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import yaml
 
-from compiler.errors import TunecError
-from compiler.yamlpos import load_yaml_text, locate
+from tunec.compiler.errors import TunecError
+from tunec.compiler.yamlpos import load_yaml_text, locate
 
 
 def load(text: str):

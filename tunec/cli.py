@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import TunecError
+from .compiler.errors import TunecError
 
 
 class UserError(click.ClickException):
@@ -41,8 +41,8 @@ def main() -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 def validate(recipe: str) -> None:
     """Check RECIPE statically: schema, names, files, templates against columns."""
-    from .check import check
-    from .load import load_recipe
+    from .compiler.check import check
+    from .compiler.load import load_recipe
 
     try:
         checked = check(load_recipe(recipe))
@@ -64,7 +64,7 @@ def validate(recipe: str) -> None:
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None, help="Packed rows per shard file.")
 def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_rows: int | None) -> None:
     """Compile RECIPE into tokenized, packed shards and a run plan in OUT."""
-    from .build import DEFAULT_SHARD_ROWS, Options, compile_recipe
+    from .compiler.build import DEFAULT_SHARD_ROWS, Options, compile_recipe
 
     options = Options(
         workers=workers or os.cpu_count() or 1,
@@ -94,8 +94,8 @@ def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
     Decoded rows mark trained tokens (green, or «like this» without colour) and
     separate packed documents with ¦.
     """
-    from . import inspect as insp
-    from .plan import read_plan
+    from .compiler import inspection as insp
+    from .compiler.plan import read_plan
 
     try:
         plan = read_plan(Path(out))
@@ -106,7 +106,7 @@ def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
         if stage is None or not line.startswith("stage ") or line.startswith(f"stage {stage} "):
             click.echo(line)
     if show:
-        from .tokenize import load_local_tokenizer
+        from .compiler.tokens import load_local_tokenizer
 
         tok = load_local_tokenizer(Path(out) / plan.tokenizer.path)
         use_color = sys.stdout.isatty() if color is None else color
@@ -119,7 +119,7 @@ def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
 @main.command()
 def schema() -> None:
     """Print the JSON schema of the recipe language (for editors)."""
-    from .recipe import Recipe
+    from .compiler.recipe import Recipe
 
     click.echo(json.dumps(Recipe.model_json_schema(), indent=2))
 
@@ -138,11 +138,11 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
             progress: bool | None) -> None:
     """Train the stages of the build in OUT; results go to OUT/runs/<stage>/.
 
-    Several processes or GPUs: `torchrun --nproc_per_node N -m compiler.cli run OUT`.
+    Several processes or GPUs: `torchrun --nproc_per_node N -m tunec run OUT`.
     """
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
-    from runtime.run import RunOptions, run
+    from .runtime.run import RunOptions, run
 
     show = sys.stderr.isatty() if progress is None else progress
     options = RunOptions(stage=stage, resume=resume, force=force, device=device, verify=verify, progress=show)
@@ -182,7 +182,7 @@ def generate(out: str, stage: str | None, prompt: str | None, task: str | None, 
         if not sep or not name:
             raise click.BadParameter(f"'{item}' is not COLUMN=VALUE", param_hint="--set")
         pairs[name] = value
-    from runtime.generate import generate as run_generate
+    from .runtime.generate import generate as run_generate
 
     try:
         g = run_generate(out, stage=stage, prompt=prompt, task=task, template=template, values=pairs, chat=chat,

@@ -1,0 +1,16 @@
+"""tunec: a declarative dataset-and-recipe compiler for instruction tuning and fine-tuning.
+
+The distribution installs one package, ``tunec``:
+
+- ``tunec.compiler`` (source folder ``compiler/``): recipe -> shards + plan; never imports torch
+- ``tunec.runtime`` (``runtime/``): executes a plan with torch, transformers and peft
+- ``tunec.templates`` (``templates/``): the template library, shipped as package data
+- ``tunec.cli``: the ``tunec`` command, the composition root that wires the two together
+"""
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("tunec")
+except _metadata.PackageNotFoundError:  # running from a source tree without install
+    __version__ = "0.0.0+source"
