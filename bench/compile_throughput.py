@@ -239,7 +239,7 @@ def _json_diff(x, y, path: str = "") -> list[str]:
 
 
 def _sha(path: Path) -> str:
-    from tunec.compiler.shards import sha256_file
+    from tunec.compiler.fileio import sha256_file
 
     return sha256_file(path)
 

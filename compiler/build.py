@@ -38,12 +38,11 @@ from .plan import (
     TaskPlan,
     TemplatePlan,
     TokenizerPlan,
-    canonical_json,
 )
 from .recipe import LocalModel, StageModel
-from .shards import sha256_file
+from .fileio import atomic_dir, atomic_write_text, canonical_json, sha256_file, sha256_folder, sha256_text
 from .sources import fingerprint, load_part
-from .tokens import hash_folder, load_tokenizer, tokenizer_info
+from .tokens import load_tokenizer, tokenizer_info
 from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join, plan_docs
 
 DEFAULT_SHARD_ROWS = 2048
@@ -125,7 +124,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
     tok_dir = out / "tokenizer"
     _save_tokenizer(tok, tok_dir)
     tok_plan = TokenizerPlan(
-        path="tokenizer", sha256=hash_folder(tok_dir), vocab_size=info.vocab_size,
+        path="tokenizer", sha256=sha256_folder(tok_dir), vocab_size=info.vocab_size,
         bos_id=info.bos_id, eos_id=info.eos_id, pad_id=info.pad_id,
     )
 
@@ -143,7 +142,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
                                 leakage=leaks.get(stage.name, {})))
 
-    recipe_hash = _sha256_text(canonical_json({
+    recipe_hash = sha256_text(canonical_json({
         "format_version": FORMAT_VERSION,
         "recipe": recipe.model_dump(mode="json"),
         "inputs": inputs,
@@ -151,7 +150,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
     }))
     plan = Plan(
         versions=_versions(),
-        recipe=RecipeInfo(file=loaded.path.name, sha256=_sha256_text(loaded.text), hash=recipe_hash),
+        recipe=RecipeInfo(file=loaded.path.name, sha256=sha256_text(loaded.text), hash=recipe_hash),
         seq_len=recipe.seq_len,
         seed=recipe.seed,
         tokenizer=tok_plan,
@@ -160,7 +159,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         stages=stages,
     )
     _write_manifest(out)
-    _atomic_write(out / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
+    atomic_write_text(out / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
 
 
@@ -281,10 +280,7 @@ def _prepare_out(out: Path, loaded: LoadedRecipe, force: bool) -> None:
 
 
 def _save_tokenizer(tok, folder: Path) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tok.save_pretrained(str(tmp))
-    os.replace(tmp, folder)
+    atomic_dir(folder, lambda tmp: tok.save_pretrained(str(tmp)))
 
 
 def _write_manifest(out: Path) -> None:
@@ -293,16 +289,7 @@ def _write_manifest(out: Path) -> None:
         rel = path.relative_to(out).as_posix()
         if rel.split("/")[0] in COMPILED:
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    _atomic_write(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files}))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files}))
 
 
 # ----------------------------------------------------------------- workers
@@ -360,10 +347,4 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[dist] = "absent"
     return out
-
-
-def _sha256_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

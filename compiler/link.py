@@ -16,6 +16,7 @@ import numpy as np
 
 from . import leakage, mixture
 from .errors import TunecError
+from .fileio import atomic_write_text, sha256_text
 from .pack import IGNORE, Docs, best_fit_decreasing, build_rows
 from .plan import ChoicesFile, EvalSet, LeakReport, PackedSet, ShardEntry, TaskCounts
 from .recipe import Stage
@@ -163,16 +164,11 @@ def _named(names: list[str], counts) -> dict[str, int]:
 
 
 def _write_choices(out: Path, rel: Path, records: list[dict]) -> ChoicesFile:
-    import hashlib
-    import os
-
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
     path = out / rel
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return ChoicesFile(path=rel.as_posix(), sha256=hashlib.sha256(text.encode("utf-8")).hexdigest(), count=len(records))
+    atomic_write_text(path, text)
+    return ChoicesFile(path=rel.as_posix(), sha256=sha256_text(text), count=len(records))
 
 
 def leak_reports(train_texts: dict[str, list[set[str]]], eval_texts: dict[str, list[set[str]]]) -> dict[str, LeakReport]:

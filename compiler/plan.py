@@ -154,9 +154,6 @@ class Plan(Strict):
         raise TunecError(f"no stage '{name}' in the plan{did_you_mean(name, [s.name for s in self.stages])}")
 
 
-def canonical_json(data) -> str:
-    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
-
 
 def read_plan(out: Path) -> Plan:
     """Read ``OUT/plan.json``; a folder without one is not a finished build."""

@@ -9,9 +9,7 @@ the file (no copy, no pickle) and needs only numpy.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import FORMAT_VERSION
+from .fileio import atomic_write_bytes, compact_json, sha256_bytes
 
 TENSORS = ("input_ids", "labels", "position_ids")
 SHARD_FORMAT = "tunec.shard"
@@ -43,17 +42,12 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None
     # hash map whose order varies between runs, which would break byte-identical builds.
     blob = save(
         {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-        metadata={META_KEY: json.dumps(meta, sort_keys=True, separators=(",", ":"))},
+        metadata={META_KEY: compact_json(meta)},
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(blob)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, blob)
     rows = int(next(iter(arrays.values())).shape[0])
-    return WrittenShard(path, hashlib.sha256(blob).hexdigest(), len(blob), rows)
+    return WrittenShard(path, sha256_bytes(blob), len(blob), rows)
 
 
 class ShardError(Exception):
@@ -108,10 +102,3 @@ def open_shard(path: Path, expect_bytes: int | None = None) -> dict[str, np.ndar
         raise ShardError(f"{path}: missing tensors {missing}")
     return out
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import Problem, TunecError, did_you_mean
 from .load import LoadedRecipe
-from .shards import sha256_file
+from .fileio import sha256_file
 from .recipe import FILE_KINDS, FileEval, FractionEval, HubSource, Selection, Task
 
 PEEK_ROWS = 100  # rows read by `tunec validate` to learn a file's columns

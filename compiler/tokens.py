@@ -16,7 +16,6 @@ that writes the BOS string itself does not get a second one.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,14 +112,6 @@ def tokenizer_info(tok) -> TokenizerInfo:
     )
 
 
-def hash_folder(folder: Path) -> str:
-    """sha256 over the (sorted) names and contents of the files in ``folder``."""
-    h = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(folder)).encode() + b"\0")
-        h.update(path.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def encode_pairs(backend, info: TokenizerInfo, prompts: list[str], completions: list[str]) -> list[Encoded]:

@@ -24,7 +24,8 @@ import numpy as np
 
 from tunec.compiler.errors import TunecError
 from tunec.compiler.plan import PackedSet
-from tunec.compiler.shards import ShardError, open_shard, sha256_file
+from tunec.compiler.fileio import sha256_file
+from tunec.compiler.shards import ShardError, open_shard
 
 IGNORE = -100
 

@@ -18,16 +18,14 @@ Paths in ``result.json`` are relative to the build folder when they are inside i
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from tunec.compiler.errors import TunecError
+from tunec.compiler.fileio import atomic_dir, atomic_write_json
 from tunec.compiler.recipe import HubModel, LocalModel, StageModel
 
 from . import model as models
@@ -68,21 +66,7 @@ def read_result(out: Path, stage: str) -> StageResult | None:
 
 
 def write_result(out: Path, result: StageResult) -> None:
-    path = run_dir(out, result.stage) / RESULT
-    tmp = path.with_name(f".{RESULT}.tmp")
-    tmp.write_text(json.dumps(result.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> None:
-    """Fill a temporary folder with ``write(tmp)``, then rename it to ``final``."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    atomic_write_json(run_dir(out, result.stage) / RESULT, result.model_dump(mode="json"))
 
 
 def relative(out: Path, path: Path) -> str:

@@ -7,7 +7,7 @@ import importlib
 
 import pytest
 
-MODULES = ["tunec.compiler.yamlpos", "tunec.compiler.pack", "tunec.compiler.templates", "tunec.compiler.mixture",
+MODULES = ["tunec.compiler.fileio", "tunec.compiler.yamlpos", "tunec.compiler.pack", "tunec.compiler.templates", "tunec.compiler.mixture",
            "tunec.compiler.leakage", "tunec.compiler.promptsource"]
 
 

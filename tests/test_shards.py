@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunec.compiler.shards import ShardError, open_shard, sha256_file, write_shard
+from tunec.compiler.fileio import sha256_file
+from tunec.compiler.shards import ShardError, open_shard, write_shard
 
 
 def arrays(rows=3, seq_len=8):
