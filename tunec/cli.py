@@ -198,5 +198,64 @@ def generate(out: str, stage: str | None, prompt: str | None, task: str | None, 
         click.echo(f"{g.prompt}«{g.completion}»")
 
 
+@main.group()
+def templates() -> None:
+    """Browse the template library (and folders of your own, with --dir)."""
+
+
+def _template_dirs(dirs: tuple[str, ...]) -> list[Path]:
+    from .compiler.templates import LIBRARY_DIR
+
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise click.BadParameter(f"'{d}' is not a folder", param_hint="--dir")
+    return [Path(d) for d in dirs] + [LIBRARY_DIR]
+
+
+_DIR_OPTION = click.option("--dir", "dirs", multiple=True, metavar="DIR",
+                           help="A folder searched before the library (as a recipe's template_dirs); repeat as needed.")
+
+
+@templates.command("list")
+@click.argument("family", required=False)
+@_DIR_OPTION
+def templates_list(family: str | None, dirs: tuple[str, ...]) -> None:
+    """List templates (only FAMILY's, e.g. `sentiment`), with the variables each reads."""
+    from .compiler import library
+
+    try:
+        found = library.entries(_template_dirs(dirs))
+    except TunecError as exc:
+        raise _fail(exc) from None
+    if family:
+        families = sorted({e.name.split("/")[0] for e in found})
+        found = [e for e in found if e.name.split("/")[0] == family.strip("/")]
+        if not found:
+            from .compiler.errors import did_you_mean
+
+            raise UserError(f"error: no template family '{family}'{did_you_mean(family, families)}")
+    width = max(len(e.name) for e in found)
+    for e in found:
+        click.echo(f"{e.name:<{width}}  {', '.join(e.variables)}")
+        if e.description:
+            click.echo(f"{'':<{width}}  {e.description}")
+
+
+@templates.command("show")
+@click.argument("name")
+@_DIR_OPTION
+def templates_show(name: str, dirs: tuple[str, ...]) -> None:
+    """Print template NAME (e.g. `sentiment/review_short`): where it is, what it reads, its text."""
+    from .compiler import library
+
+    try:
+        entry = library.find(name, _template_dirs(dirs))
+    except TunecError as exc:
+        raise _fail(exc) from None
+    click.echo(f"# {entry.name}: {entry.path}")
+    click.echo(f"# variables: {', '.join(entry.variables)}")
+    click.echo(entry.path.read_text(encoding="utf-8"), nl=False)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
