@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import TunecError
 from .pack import IGNORE
 from .plan import Plan
-from .shards import open_shard
+from .shards import check_values, open_shard
 
 BOUNDARY = " ¦ "  # between documents of a packed row
 TRAIN_OPEN, TRAIN_CLOSE = "«", "»"  # around trained spans when colour is off
@@ -59,6 +60,14 @@ def _table(tasks, stage_trained: int) -> list[str]:
     return out
 
 
+def tokenizer_folder(plan: Plan, out: Path) -> Path:
+    """The build's own tokenizer folder, checked (never a hub id: a build is self-contained)."""
+    folder = out / plan.tokenizer.path
+    if not folder.is_dir() or not any(folder.iterdir()):
+        raise TunecError(f"{folder}: the build's tokenizer folder is missing or empty; compile the recipe again")
+    return folder
+
+
 def decode_rows(plan: Plan, out: Path, stage: str, count: int, tokenizer, color: bool) -> list[str]:
     """Decode the first ``count`` packed rows of a stage, trained spans highlighted."""
     import click
@@ -67,7 +76,8 @@ def decode_rows(plan: Plan, out: Path, stage: str, count: int, tokenizer, color:
     lines: list[str] = []
     shown = 0
     for entry in sp.train.shards:
-        arrays = open_shard(out / entry.path, entry.bytes)
+        arrays = open_shard(out / entry.path, entry.bytes, seq_len=sp.train.seq_len)
+        check_values(out / entry.path, arrays, plan.tokenizer.vocab_size)
         for r in range(arrays["input_ids"].shape[0]):
             if shown >= count:
                 return lines

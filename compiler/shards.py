@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import FORMAT_VERSION
+from .errors import TunecError
 from .fileio import atomic_write_bytes, compact_json, sha256_bytes
 
 TENSORS = ("input_ids", "labels", "position_ids")
@@ -50,8 +51,8 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None
     return WrittenShard(path, sha256_bytes(blob), len(blob), rows)
 
 
-class ShardError(Exception):
-    """A shard is missing, truncated or not a tunec shard."""
+class ShardError(TunecError):
+    """A shard is missing, truncated, damaged or not a tunec shard (a user-facing error: one line)."""
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -64,41 +65,125 @@ def read_header(path: Path) -> tuple[dict, int]:
             (n,) = struct.unpack("<Q", raw)
             if n > 100_000_000:
                 raise ShardError(f"{path}: not a safetensors file (header size {n})")
-            header = json.loads(fh.read(n))
+            text = fh.read(n)
+            header = json.loads(text)
     except FileNotFoundError:
         raise ShardError(f"{path}: shard is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except IsADirectoryError:
+        raise ShardError(f"{path}: is a folder, not a shard") from None
+    except PermissionError:
+        raise ShardError(f"{path}: not readable (permission denied)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise ShardError(f"{path}: corrupted safetensors header") from None
+    if len(text) != n:
+        raise ShardError(f"{path}: truncated safetensors header")
+    if not isinstance(header, dict):
+        raise ShardError(f"{path}: corrupted safetensors header (not a JSON object)")
     return header, 8 + n
 
 
-_DTYPES = {"I32": np.int32, "I64": np.int64, "I16": np.int16, "U8": np.uint8, "F32": np.float32}
+_ITEM_BYTES = 4  # every tensor is int32
 
 
-def open_shard(path: Path, expect_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """Memory-map a shard's tensors (read-only numpy arrays), checking its header and size."""
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _metadata(path: Path, header: dict) -> dict:
+    raw = header.get("__metadata__")
+    text = raw.get(META_KEY) if isinstance(raw, dict) else None
+    try:
+        meta = json.loads(text) if isinstance(text, str) else None
+    except (json.JSONDecodeError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
+        raise ShardError(f"{path}: not a tunec shard")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ShardError(f"{path}: shard format version {meta.get('format_version')!r}, this tunec reads "
+                         f"{FORMAT_VERSION} (compile the recipe again)")
+    return meta
+
+
+def _layout(path: Path, header: dict, start: int, size: int) -> dict[str, tuple[int, int, tuple[int, int]]]:
+    """Each tensor's (begin, end, shape), checked: int32, one shape, contiguous, exactly filling the file."""
+    names = sorted(k for k in header if k != "__metadata__")
+    if names != sorted(TENSORS):
+        raise ShardError(f"{path}: tensors {names}, a tunec shard holds exactly {sorted(TENSORS)}")
+    out = {}
+    for name in names:
+        info = header[name]
+        if not isinstance(info, dict) or sorted(info) != ["data_offsets", "dtype", "shape"]:
+            raise ShardError(f"{path}: tensor `{name}`: damaged header entry")
+        shape, offsets = info["shape"], info["data_offsets"]
+        if info["dtype"] != "I32":
+            raise ShardError(f"{path}: tensor `{name}` has dtype {info['dtype']!r}, tunec shards hold I32")
+        if not (isinstance(shape, list) and len(shape) == 2 and all(_is_int(d) and d >= 0 for d in shape)):
+            raise ShardError(f"{path}: tensor `{name}`: damaged shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)):
+            raise ShardError(f"{path}: tensor `{name}`: damaged data offsets {offsets!r}")
+        lo, hi = offsets
+        if not 0 <= lo <= hi or hi - lo != shape[0] * shape[1] * _ITEM_BYTES:
+            raise ShardError(f"{path}: tensor `{name}`: offsets {offsets} do not hold shape {shape} of int32")
+        out[name] = (lo, hi, (shape[0], shape[1]))
+    if len({v[2] for v in out.values()}) != 1:
+        raise ShardError(f"{path}: tensors of different shapes {[list(v[2]) for v in out.values()]}")
+    spans = sorted((lo, hi) for lo, hi, _ in out.values())
+    if spans[0][0] != 0 or any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+        raise ShardError(f"{path}: tensor data offsets overlap or leave gaps")
+    if start + spans[-1][1] != size:
+        what = "truncated" if start + spans[-1][1] > size else "trailing bytes"
+        raise ShardError(f"{path}: {size} bytes, the header describes {start + spans[-1][1]} ({what})")
+    return out
+
+
+def open_shard(path: Path, expect_bytes: int | None = None, seq_len: int | None = None) -> dict[str, np.ndarray]:
+    """Memory-map a shard's tensors (read-only numpy arrays), checking its header and size.
+
+    Every field of the header is checked (tensor names, dtype, shapes, offsets
+    contiguous and inside the file, tunec's metadata), so a damaged file is a
+    :class:`ShardError`, never a wrong array. The values are checked by
+    :func:`check_values`.
+    """
+    path = Path(path)
     header, start = read_header(path)
     size = path.stat().st_size
     if expect_bytes is not None and size != expect_bytes:
         raise ShardError(f"{path}: {size} bytes, the plan says {expect_bytes} (truncated or replaced)")
-    try:
-        meta = json.loads(header.get("__metadata__", {}).get(META_KEY, "{}"))
-    except json.JSONDecodeError:
-        meta = {}
-    if meta.get("format") != SHARD_FORMAT:
-        raise ShardError(f"{path}: not a tunec shard")
-    out = {}
-    mm = np.memmap(path, dtype=np.uint8, mode="r")
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = info["data_offsets"]
-        if start + hi > size:
-            raise ShardError(f"{path}: tensor `{name}` runs past the end of the file (truncated)")
-        dtype = _DTYPES[info["dtype"]]
-        out[name] = mm[start + lo : start + hi].view(dtype).reshape(info["shape"])
-    missing = [t for t in TENSORS if t not in out]
-    if missing:
-        raise ShardError(f"{path}: missing tensors {missing}")
-    return out
+    _metadata(path, header)
+    layout = _layout(path, header, start, size)
+    if seq_len is not None and next(iter(layout.values()))[2][1] != seq_len:
+        raise ShardError(f"{path}: rows of {next(iter(layout.values()))[2][1]} tokens, the plan says {seq_len}")
+    mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+    return {name: mm[start + lo : start + hi].view(np.int32).reshape(shape) for name, (lo, hi, shape) in layout.items()}
 
+
+def check_values(path: Path, arrays: dict[str, np.ndarray], vocab_size: int) -> None:
+    """The invariants every packed row holds (see :mod:`tunec.compiler.pack`), checked in one pass.
+
+    Token ids lie in ``[0, vocab_size)``; a label is ``-100`` or the token at its
+    position (labels are not shifted); positions start at 0 in every row and
+    either count up by one or restart at 0 (a new document), whose first token
+    carries no label. A shard whose tensors were swapped or whose values were
+    damaged fails here, before any training step.
+    """
+    ids, labels, pos = arrays["input_ids"], arrays["labels"], arrays["position_ids"]
+    if ids.size == 0:
+        return
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ShardError(f"{path}: row {row}, token {col}: id {int(ids[row, col])} outside the vocabulary "
+                         f"(0..{vocab_size - 1})")
+    bad = (labels != -100) & (labels != ids)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ShardError(f"{path}: row {row}, token {col}: label {int(labels[row, col])} is neither -100 nor "
+                         f"the token there ({int(ids[row, col])})")
+    bad = np.zeros(pos.shape, dtype=bool)
+    bad[:, 0] = pos[:, 0] != 0
+    bad[:, 1:] = (pos[:, 1:] != 0) & (pos[:, 1:] != pos[:, :-1] + 1)
+    bad |= (pos == 0) & (labels != -100)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ShardError(f"{path}: row {row}, token {col}: position {int(pos[row, col])} breaks the "
+                         "document layout (positions restart at 0, count up by one, a first token has no label)")

@@ -90,13 +90,20 @@ def load_local_tokenizer(path: Path):
     import transformers
 
     config = path / "tokenizer_config.json"
-    name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    try:
+        name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise TunecError(f"{config}: unreadable tokenizer config ({exc})") from None
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if cls is None and isinstance(name, str) and name.endswith("Fast"):
         cls = getattr(transformers, name[: -len("Fast")], None)
     if cls is None:
         from transformers import AutoTokenizer as cls  # unknown class name: let transformers resolve it
-    return cls.from_pretrained(str(path), local_files_only=True)
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged folder raises, the user gets one line
+        raise TunecError(f"{path}: cannot load the tokenizer ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
 
 
 def tokenizer_info(tok) -> TokenizerInfo:
