@@ -112,6 +112,7 @@ class RecipeInfo(Strict):
     file: str
     sha256: str = Field(description="sha256 of the recipe file's bytes.")
     hash: str = Field(description="sha256 of the validated recipe (canonical JSON) and of every input's content.")
+    overrides: list[str] = Field(default_factory=list, description="`--set PATH=VALUE` applied to the file, in order.")
 
 
 class TemplatePlan(Strict):
@@ -167,6 +168,10 @@ def read_plan(out: Path) -> Plan:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise TunecError(f"{path}:{exc.lineno}: corrupted plan: {exc.msg}") from None
+    except UnicodeDecodeError as exc:
+        raise TunecError(f"{path}: corrupted plan: not UTF-8 (byte {exc.start})") from None
+    except (OSError, RecursionError) as exc:
+        raise TunecError(f"{path}: cannot read the plan ({type(exc).__name__})") from None
     version = data.get("format_version") if isinstance(data, dict) else None
     if data.get("format") != "tunec.plan" if isinstance(data, dict) else True:
         raise TunecError(f"{path}: not a tunec plan")

@@ -178,3 +178,13 @@ def test_inspect_show_on_damaged_builds_says_one_line(tmp_path):
     result = runner.invoke(main, ["inspect", str(out), "--show", "1", "--no-color"])
     assert result.exit_code == 1 and "tokenizer folder is missing" in result.output, result.output
     assert "hub" not in result.output.lower()
+
+
+def test_a_plan_that_is_not_utf8_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from tunec.cli import main
+
+    (tmp_path / "plan.json").write_bytes(b'{"format": "tunec.plan", "x": "\xff\xfe"}')
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1 and "plan.json: corrupted plan: not UTF-8" in result.output, result.output
