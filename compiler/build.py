@@ -9,10 +9,10 @@ the old ``plan.json`` is removed first; the tokenizer and shards are written
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import shutil
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,7 +25,8 @@ from . import FORMAT_VERSION, __version__
 from .check import Checked, check
 from .errors import Problem, TunecError
 from .load import LoadedRecipe
-from . import leakage
+from . import leakage, lock
+from .lock import BuildLock
 from .link import Linker, leak_reports
 from .plan import (
     MANIFEST_FILE,
@@ -45,6 +46,8 @@ from .sources import fingerprint, load_part
 from .tokens import load_tokenizer, tokenizer_info
 from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join, plan_docs
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_SHARD_ROWS = 2048
 COMPILED = ("stages", "tokenizer", MANIFEST_FILE)  # what a rebuild replaces (runs/ is kept)
 
@@ -57,14 +60,22 @@ class Options:
     progress: bool = False
 
 
-def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = Options()) -> Plan:
+def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = Options(),
+                   overrides: tuple[str, ...] = ()) -> Plan:
     from .load import load_recipe
 
-    checked = check(load_recipe(recipe_path))
+    checked = check(load_recipe(recipe_path, overrides))
     return build(checked, Path(out), options)
 
 
 def build(checked: Checked, out: Path, options: Options) -> Plan:
+    # Held from the first look at `out` to the plan: a second compile, or a run training
+    # on the shards this one would delete, is refused instead (see compiler/lock.py).
+    with BuildLock(out, "compile"):
+        return _build(checked, out, options)
+
+
+def _build(checked: Checked, out: Path, options: Options) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
     tok = load_tokenizer(loaded)
@@ -147,10 +158,13 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         "recipe": recipe.model_dump(mode="json"),
         "inputs": inputs,
         "tokenizer": tok_plan.sha256,
+        # only when given, so that a build without overrides keeps its hash
+        **({"overrides": [o.text for o in loaded.overrides]} if loaded.overrides else {}),
     }))
     plan = Plan(
         versions=_versions(),
-        recipe=RecipeInfo(file=loaded.path.name, sha256=sha256_text(loaded.text), hash=recipe_hash),
+        recipe=RecipeInfo(file=loaded.path.name, sha256=sha256_text(loaded.text), hash=recipe_hash,
+                          overrides=[o.text for o in loaded.overrides]),
         seq_len=recipe.seq_len,
         seed=recipe.seed,
         tokenizer=tok_plan,
@@ -172,7 +186,7 @@ def _task_plan(checked: Checked, name: str) -> TaskPlan:
                    for t in checked.templates[name]],
         format=task.format.kind,
         system=getattr(task.format, "system", None),
-        answer_choices=list(task.answer_choices) if isinstance(task.answer_choices, list) else None,
+        answer_choices=task.answer_choices,
     )
 
 
@@ -229,7 +243,7 @@ def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
         raise TunecError([Problem(p + "; remove them, or set `leakage: warn` to train anyway") for p in problems])
     if problems and recipe.leakage == "warn":
         for p in problems:
-            print(f"warning: {p}", file=sys.stderr)
+            logger.warning(p)
     return reports
 
 
@@ -241,7 +255,7 @@ def _check_out(out: Path, loaded: LoadedRecipe, force: bool) -> str | None:
     marker = out / MARKER_FILE
     if out.exists() and not out.is_dir():
         raise TunecError(f"output {out} exists and is not a folder")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or all(p.name in lock.FILES for p in out.iterdir()):
         return None
     if not marker.is_file():
         raise TunecError(
@@ -276,7 +290,7 @@ def _prepare_out(out: Path, loaded: LoadedRecipe, force: bool) -> None:
         if force and previous != str(loaded.path):
             shutil.rmtree(out / "runs", ignore_errors=True)  # trained on another recipe's data
     out.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"recipe": str(loaded.path)}) + "\n", encoding="utf-8")
+    atomic_write_text(marker, json.dumps({"recipe": str(loaded.path)}) + "\n")  # a kill never leaves half of it
 
 
 def _save_tokenizer(tok, folder: Path) -> None:
@@ -313,7 +327,8 @@ def _run_chunks(chunks: list[Chunk], info, specs, pools, workers: int) -> Iterat
     except RowError as exc:
         part = "eval" if exc.part == "eval" else "train"
         where = f" [{exc.file}:{exc.line}]" if exc.line else (f" [{exc.file}]" if exc.file else "")
-        raise TunecError(Problem(f"task '{exc.task}', {part} row {exc.row}: {exc.message}{where}")) from None
+        row = "" if exc.row is None else f" row {exc.row}"  # None: a template that no row can render
+        raise TunecError(Problem(f"task '{exc.task}', {part}{row}: {exc.message}{where}")) from None
 
 
 @contextmanager

@@ -17,7 +17,7 @@ a fallback to training on everything).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 ROLES = ("system", "user", "assistant")
 
@@ -26,7 +26,7 @@ class ChatError(ValueError):
     """A conversation that cannot be read or whose assistant turns cannot be located."""
 
 
-def to_messages(value: Any, roles: dict[str, str]) -> list[dict[str, str]]:
+def to_messages(value: Any, roles: Mapping[str, str]) -> list[dict[str, str]]:
     """ShareGPT (``from``/``value``) or OpenAI (``role``/``content``) turns -> ``[{role, content}]``."""
     if not isinstance(value, list) or not value:
         raise ChatError(f"expected a non-empty list of turns, got {type(value).__name__}")
@@ -52,11 +52,18 @@ def to_messages(value: Any, roles: dict[str, str]) -> list[dict[str, str]]:
 
 
 def render(template: str, messages: list[dict], special: dict[str, str], add_generation_prompt: bool = False) -> str:
+    import jinja2
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(
-        conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt, **special
-    )
+    try:
+        rendered, _ = render_jinja_template(
+            conversations=[messages], chat_template=template, add_generation_prompt=add_generation_prompt, **special
+        )
+    except jinja2.TemplateSyntaxError as exc:  # TemplateAssertionError (an unknown filter...) too
+        raise ChatError(f"the tokenizer's chat template does not compile: {type(exc).__name__}: {exc.message} "
+                        f"(its line {exc.lineno})") from None
+    except jinja2.TemplateError as exc:  # `raise_exception(...)` in the template, an undefined name
+        raise ChatError(f"the tokenizer's chat template failed: {type(exc).__name__}: {exc}") from None
     return rendered[0]
 
 

@@ -7,7 +7,7 @@ template problems the template's line too.
 
 from __future__ import annotations
 
-import re
+import logging
 from dataclasses import dataclass
 
 from .errors import Problem, TunecError, did_you_mean
@@ -16,8 +16,11 @@ from . import promptsource
 from .recipe import (
     ChatFormat,
     ColumnChoices,
+    ConfigModel,
     FileTemplate,
+    HubSource,
     InlineTemplate,
+    JinjaChoices,
     LibraryTemplate,
     LocalModel,
     LocalTokenizer,
@@ -26,9 +29,12 @@ from .recipe import (
     Task,
     WeightsMixture,
 )
-from .sources import check_files, peek_columns
+from .sources import check_files, peek_columns, read_utf8
 from .refs import reference_problems, template_dirs
-from .templates import TemplateSource, analyse, find_library_template
+from .hubmeta import hub_columns
+from .modelconfig import config_findings
+from .templates import TemplateSource, analyse, find_library_template, string_problems
+from .yamltext import value_lines
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,7 @@ class Checked:
     loaded: LoadedRecipe
     templates: dict[str, tuple[TemplateSource, ...]]  # task -> its templates, in recipe order
     columns: dict[str, list[str] | None]  # task -> columns after the field map (None: unknown offline)
+    warnings: tuple[Problem, ...] = ()  # what could not be checked, or looks wrong without being an error
 
     @property
     def recipe(self):
@@ -49,9 +56,13 @@ class Checked:
         return [t for t in self.recipe.tasks if t in used]
 
 
+logger = logging.getLogger(__name__)
+
+
 def check(loaded: LoadedRecipe) -> Checked:
     recipe = loaded.recipe
     problems: list[Problem] = []
+    warnings: list[Problem] = []
 
     for i, d in enumerate(recipe.template_dirs):
         if not loaded.resolve(d).is_dir():
@@ -69,7 +80,7 @@ def check(loaded: LoadedRecipe) -> Checked:
     columns: dict[str, list[str] | None] = {}
     for name, task in recipe.tasks.items():
         problems.extend(check_files(loaded, name, task))
-        cols = _task_columns(loaded, name, task, problems)
+        cols = _task_columns(loaded, name, task, problems, warnings)
         columns[name] = cols
         sources = []
         for i, ref in enumerate(task.templates):
@@ -80,10 +91,12 @@ def check(loaded: LoadedRecipe) -> Checked:
         templates[name] = tuple(sources)
         problems.extend(_format_problems(loaded, name, task, cols))
 
-    problems.extend(_check_stages(loaded))
+    problems.extend(_check_stages(loaded, warnings))
+    for w in warnings:  # the command line shows them (tunec/console.py); callers also get them in Checked
+        logger.warning(w)
     if problems:
         raise TunecError(sorted(problems, key=lambda p: (p.file != loaded.display, p.line or 0, p.col or 0)))
-    return Checked(loaded, templates, columns)
+    return Checked(loaded, templates, columns, tuple(warnings))
 
 
 def _template_problems(loaded: LoadedRecipe, source: TemplateSource, cols, loc) -> list[Problem]:
@@ -109,15 +122,31 @@ def _format_problems(loaded: LoadedRecipe, name: str, task: Task, cols: list[str
         if cols is not None and col not in cols:
             problems.append(loaded.problem(loc, f"column `{col}` is not in the task{did_you_mean(col, cols)}; "
                                                 f"columns: {', '.join(cols)}"))
+    jinja = []  # one-string templates: checked like the task's templates
+    if isinstance(task.format, ChatFormat) and task.format.system:
+        jinja.append((("tasks", name, "format", "system"), task.format.system))
+    if isinstance(task.answer_choices, JinjaChoices):
+        jinja.append((("tasks", name, "answer_choices", "template"), task.answer_choices.template))
+    for loc, text in jinja:
+        problems.extend(loaded.problem(loc, message) for message in string_problems(text, cols))
     return problems
 
 
-def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Problem]) -> list[str] | None:
+def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Problem],
+                  warnings: list[Problem]) -> list[str] | None:
     try:
         source_cols = peek_columns(loaded, task, task.train.split)
     except TunecError as exc:
         problems.extend(exc.problems)
         return None
+    if source_cols is None and isinstance(task.source, HubSource):
+        source_cols = hub_columns(task.source)
+        if source_cols is None:
+            what = "field map" if task.fields is not None else "templates"
+            warnings.append(loaded.problem(
+                ("tasks", name, "source"),
+                f"the columns of hub dataset '{task.source.id}' could not be read (offline, or not in its card), "
+                f"so the {what} of task `{name}` cannot be checked before compile; list them in `columns:`"))
     if task.fields is None:
         return source_cols
     if source_cols is not None:
@@ -135,24 +164,28 @@ def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Pr
 
 def _resolve_template(loaded, ref, loc, dirs, problems) -> list[TemplateSource]:
     if isinstance(ref, InlineTemplate):
+        lines = {}
+        for key in ("prompt", "completion"):
+            line, col = loaded.position(loc + (key,))
+            lines[key] = value_lines(loaded.text, line, col) if line and col else None
         line, _ = loaded.position(loc + ("prompt",))
-        if line and re.match(r"^\s*-?\s*prompt:\s*[|>][-+0-9]*\s*(#.*)?$", loaded.text.splitlines()[line - 1]):
-            line += 1  # a block scalar (`prompt: |`): the text starts on the next line
-        return [TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1)]
+        return [TemplateSource.inline(ref.name, ref.prompt, ref.completion, loaded.display, line or 1,
+                                      lines["prompt"], lines["completion"])]
     if isinstance(ref, LibraryTemplate):
         path = find_library_template(ref.name, dirs)
         if path is None:  # reported by reference_problems
             return []
-        return [TemplateSource(ref.name, path.read_text(encoding="utf-8"), display_path(path), 1)]
+        return [TemplateSource(ref.name, read_utf8(path, display_path(path)), display_path(path), 1)]
     path = loaded.resolve(ref.path)
     if not path.is_file():
         problems.append(loaded.problem(loc + ("path",), f"template file not found: {path}"))
         return []
     if isinstance(ref, FileTemplate):
-        return [TemplateSource(ref.path, path.read_text(encoding="utf-8"), display_path(path), 1)]
+        return [TemplateSource(ref.path, read_utf8(path, display_path(path)), display_path(path), 1)]
     assert isinstance(ref, PromptsourceTemplates)
     try:
-        found, missing = promptsource.select(promptsource.load_file(path), ref.names, display_path(path))
+        found, missing = promptsource.select(promptsource.load_file(path, display_path(path)), ref.names,
+                                             display_path(path))
     except TunecError as exc:
         problems.extend(exc.problems)
         return []
@@ -160,12 +193,12 @@ def _resolve_template(loaded, ref, loc, dirs, problems) -> list[TemplateSource]:
         problems.append(loaded.problem(loc + ("names",), f"no promptsource template named {m} in {display_path(path)}"))
     return [
         TemplateSource(t.name, t.jinja, display_path(path), t.line, kind="promptsource",
-                       answer_choices=t.answer_choices, separator=ref.separator)
+                       answer_choices=t.answer_choices, separator=ref.separator, lines=t.jinja_lines)
         for t in found
     ]
 
 
-def _check_stages(loaded: LoadedRecipe) -> list[Problem]:
+def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem]:
     recipe = loaded.recipe
     problems = []
     seen: set[str] = set()
@@ -201,6 +234,10 @@ def _check_stages(loaded: LoadedRecipe) -> list[Problem]:
                     f"{why}: '{model.stage}'{did_you_mean(model.stage, seen) if model.stage not in later else ''}",
                 )
             )
+        if isinstance(model, ConfigModel):
+            for key, message, level in config_findings(model.config):
+                found = loaded.problem(("stages", i, "model", "config") + ((key,) if key else ()), message)
+                (problems if level == "error" else warnings).append(found)
         if isinstance(model, LocalModel) and not loaded.resolve(model.path).is_dir():
             problems.append(loaded.problem(("stages", i, "model", "path"), f"model folder not found: {loaded.resolve(model.path)}"))
         seen.add(stage.name)

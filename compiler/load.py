@@ -2,20 +2,37 @@
 
 Every validation error becomes ``recipe.yaml:LINE:COL: field.path: message``;
 misspelt keys and tags get a "did you mean" from the names the schema allows.
+
+Command-line overrides (``--set stages.0.lr=1e-4``) are applied to the YAML
+data before validation, so they go through the same checks; an error in an
+overridden value is located at the override: ``--set stages.0.lr: message``.
 """
 
 from __future__ import annotations
 
-import typing
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
-from .errors import Problem, TunecError, did_you_mean, field_path
-from .recipe import Recipe
+from .errors import Problem, TunecError, field_path
+from .recipe import RECIPE_VERSION, Recipe
+from .schema_errors import collapse_unions, schema_problem
 from .yamlpos import Position, load_yaml_text, locate
+
+
+@dataclass(frozen=True)
+class Override:
+    """One ``--set PATH=VALUE``, with PATH resolved to a path in the recipe's data."""
+
+    text: str  # as given on the command line
+    path: tuple  # e.g. ("stages", 0, "lr")
+
+    @property
+    def place(self) -> str:
+        return f"--set {self.text.partition('=')[0]}"
 
 
 @dataclass(frozen=True)
@@ -27,6 +44,7 @@ class LoadedRecipe:
     text: str
     data: Any  # the raw YAML data
     where: dict[tuple, Position]
+    overrides: tuple[Override, ...] = ()  # applied to `data`, in order
 
     @property
     def root(self) -> Path:
@@ -41,13 +59,17 @@ class LoadedRecipe:
         return (self.root / rel).expanduser().resolve()
 
     def position(self, loc: tuple) -> tuple[int | None, int | None]:
-        """Line and column of the recipe field ``loc`` (or of its nearest existing parent)."""
-        _, pos = locate(self.where, self.data, loc)
-        return pos if pos else (None, None)
+        """Line and column of the recipe field ``loc`` (or of its nearest existing parent).
+
+        None for a field that an override set: it is written nowhere in the file.
+        """
+        found, pos = locate(self.where, self.data, loc)
+        if pos is None or _override_of(found, self.overrides) is not None:
+            return None, None
+        return pos
 
     def problem(self, loc: tuple, message: str) -> Problem:
-        line, col = self.position(loc)
-        return Problem(message, self.display, line, col, field_path(loc))
+        return _located(message, locate(self.where, self.data, loc), self.display, self.overrides, loc)
 
 
 def display_path(path: Path) -> str:
@@ -57,7 +79,114 @@ def display_path(path: Path) -> str:
         return str(path)
 
 
-def load_recipe(path: str | Path) -> LoadedRecipe:
+def _override_of(found: tuple, overrides: Sequence[Override]) -> Override | None:
+    """The last override that set ``found`` or one of its parents."""
+    for o in reversed(overrides):
+        if found[: len(o.path)] == o.path:
+            return o
+    return None
+
+
+def _located(message: str, located: tuple[tuple, Position | None], shown: str, overrides: Sequence[Override],
+             loc: tuple | None = None) -> Problem:
+    found, pos = located
+    over = _override_of(found, overrides)
+    if over is not None:
+        deeper = found != over.path
+        return Problem(message, over.place, None, None, field_path(found) if deeper else None)
+    line, col = pos if pos else (None, None)
+    return Problem(message, shown, line, col, field_path(found if loc is None else loc))
+
+
+# Each step turns a recipe written for format version N (the key) into one for
+# version N + 1. When RECIPE_VERSION grows, the step from the old version goes
+# here, and old recipes keep loading.
+MIGRATIONS: dict[int, Callable[[dict], dict]] = {}
+
+
+def _migrate(data: dict, where: dict[tuple, Position], shown: str) -> dict:
+    version = data.get("version", RECIPE_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        return data  # the schema reports it, with the other errors
+    if version > RECIPE_VERSION:
+        line, col = where.get(("version",), (None, None))
+        raise TunecError(Problem(
+            f"this recipe is written for recipe format version {version}, and this tunec reads versions up to "
+            f"{RECIPE_VERSION}: upgrade tunec (pip install -U tunec)", shown, line, col, "version"))
+    while version < RECIPE_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+    return {**data, "version": version} if "version" in data else data
+
+
+def apply_overrides(data: dict, where: dict[tuple, Position], overrides: Sequence[str]) -> tuple[Override, ...]:
+    """Apply ``PATH=VALUE`` overrides to recipe data, in place; all problems at once.
+
+    PATH is dotted, list items by their 0-based index (``stages.0.lr``); a
+    mapping key may itself hold dots (task names do), the longest key that
+    exists wins; missing mapping keys are created. VALUE is read as YAML
+    (``1e-4``, ``drop``, ``[a, b]``, ``{kind: lora, r: 8}``). The positions of
+    the replaced values leave ``where``: they are no longer in the file.
+
+    >>> data = {"stages": [{"lr": 0.1}], "tasks": {"a.b": {"truncation": "drop"}}}
+    >>> [o.path for o in apply_overrides(data, {}, ["stages.0.lr=1e-4", "tasks.a.b.truncation=error"])]
+    [('stages', 0, 'lr'), ('tasks', 'a.b', 'truncation')]
+    >>> data
+    {'stages': [{'lr': 0.0001}], 'tasks': {'a.b': {'truncation': 'error'}}}
+    """
+    applied, problems = [], []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        place = f"--set {key}"
+        if not sep or not key.strip():
+            problems.append(Problem(f"`--set {text}`: write PATH=VALUE, e.g. `--set stages.0.lr=1e-4`"))
+            continue
+        try:
+            value, _ = load_yaml_text(raw, place)
+        except TunecError as exc:
+            problems.extend(exc.problems)
+            continue
+        try:
+            path = _set(data, key.split("."), value)
+        except ValueError as exc:
+            problems.append(Problem(str(exc), place))
+            continue
+        for p in [p for p in where if p[: len(path)] == path]:
+            del where[p]
+        applied.append(Override(text, path))
+    if problems:
+        raise TunecError(problems)
+    return tuple(applied)
+
+
+def _set(data: Any, parts: list[str], value: Any) -> tuple:
+    cur: Any = data
+    path: tuple = ()
+    i = 0
+    key: str | int
+    while True:
+        shown = ".".join(map(str, path)) or "the recipe"
+        if isinstance(cur, list):
+            if not re.fullmatch(r"[0-9]+", parts[i]) or int(parts[i]) >= len(cur):
+                raise ValueError(f"`{shown}` is a list of {len(cur)} item(s): `{parts[i]}` is not an index "
+                                 f"(0 to {len(cur) - 1})")
+            key, i = int(parts[i]), i + 1
+        elif isinstance(cur, dict):
+            j = next((j for j in range(len(parts), i, -1) if ".".join(parts[i:j]) in cur), i + 1)
+            key, i = ".".join(parts[i:j]), j
+        else:
+            raise ValueError(f"`{shown}` is {'empty' if cur is None else repr(cur)}, not a mapping or a list")
+        path += (key,)
+        if i == len(parts):
+            cur[key] = value
+            return path
+        if isinstance(cur, dict) and key not in cur:
+            cur[key] = {}
+        cur = cur[key]
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> LoadedRecipe:
+    """Read, check against the schema and type a recipe; ``overrides`` are ``PATH=VALUE`` strings."""
     path = Path(path).expanduser().resolve()
     shown = display_path(path)
     if not path.is_file():
@@ -75,150 +204,40 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     data, where = load_yaml_text(text, shown)
     if not isinstance(data, dict):
         raise TunecError(Problem("a recipe is a YAML mapping (tokenizer:, seq_len:, tasks:, stages:)", shown, 1, 1))
+    data = _migrate(data, where, shown)
+    applied = apply_overrides(data, where, overrides)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = [_problem_from_error(err, data, where, shown) for err in exc.errors()]
+        errors: list[dict] = [dict(e) for e in exc.errors()]
+        problems = [_problem_from_error(err, data, where, shown, applied) for err in collapse_unions(errors, data)]
         # Misspelt names are reported together with schema errors, in one pass.
         from .refs import reference_problems, template_dirs
 
         def problem_at(loc: tuple, message: str) -> Problem:
-            _, pos = locate(where, data, loc)
-            line, col = pos if pos else (None, None)
-            return Problem(message, shown, line, col, field_path(loc))
+            return _located(message, locate(where, data, loc), shown, applied, loc)
 
         resolve = lambda rel: (path.parent / rel).expanduser().resolve()  # noqa: E731
         problems += reference_problems(data, problem_at, template_dirs(data, resolve))
-        raise TunecError(_sorted_unique(problems)) from None
-    return LoadedRecipe(recipe, path, text, data, where)
+        raise TunecError(_sorted_unique(problems, applied)) from None
+    return LoadedRecipe(recipe, path, text, data, where, applied)
 
 
-def _sorted_unique(problems: list[Problem]) -> list[Problem]:
+def _sorted_unique(problems: list[Problem], overrides: Sequence[Override] = ()) -> list[Problem]:
+    """The file's problems by line, then the overrides' in the order they were given."""
     seen, out = set(), []
     for p in problems:
         if str(p) not in seen:
             seen.add(str(p))
             out.append(p)
-    return sorted(out, key=lambda p: (p.line or 0, p.col or 0))
+    given = {o.place: i for i, o in enumerate(overrides)}
+    return sorted(out, key=lambda p: (p.line is None, p.line or given.get(p.file or "", 0), p.col or 0))
 
 
-def _problem_from_error(err: dict, data: Any, where: dict, filename: str) -> Problem:
-    loc = tuple(err["loc"])
-    kind = err["type"]
-    # A wrong tag is best shown at the `kind:` key itself.
-    found, pos = locate(where, data, loc + ("kind",) if kind == "union_tag_invalid" else loc)
-    if kind == "union_tag_invalid":
-        found = found[:-1] if found and found[-1] == "kind" else found
-    line, col = pos if pos else (None, None)
-    ctx = err.get("ctx") or {}
-    if kind == "extra_forbidden":
-        key = loc[-1]
-        allowed = _allowed_fields(loc[:-1])
-        hint = did_you_mean(key, allowed) if allowed else ""
-        listing = f"; allowed: {', '.join(sorted(allowed))}" if allowed and not hint else ""
-        message = f"unknown field `{key}`{hint}{listing}"
-        return Problem(message, filename, line, col, field_path(found))
-    if kind == "missing":
-        name = loc[-1]
-        return Problem(f"missing required field `{name}`", filename, line, col, field_path(found))
-    if kind == "union_tag_invalid":
-        tags = [t.strip().strip("'") for t in str(ctx.get("expected_tags", "")).split(",")]
-        tag = ctx.get("tag")
-        message = f"unknown kind '{tag}'{did_you_mean(tag, tags)}; expected one of: {', '.join(tags)}"
-        return Problem(message, filename, line, col, field_path(found))
-    if kind == "union_tag_not_found":
-        tags = _union_tags(loc)
-        listing = f" ({', '.join(tags)})" if tags else ""
-        return Problem(f"missing `kind`{listing}", filename, line, col, field_path(found))
-    message = err["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    if kind not in ("value_error", "assertion_error") and "input" in err and not isinstance(err["input"], (dict, list)):
-        message += f" (got {err['input']!r})"
-    if kind == "string_type" and isinstance(err.get("input"), bool):
-        message += "; YAML reads yes/no/true/false/on/off as booleans: quote the value, e.g. 'yes'"
-    return Problem(message, filename, line, col, field_path(found))
-
-
-# ----------------------------------------------------------------- schema walking
-
-
-def _unwrap(tp: Any) -> Any:
-    """Strip Annotated and Optional."""
-    while True:
-        origin = typing.get_origin(tp)
-        if origin is typing.Annotated:
-            tp = typing.get_args(tp)[0]
-            continue
-        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-            args = [a for a in typing.get_args(tp) if a is not type(None)]
-            if len(args) == 1:
-                tp = args[0]
-                continue
-        return tp
-
-
-def _members(tp: Any) -> list[type[BaseModel]]:
-    tp = _unwrap(tp)
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        out = []
-        for arg in typing.get_args(tp):
-            out.extend(_members(arg))
-        return out
-    return [tp] if isinstance(tp, type) and issubclass(tp, BaseModel) else []
-
-
-def _tag(model: type[BaseModel]) -> str | None:
-    field = model.model_fields.get("kind")
-    if field is None:
-        return None
-    args = typing.get_args(field.annotation)
-    return args[0] if args else None
-
-
-def _type_at(loc: tuple) -> Any:
-    """The schema type found by following ``loc`` from :class:`Recipe` (None if lost)."""
-    tp: Any = Recipe
-    i = 0
-    while i < len(loc):
-        part = loc[i]
-        tp = _unwrap(tp)
-        origin = typing.get_origin(tp)
-        if isinstance(tp, type) and issubclass(tp, BaseModel):
-            field = tp.model_fields.get(part) if isinstance(part, str) else None
-            if field is None:
-                return None
-            tp = field.annotation
-        elif origin is dict:
-            tp = typing.get_args(tp)[1]
-        elif origin is list:
-            tp = typing.get_args(tp)[0]
-        else:
-            members = _members(tp)
-            if not members:
-                return None
-            tagged = [m for m in members if _tag(m) == part]
-            if tagged:
-                tp = tagged[0]
-            elif len(members) == 1:
-                tp = members[0]
-                continue  # do not consume `part`
-            else:
-                return None
-        i += 1
-    return tp
-
-
-def _allowed_fields(loc: tuple) -> list[str]:
-    tp = _type_at(loc)
-    members = _members(tp) if tp is not None else []
-    names: set[str] = set()
-    for m in members:
-        names.update(m.model_fields)
-    return sorted(names)
-
-
-def _union_tags(loc: tuple) -> list[str]:
-    tp = _type_at(loc)
-    return [t for t in (_tag(m) for m in _members(tp)) if t] if tp is not None else []
+def _problem_from_error(err: dict, data: Any, where: dict, filename: str,
+                        overrides: Sequence[Override] = ()) -> Problem:
+    problem = schema_problem(err, data, where, filename)
+    found, _ = locate(where, data, tuple(err["loc"]))
+    if _override_of(found, overrides) is None:
+        return problem
+    return _located(problem.message, (found, None), filename, overrides)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import FORMAT_VERSION
 from .errors import TunecError
-from .recipe import Stage
+from .recipe import AnswerChoices, Stage
 
 PLAN_FILE = "plan.json"
 MANIFEST_FILE = "manifest.json"
@@ -131,7 +131,7 @@ class TaskPlan(Strict):
     templates: list[TemplatePlan]
     format: str = "completion"  # "completion" | "chat"
     system: str | None = None  # chat: the system prompt's Jinja text
-    answer_choices: list[str] | None = None  # a static list, when the recipe gives one
+    answer_choices: AnswerChoices | None = None  # as the recipe gives them: `tunec generate` renders with them
 
 
 class Plan(Strict):

@@ -2,7 +2,8 @@
 
 A promptsource template is one Jinja string whose output holds the input and
 the target separated by ``|||``; ``answer_choices`` is a Jinja string whose
-output lists the choices separated by ``|||``. Templates are rendered with
+output lists the choices separated by ``|||`` (older files write a YAML list
+of choices, read as the same string). Templates are rendered with
 promptsource's extra filters (``choice``, ``most_frequent``) and globals
 (``zip``), so community templates work unchanged. ``choice`` draws from a
 generator seeded per row and template, so a build stays deterministic.
@@ -31,6 +32,7 @@ from pathlib import Path
 import yaml
 
 from .errors import Problem, TunecError, did_you_mean
+from .yamltext import lines_of_scalars
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class PromptsourceTemplate:
     answer_choices: str | None
     id: str
     line: int  # where the entry starts in the file
+    jinja_lines: tuple[int, ...] = ()  # the file line of each line of `jinja`
 
 
 class _Loader(yaml.SafeLoader):
@@ -49,6 +52,13 @@ class _Loader(yaml.SafeLoader):
 def _mapping(loader: _Loader, node: yaml.Node) -> dict:
     data = loader.construct_mapping(node, deep=True)
     data["__line__"] = node.start_mark.line + 1
+    for key, value in node.value:
+        if key.value == "jinja" and isinstance(value, yaml.ScalarNode):
+            data["__jinja_node__"] = value  # its lines: for all entries at once, once the file is read
+        if key.value == "answer_choices" and isinstance(value, yaml.SequenceNode):
+            # the choices as written: YAML would read `no`, `yes` as booleans
+            data["answer_choices"] = [n.value if isinstance(n, yaml.ScalarNode) else data["answer_choices"][i]
+                                      for i, n in enumerate(value.value)]
     return data
 
 
@@ -66,22 +76,31 @@ def parse_templates(text: str, filename: str) -> list[PromptsourceTemplate]:
     entries = data.get("templates") if isinstance(data, dict) else None
     if not isinstance(entries, dict):
         raise TunecError(Problem("a promptsource file has a `templates:` mapping of `!Template` entries", filename, 1))
+    jinja_nodes = [e["__jinja_node__"] for e in entries.values() if isinstance(e, dict) and "__jinja_node__" in e]
+    jinja_lines = {id(n): tuple(lines) for n, lines in zip(jinja_nodes, lines_of_scalars(jinja_nodes))}
     out = []
     for key, entry in entries.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("jinja"), str):
             raise TunecError(Problem(f"template `{key}` has no `jinja` string", filename))
         choices = entry.get("answer_choices")
+        if isinstance(choices, list):  # older files list the choices; the string form separates them by `|||`
+            if not all(isinstance(c, (str, int, float)) for c in choices):  # YAML reads `yes`, `1`... as scalars
+                raise TunecError(Problem(f"template `{key}`: `answer_choices` is a list of strings or a "
+                                         "string of choices separated by `|||`", filename, entry.get("__line__")))
+            choices = " ||| ".join(str(c) for c in choices)
         out.append(PromptsourceTemplate(
             name=str(entry.get("name", key)),
             jinja=entry["jinja"],
             answer_choices=choices if isinstance(choices, str) and choices.strip() else None,
             id=str(entry.get("id", key)),
             line=int(entry.get("__line__", 1)),
+            jinja_lines=jinja_lines.get(id(entry.get("__jinja_node__")), ()),
         ))
     return out
 
 
-def select(templates: list[PromptsourceTemplate], names: list[str] | None, filename: str) -> tuple[list[PromptsourceTemplate], list[str]]:
+def select(templates: list[PromptsourceTemplate], names: list[str] | None,
+           filename: str) -> tuple[list[PromptsourceTemplate], list[str]]:
     """The templates named (in the order given), and the names that are not in the file."""
     if names is None:
         return sorted(templates, key=lambda t: t.name), []
@@ -90,8 +109,10 @@ def select(templates: list[PromptsourceTemplate], names: list[str] | None, filen
     return [by_name[n] for n in names if n in by_name], missing
 
 
-def load_file(path: Path) -> list[PromptsourceTemplate]:
-    return parse_templates(path.read_text(encoding="utf-8"), str(path))
+def load_file(path: Path, shown: str | None = None) -> list[PromptsourceTemplate]:
+    from .sources import read_utf8  # (sources loads recipes: imported when a file is read)
+
+    return parse_templates(read_utf8(path, shown or str(path)), shown or str(path))
 
 
 # ----------------------------------------------------------------- Jinja extras

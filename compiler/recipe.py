@@ -8,21 +8,54 @@ ignored setting.
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+
+# The recipe format this tunec reads; a recipe may say `version: N` (see load.py for migrations).
+RECIPE_VERSION = 1
+
+# Bounds far beyond any real run: they catch `1e24` and `.inf` typed by mistake,
+# and keep every count inside 64-bit integers downstream.
+MAX_ROWS = 10**12
+MAX_STEPS = 10**9
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _kind_shorthand(value: Any) -> Any:
     """Let ``objective: sft`` stand for ``objective: {kind: sft}``."""
     return {"kind": value} if isinstance(value, str) else value
+
+
+class _OrString:
+    """JSON-schema marker: the annotated value may also be a string.
+
+    The schema then accepts what a shorthand's BeforeValidator accepts (pydantic
+    derives the schema from the type after the validator, which never sees the
+    string). Given the union, the string is one of the tags of the members whose
+    fields all have defaults: those alone can be named by their tag.
+    """
+
+    def __init__(self, union: Any = None):
+        members = typing.get_args(union)
+        self.enum = None if union is None else [
+            typing.get_args(m.model_fields["kind"].annotation)[0]
+            for m in members
+            if all(not f.is_required() for n, f in m.model_fields.items() if n != "kind")
+        ]
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        string: dict[str, Any] = {"type": "string"}
+        if self.enum is not None:
+            string["enum"] = self.enum
+        return {"anyOf": [string, handler(core_schema)]}
 
 
 # --------------------------------------------------------------------------- tokenizer
@@ -140,8 +173,8 @@ class Selection(Strict):
     """Which rows of a source form a part (train or eval) of a task."""
 
     split: Name = "train"
-    start: int = Field(default=0, ge=0, description="First row (0-based) of the split.")
-    stop: int | None = Field(default=None, ge=0, description="One past the last row; none = to the end.")
+    start: int = Field(default=0, ge=0, le=MAX_ROWS, description="First row (0-based) of the split.")
+    stop: int | None = Field(default=None, ge=0, le=MAX_ROWS, description="One past the last row; none = to the end.")
 
     @model_validator(mode="after")
     def _ordered(self) -> "Selection":
@@ -186,9 +219,11 @@ EvalSelection = Annotated[
 class FewShot(Strict):
     """Prefix each example with exemplars drawn from the task's own training rows."""
 
-    shots: int = Field(gt=0, description="Exemplars per example (the most, when `min_shots` is given).")
-    min_shots: int | None = Field(default=None, ge=0, description="Draw the count uniformly in [min_shots, shots].")
-    share: float = Field(default=1.0, gt=0, le=1, description="Fraction of examples made few-shot; the rest stay zero-shot.")
+    shots: int = Field(gt=0, le=1000, description="Exemplars per example (the most, when `min_shots` is given).")
+    min_shots: int | None = Field(default=None, ge=0, le=1000,
+                                  description="Draw the count uniformly in [min_shots, shots].")
+    share: float = Field(default=1.0, gt=0, le=1,
+                         description="Fraction of examples made few-shot; the rest stay zero-shot.")
     separator: str = Field(default="\n\n", description="Text between exemplars and before the example.")
 
     @model_validator(mode="after")
@@ -221,8 +256,9 @@ class CompletionFormat(Strict):
     kind: Literal["completion"]
 
 
-DEFAULT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                 "system": "system", "bot": "assistant", "model": "assistant"}
+Role = Literal["system", "user", "assistant"]
+DEFAULT_ROLES: dict[str, Role] = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                                  "system": "system", "bot": "assistant", "model": "assistant"}
 
 
 class ChatFormat(Strict):
@@ -234,15 +270,17 @@ class ChatFormat(Strict):
         description="Column holding a conversation (a list of turns). Without it, each template's prompt "
         "and completion become one user turn and one assistant turn.",
     )
-    roles: dict[str, Literal["system", "user", "assistant"]] = Field(
+    roles: dict[str, Role] = Field(
         default_factory=lambda: dict(DEFAULT_ROLES),
         description="Maps the data's speaker names (ShareGPT `from`, OpenAI `role`) onto chat roles.",
     )
     system: str | None = Field(default=None, description="System prompt (Jinja over the row's columns).")
-    train_on: Literal["all", "last"] = Field(default="all", description="Train on every assistant turn, or the last only.")
+    train_on: Literal["all", "last"] = Field(default="all",
+                                             description="Train on every assistant turn, or the last only.")
 
 
-Format = Annotated[Union[CompletionFormat, ChatFormat], Field(discriminator="kind"), BeforeValidator(_kind_shorthand)]
+_Formats = Union[CompletionFormat, ChatFormat]
+Format = Annotated[_Formats, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Formats)]
 
 
 class PromptsourceTemplates(Strict):
@@ -254,11 +292,10 @@ class PromptsourceTemplates(Strict):
     separator: str = Field(default=" ", description="Text placed between the rendered input and target.")
 
 
-TemplateRef = Annotated[
-    Union[LibraryTemplate, FileTemplate, InlineTemplate, PromptsourceTemplates],
-    Field(discriminator="kind"),
-    BeforeValidator(_template_shorthand),
+_TemplateUnion = Annotated[
+    Union[LibraryTemplate, FileTemplate, InlineTemplate, PromptsourceTemplates], Field(discriminator="kind")
 ]
+TemplateRef = Annotated[_TemplateUnion, BeforeValidator(_template_shorthand), _OrString()]
 
 
 class Task(Strict):
@@ -314,8 +351,9 @@ class LmObjective(Strict):
     kind: Literal["lm"]
 
 
+_Objectives = Union[SftObjective, LmObjective]
 Objective = Annotated[
-    Union[SftObjective, LmObjective], Field(discriminator="kind"), BeforeValidator(_kind_shorthand)
+    _Objectives, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Objectives)
 ]
 
 
@@ -368,55 +406,54 @@ class NoPeft(Strict):
 
 class LoraPeft(Strict):
     kind: Literal["lora"]
-    r: int = Field(default=16, gt=0)
-    alpha: float = Field(default=32.0, gt=0)
+    r: int = Field(default=16, gt=0, le=65536)
+    alpha: float = Field(default=32.0, gt=0, le=1e6)
     dropout: float = Field(default=0.05, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    save_merged: bool = Field(default=False, description="Also save the model with the adapter merged in.")
+    # strict: YAML 1.2 has two booleans, and the schema says so; `yes` is a string
+    save_merged: bool = Field(default=False, strict=True, description="Also save the model with the adapter merged in.")
 
 
-Peft = Annotated[Union[NoPeft, LoraPeft], Field(discriminator="kind"), BeforeValidator(_kind_shorthand)]
+_Pefts = Union[NoPeft, LoraPeft]
+Peft = Annotated[_Pefts, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Pefts)]
 
 
 class ProportionalMixture(Strict):
     """Examples-proportional mixing (FLAN): each task contributes its examples, at most `cap`."""
 
     kind: Literal["proportional"]
-    cap: int | None = Field(default=None, gt=0, description="Most examples any one task contributes.")
+    cap: int | None = Field(default=None, gt=0, le=MAX_ROWS, description="Most examples any one task contributes.")
 
 
 class TemperatureMixture(Strict):
     """Temperature mixing (T5/seqio): rates proportional to min(size, cap) ** (1 / temperature)."""
 
     kind: Literal["temperature"]
-    temperature: float = Field(gt=0)
-    cap: int | None = Field(default=None, gt=0)
+    temperature: float = Field(gt=0, le=1000)
+    cap: int | None = Field(default=None, gt=0, le=MAX_ROWS)
 
 
 class WeightsMixture(Strict):
     """Explicit rates per task (normalised to sum to 1)."""
 
     kind: Literal["weights"]
-    weights: dict[Name, float]
+    weights: dict[Name, Annotated[float, Field(ge=0, le=1e12)]]
 
 
-Mixture = Annotated[
-    Union[ProportionalMixture, TemperatureMixture, WeightsMixture],
-    Field(discriminator="kind"),
-    BeforeValidator(_kind_shorthand),
-]
+_Mixtures = Union[ProportionalMixture, TemperatureMixture, WeightsMixture]
+Mixture = Annotated[_Mixtures, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Mixtures)]
 
 
 class ExamplesBudget(Strict):
     kind: Literal["examples"]
-    count: int = Field(gt=0)
+    count: int = Field(gt=0, le=MAX_ROWS)
 
 
 class TokensBudget(Strict):
     """A budget in tokens of packed documents (prompt and completion)."""
 
     kind: Literal["tokens"]
-    count: int = Field(gt=0)
+    count: int = Field(gt=0, le=10**15)
 
 
 Budget = Annotated[Union[ExamplesBudget, TokensBudget], Field(discriminator="kind")]
@@ -434,23 +471,26 @@ class Stage(Strict):
         default=None, description="Total size of the mixture; without it each task gives its (capped) examples."
     )
     model: ModelSpec
-    lr: float = Field(default=2e-5, gt=0)
-    batch_tokens: int = Field(default=65536, gt=0, description="Tokens per optimizer step (all ranks).")
-    epochs: float = Field(default=1.0, gt=0, description="Passes over the stage's training rows.")
+    lr: float = Field(default=2e-5, gt=0, le=1)
+    batch_tokens: int = Field(default=65536, gt=0, le=1 << 40, description="Tokens per optimizer step (all ranks).")
+    epochs: float = Field(default=1.0, gt=0, le=10_000, description="Passes over the stage's training rows.")
     max_steps: int | None = Field(
-        default=None, gt=0, description="When given, training stops after this many optimizer steps, "
+        default=None, gt=0, le=MAX_STEPS, description="When given, training stops after this many optimizer steps, "
         "whatever `epochs` says."
     )
-    warmup_steps: int = Field(default=0, ge=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
+    warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
+    weight_decay: float = Field(default=0.0, ge=0, le=100)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
     micro_batch_rows: int = Field(
-        default=4, gt=0, description="Packed rows per forward pass; gradients accumulate up to `batch_tokens`."
+        default=4, gt=0, le=1 << 20,
+        description="Packed rows per forward pass; gradients accumulate up to `batch_tokens`."
     )
     peft: Peft = NoPeft(kind="none")
-    eval_every_steps: int | None = Field(default=None, gt=0, description="Also evaluate every N steps (always at the end).")
-    checkpoint_every_steps: int | None = Field(default=None, gt=0, description="Checkpoint every N steps (always at the end).")
-    log_every_steps: int = Field(default=1, gt=0)
+    eval_every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS,
+                                         description="Also evaluate every N steps (always at the end).")
+    checkpoint_every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS,
+                                               description="Checkpoint every N steps (always at the end).")
+    log_every_steps: int = Field(default=1, gt=0, le=MAX_STEPS)
 
 
 # --------------------------------------------------------------------------- recipe
@@ -459,9 +499,13 @@ class Stage(Strict):
 class Recipe(Strict):
     """A tunec recipe: a tokenizer, tasks, and the stages that train on them."""
 
+    version: int = Field(
+        default=RECIPE_VERSION, ge=1, le=RECIPE_VERSION,
+        description="The recipe format's version; a recipe written for an older format is migrated on load.",
+    )
     tokenizer: TokenizerSpec
     seq_len: int = Field(gt=8, le=1 << 20, description="Length of every packed row, in tokens.")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
     template_dirs: list[str] = Field(
         default_factory=list,
         description="Extra template libraries (folders, relative to the recipe), searched before "

@@ -27,22 +27,25 @@ def reference_problems(data: Any, problem_at: ProblemAt, dirs: list[Path]) -> li
     if not isinstance(data, dict):
         return []
     problems = []
-    tasks = data.get("tasks") if isinstance(data.get("tasks"), dict) else {}
-    stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    tasks: dict = data["tasks"] if isinstance(data.get("tasks"), dict) else {}
+    stages: list = data["stages"] if isinstance(data.get("stages"), list) else []
     for i, stage in enumerate(stages):
         for key in ("tasks", "held_out"):
             names = stage.get(key) if isinstance(stage, dict) else None
             for j, name in enumerate(names if isinstance(names, list) else []):
                 if isinstance(name, str) and name not in tasks:
-                    problems.append(problem_at(("stages", i, key, j), f"unknown task '{name}'{did_you_mean(name, tasks)}"))
+                    problems.append(problem_at(("stages", i, key, j),
+                                               f"unknown task '{name}'{did_you_mean(name, tasks)}"))
     known: list[str] | None = None
     for tname, task in tasks.items():
         refs = task.get("templates") if isinstance(task, dict) else None
         for k, ref in enumerate(refs if isinstance(refs, list) else []):
-            name = ref if isinstance(ref, str) else (ref.get("name") if isinstance(ref, dict) and ref.get("kind") == "library" else None)
+            library = isinstance(ref, dict) and ref.get("kind") == "library"
+            name = ref if isinstance(ref, str) else (ref.get("name") if library else None)
             if isinstance(name, str) and find_library_template(name, dirs) is None:
                 known = library_names(dirs) if known is None else known
                 problems.append(
-                    problem_at(("tasks", tname, "templates", k), f"unknown template '{name}'{did_you_mean(name, known)}")
+                    problem_at(("tasks", tname, "templates", k),
+                               f"unknown template '{name}'{did_you_mean(name, known)}")
                 )
     return problems

@@ -7,18 +7,19 @@ byte position.
 
 from __future__ import annotations
 
+import codecs
 import csv
-import zlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from .errors import Problem, TunecError, did_you_mean
-from .load import LoadedRecipe
 from .fileio import sha256_file
+from .load import LoadedRecipe
 from .recipe import FILE_KINDS, FileEval, FractionEval, HubSource, Selection, Task
 
 PEEK_ROWS = 100  # rows read by `tunec validate` to learn a file's columns
@@ -76,13 +77,10 @@ def peek_columns(loaded: LoadedRecipe, task: Task, split: str) -> list[str] | No
         return None
     if source.kind == "jsonl":
         cols: dict[str, None] = {}
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if lineno > PEEK_ROWS:
-                    break
-                if line.strip():
-                    row = _parse_jsonl_line(path, lineno, line)
-                    cols.update(dict.fromkeys(row))
+        for lineno, line in _text_lines(path, PEEK_ROWS):
+            if line.strip():
+                row = _parse_jsonl_line(path, lineno, line)
+                cols.update(dict.fromkeys(row))
         return list(cols)
     if source.kind == "json":
         rows = _read_json(path)
@@ -91,13 +89,101 @@ def peek_columns(loaded: LoadedRecipe, task: Task, split: str) -> list[str] | No
             cols.update(dict.fromkeys(row))
         return list(cols)
     if source.kind == "csv":
-        with path.open(encoding="utf-8", newline="") as fh:
-            return next(csv.reader(fh), [])
+        return _read_csv(path, PEEK_ROWS)[0]
     if source.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        return list(pq.read_schema(path).names)
+        return _parquet_columns(path)
     return None
+
+
+def _text_lines(path: Path, limit: int | None = None) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file's first ``limit`` lines; a located error at a byte that is not UTF-8.
+
+    Lines are split on the byte ``\\n``, which no multi-byte UTF-8 character
+    contains, so each line decodes alone.
+    """
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if limit is not None and lineno > limit:
+                return
+            yield lineno, _decode(path, lineno, raw)
+
+
+def _decode(path: Path, lineno: int, raw: bytes, shown: str | None = None) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        col = len(raw[: exc.start].decode("utf-8", errors="replace")) + 1
+        raise TunecError(Problem(
+            f"not valid UTF-8: byte 0x{raw[exc.start]:02x} ({exc.reason}); save the file as UTF-8",
+            shown or str(path), lineno, col)) from None
+
+
+def _check_utf8(path: Path) -> None:
+    """A located error at the first byte of ``path`` that is not UTF-8 (a fast pass; lines only on failure)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(1 << 24):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        for _ in _text_lines(path):  # raises at the line that holds the byte
+            pass
+        raise
+
+
+def read_utf8(path: Path, shown: str | None = None) -> str:
+    """A user's text file (data, a template), with a located error at a byte that is not UTF-8."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        start = raw.rfind(b"\n", 0, exc.start) + 1
+        end = raw.find(b"\n", exc.start)
+        _decode(path, raw.count(b"\n", 0, exc.start) + 1, raw[start: end + 1 if end >= 0 else len(raw)], shown)
+        raise  # not reached: that line holds the bad byte
+
+
+def _read_csv(path: Path, limit: int | None = None) -> tuple[list[str], int]:
+    """The header and the number of records read (at most ``limit``), with located faults.
+
+    Only what ``datasets`` would refuse too is an error here: bytes that are
+    not UTF-8, and a quoted field that is never closed (it would swallow the
+    rest of the file); other oddities are left to the loader.
+    """
+    lines = (text for _, text in _text_lines(path))
+    reader = csv.reader(lines, strict=True)
+    header: list[str] = []
+    records = 0
+    while limit is None or records <= limit:
+        start = reader.line_num + 1
+        try:
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            if "unexpected end of data" in str(exc):
+                raise TunecError(Problem("malformed CSV: a quoted field that starts on this line is never "
+                                         "closed (a `\"` is missing)", str(path), start)) from None
+            break
+        if records == 0:
+            header = record
+        records += 1
+    return header, records
+
+
+def _parquet_columns(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except Exception as exc:  # pyarrow says ArrowInvalid, OSError...: all mean "not a parquet file we can read"
+        raise TunecError(Problem(f"not a readable parquet file: {_one_line(exc)}", str(path))) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (one problem, one line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def _parse_jsonl_line(path: Path, lineno: int, line: str) -> dict:
@@ -116,7 +202,7 @@ def _parse_jsonl_line(path: Path, lineno: int, line: str) -> dict:
 
 def _read_json(path: Path) -> list[dict]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as exc:
         raise TunecError(Problem(f"malformed JSON: {exc.msg}", str(path), exc.lineno, exc.colno)) from None
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -127,12 +213,15 @@ def _read_json(path: Path) -> list[dict]:
 def diagnose_file(kind: str, path: Path) -> None:
     """Re-read a file that ``datasets`` failed on, raising a located error if we find the fault."""
     if kind == "jsonl":
-        with path.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if line.strip():
-                    _parse_jsonl_line(path, lineno, line)
+        for lineno, line in _text_lines(path):
+            if line.strip():
+                _parse_jsonl_line(path, lineno, line)
     elif kind == "json":
         _read_json(path)
+    elif kind == "csv":
+        _read_csv(path)
+    elif kind == "parquet":
+        _parquet_columns(path)
 
 
 def fingerprint(loaded: LoadedRecipe, task: Task) -> dict[str, str]:
@@ -167,7 +256,8 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
             return datasets.load_dataset(source.id, source.name, revision=source.revision, split=split)
         except Exception as exc:  # network, unknown id, unknown split: all user-facing
             raise TunecError(
-                loaded.problem(("tasks", name, "source", "id"), f"cannot load hub dataset '{source.id}': {exc}")
+                loaded.problem(("tasks", name, "source", "id"),
+                               f"cannot load hub dataset '{source.id}': {_one_line(exc)}")
             ) from None
     if path is None:
         problems = check_files(loaded, name, task)
@@ -175,6 +265,10 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
             raise TunecError(problems)
         path = source_files(loaded, task)[split]
     builder = {"jsonl": "json"}.get(source.kind, source.kind)
+    if source.kind in ("jsonl", "json", "csv"):
+        # `datasets` may read bytes that are not UTF-8 without complaint and fail
+        # later, far from the file, when a row is converted to Python.
+        _check_utf8(path)
     if source.kind == "json":
         # `datasets` reads a bare object as one row and a list of scalars as a
         # `text` column, without complaint; a `json` source is a list of objects.
@@ -183,7 +277,7 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
         return datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows")
     except Exception as exc:
         diagnose_file(source.kind, path)
-        raise TunecError(Problem(f"cannot read {source.kind} file: {exc}", str(path))) from None
+        raise TunecError(Problem(f"cannot read {source.kind} file: {_one_line(exc)}", str(path))) from None
 
 
 def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:

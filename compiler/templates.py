@@ -17,17 +17,20 @@ import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Sequence
 
 import jinja2
 from jinja2 import meta, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from . import promptsource
 from .errors import Problem, did_you_mean
+from .sandbox import BoundedSandbox, OutOfTime, RenderLimit, bounded_join, render_bounds
+from .yamltext import jinja_line_count
 
 BLOCKS = ("prompt", "completion")
 # The library ships inside the package (``tunec.templates``), so an installed wheel has it too.
 LIBRARY_DIR = Path(str(resources.files("tunec.templates")))
+
 
 
 @dataclass(frozen=True)
@@ -41,16 +44,29 @@ class TemplateSource:
     kind: str = "blocks"  # "blocks" | "promptsource"
     answer_choices: str | None = None  # promptsource: Jinja listing the choices, separated by `|||`
     separator: str = " "  # promptsource: between the rendered input and target
+    lines: tuple[int, ...] = ()  # line of `filename` of each Jinja line, where they are not consecutive
 
     @classmethod
-    def inline(cls, name: str, prompt: str, completion: str, filename: str, line: int) -> "TemplateSource":
-        # Same mechanism as a file: two blocks. Kept on one line so that Jinja's
-        # line numbers map onto the recipe's lines.
+    def inline(cls, name: str, prompt: str, completion: str, filename: str, line: int,
+               prompt_lines: Sequence[int] | None = None,
+               completion_lines: Sequence[int] | None = None) -> "TemplateSource":
+        """Two Jinja strings of a recipe as a two-block template.
+
+        ``prompt_lines`` / ``completion_lines`` give the recipe line of each
+        line of the strings (see :func:`.yamltext.value_lines`); without them the
+        prompt's lines count on from ``line`` and the completion's from the
+        prompt's last line.
+        """
+        # A line break between the blocks (outside them, so never rendered)
+        # keeps the prompt's and the completion's Jinja lines apart: each maps
+        # onto its own place in the recipe.
         text = (
-            "{% block prompt %}" + prompt + "{% endblock %}"
+            "{% block prompt %}" + prompt + "{% endblock %}\n"
             "{% block completion %}" + completion + "{% endblock %}"
         )
-        return cls(name, text, filename, line)
+        p_lines = _fill(prompt_lines, jinja_line_count(prompt), line)
+        c_lines = _fill(completion_lines, jinja_line_count(completion), p_lines[-1])
+        return cls(name, text, filename, p_lines[0], lines=tuple(p_lines + c_lines))
 
     @property
     def sha256(self) -> str:
@@ -58,26 +74,39 @@ class TemplateSource:
         return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
     def place(self, jinja_line: int | None) -> tuple[str, int | None]:
-        return self.filename, None if jinja_line is None else self.first_line + jinja_line - 1
+        if jinja_line is None:
+            return self.filename, None
+        if 1 <= jinja_line <= len(self.lines):
+            return self.filename, self.lines[jinja_line - 1]
+        return self.filename, self.first_line + jinja_line - 1
+
+
+def _fill(given: Sequence[int] | None, count: int, start: int) -> list[int]:
+    out = list(given or [start])[:count]
+    while len(out) < count:
+        out.append(out[-1] + 1)
+    return out
 
 
 class _FixedRng:
     rng = random.Random(0)
 
 
-def make_env(rng_holder=_FixedRng) -> ImmutableSandboxedEnvironment:
-    """The sandbox every template renders in, with promptsource's filters and globals."""
-    env = ImmutableSandboxedEnvironment(
+def make_env(rng_holder=_FixedRng) -> BoundedSandbox:
+    """The sandbox every template renders in (bounded: see :mod:`.sandbox`), with promptsource's
+    filters and globals."""
+    env = BoundedSandbox(
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
     )
     promptsource.install(env, rng_holder)
+    env.bound_filters()  # promptsource's too
     return env
 
 
 def library_names(dirs: list[Path]) -> list[str]:
-    names = set()
+    names: set[str] = set()
     for d in dirs:
         if d.is_dir():
             names.update(str(p.relative_to(d).with_suffix("")) for p in d.rglob("*.j2"))
@@ -120,15 +149,28 @@ def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
                     source.first_line,
                 )
             )
+    unknown = unknown_names(env, ast, source)
+    if unknown:  # Jinja cannot compile the template, so it cannot list its variables either
+        return problems + unknown
+    try:
+        used = meta.find_undeclared_variables(ast) - set(env.globals) - {"answer_choices", "zip"}
+    except jinja2.TemplateSyntaxError as exc:  # what only compiling finds (a block defined twice...)
+        file, line = source.place(exc.lineno)
+        return problems + [Problem(f"template '{source.name}': {exc.message}", file, line)]
+    if source.answer_choices:
+        file, _ = source.place(None)
+        try:
+            choices_ast = env.parse(source.answer_choices)
+            bad = unknown_names(env, choices_ast, source)
+            if bad:
+                problems.extend(Problem(f"answer_choices: {p.message}", file, source.first_line) for p in bad)
+            else:
+                used |= meta.find_undeclared_variables(choices_ast) - set(env.globals) - {"zip"}
+        except jinja2.TemplateSyntaxError as exc:
+            problems.append(Problem(f"template '{source.name}': answer_choices: syntax error: {exc.message}",
+                                    file, source.first_line))
     if columns is None:
         return problems
-    used = meta.find_undeclared_variables(ast) - set(env.globals) - {"answer_choices", "zip"}
-    if source.answer_choices:
-        try:
-            used |= meta.find_undeclared_variables(env.parse(source.answer_choices)) - set(env.globals) - {"zip"}
-        except jinja2.TemplateSyntaxError as exc:
-            file, line = source.place(None)
-            problems.append(Problem(f"template '{source.name}': answer_choices: syntax error: {exc.message}", file, line))
     for var in sorted(used - set(columns) - optional_variables(ast)):
         line = next((n.lineno for n in ast.find_all(nodes.Name) if n.name == var), None)
         file, line = source.place(line)
@@ -140,6 +182,60 @@ def analyse(source: TemplateSource, columns: list[str] | None) -> list[Problem]:
                 line,
             )
         )
+    return problems
+
+
+def string_problems(text: str, columns: list[str] | None) -> list[str]:
+    """What is wrong with a one-string Jinja template of a recipe (a system prompt, answer choices):
+    syntax, unknown filters and tests, private attributes, variables that are not columns."""
+    env = make_env()
+    try:
+        ast = env.parse(text)
+    except jinja2.TemplateSyntaxError as exc:
+        return [f"syntax error: {exc.message}"]
+    unknown = unknown_names(env, ast, TemplateSource("", text, ""), named=False)
+    if unknown:
+        return [p.message for p in unknown]
+    if columns is None:
+        return []
+    used = meta.find_undeclared_variables(ast) - set(env.globals) - optional_variables(ast)
+    return [f"uses `{v}`, which the task does not provide{did_you_mean(v, columns)}; columns: "
+            f"{', '.join(columns) or '(none)'}" for v in sorted(used - set(columns))]
+
+
+def unknown_names(env: jinja2.Environment, ast: nodes.Template, source: TemplateSource,
+                  named: bool = True) -> list[Problem]:
+    """Filters and tests the sandbox does not have (Jinja would only say so when compiling), and
+    private attributes it refuses (it would only say so on the first row)."""
+    who = f"template '{source.name}'"
+    problems = []
+    for node_type, kind, known in ((nodes.Filter, "filter", env.filters), (nodes.Test, "test", env.tests)):
+        for found in ast.find_all(node_type):
+            if found.name not in known:
+                file, line = source.place(found.lineno)
+                problems.append(Problem(f"{who}: " * named + f"no {kind} named `{found.name}`"
+                                        f"{did_you_mean(found.name, known)}", file, line))
+    tags: dict[type, str] = {nodes.Include: "include", nodes.Import: "import", nodes.FromImport: "from ... import",
+                             nodes.Extends: "extends"}
+    for stmt in ast.find_all((nodes.Include, nodes.Import, nodes.FromImport, nodes.Extends)):
+        file, line = source.place(stmt.lineno)
+        tag = tags[type(stmt)]
+        problems.append(Problem(f"{who}: " * named + f"`{{% {tag} %}}` is not available: a template is one "
+                                "text (copy what it needs into it)", file, line))
+    for node in ast.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            attr = node.attr
+        elif isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const):
+            attr = node.arg.value
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args \
+                and isinstance(node.args[0], nodes.Const):
+            attr = node.args[0].value
+        else:
+            continue
+        if isinstance(attr, str) and attr.startswith("_"):
+            file, line = source.place(node.lineno)
+            problems.append(Problem(f"{who} " * named + f"reads `{attr}`: names starting with `_` are "
+                                    "not available in the template sandbox", file, line))
     return problems
 
 
@@ -184,9 +280,10 @@ class Renderer:
         texts = {f"t{i}": s.text for i, s in enumerate(sources)}
         texts.update({f"c{i}": s.answer_choices for i, s in enumerate(sources) if s.answer_choices})
         env = make_env(self)
-        env.loader = jinja2.FunctionLoader(lambda n: (texts[n], n, lambda: True))
-        self._templates = [env.get_template(f"t{i}") for i in range(len(sources))]
-        self._choices = {i: env.get_template(f"c{i}") for i, s in enumerate(sources) if s.answer_choices}
+        # Only the templates' own names: `{% include %}` of anything is "not found" (validate says why)
+        env.loader = jinja2.FunctionLoader(lambda n: (texts[n], n, lambda: True) if n in texts else None)
+        self._templates = [_compile(env, f"t{i}", s) for i, s in enumerate(sources)]
+        self._choices = {i: _compile(env, f"c{i}", s) for i, s in enumerate(sources) if s.answer_choices}
 
     @property
     def rng(self) -> random.Random:
@@ -204,7 +301,7 @@ class Renderer:
     def choices(self, index: int, row: dict, seed: int = 0) -> list[str]:
         """A promptsource template's own answer choices for ``row``."""
         self._reseed(seed)
-        text = self._call(index, self._choices[index], lambda t, ctx: t.render(ctx), row)
+        text = self._call(index, self._choices[index], _whole, row)
         return [c.strip() for c in text.split("|||")]
 
     def render(self, index: int, row: dict, seed: int = 0) -> tuple[str, str] | None:
@@ -217,7 +314,7 @@ class Renderer:
         tmpl = self._templates[index]
         self._reseed(seed)
         if source.kind == "promptsource":
-            text = self._call(index, tmpl, lambda t, ctx: t.render(ctx), row)
+            text = self._call(index, tmpl, _whole, row)
             parts = [p.strip() for p in text.split("|||")]
             if len(parts) < 2 or not parts[1]:
                 return None
@@ -225,17 +322,47 @@ class Renderer:
 
         def blocks(t, ctx):
             context = t.new_context(ctx)
-            return "".join(t.blocks["prompt"](context)), "".join(t.blocks["completion"](context))
+            return bounded_join(t.blocks["prompt"](context)), bounded_join(t.blocks["completion"](context))
 
         return self._call(index, tmpl, blocks, row)
+
+    def render_prompt(self, index: int, row: dict) -> str:
+        """The ``prompt`` block alone (what a model is asked at inference: no completion needed)."""
+        return self._call(index, self._templates[index],
+                          lambda t, ctx: bounded_join(t.blocks["prompt"](t.new_context(ctx))), row)
 
     def _call(self, index: int, tmpl, fn, row: dict | None = None):
         values = {k: v for k, v in (row or {}).items() if v is not None}
         try:
-            return fn(tmpl, values)
+            with render_bounds():
+                return fn(tmpl, values)
+        except (RenderLimit, OutOfTime) as exc:
+            raise RenderError(self.sources[index], _template_line(exc, tmpl), f"rendering stopped: {exc}") from None
         except Exception as exc:  # any Jinja runtime error is the template's or the row's fault
             line = _template_line(exc, tmpl)
             raise RenderError(self.sources[index], line, f"{type(exc).__name__}: {exc}") from None
+
+
+def _whole(tmpl: jinja2.Template, values: dict) -> str:
+    return bounded_join(tmpl.root_render_func(tmpl.new_context(values)))
+
+
+def _compile(env: jinja2.Environment, name: str, source: TemplateSource) -> jinja2.Template:
+    """Compile a template, as a :class:`RenderError` when it cannot be (``tunec validate`` says so first)."""
+    try:
+        return env.get_template(name)
+    except jinja2.TemplateSyntaxError as exc:
+        line = exc.lineno if name.startswith("t") else None
+        raise RenderError(source, line, f"{type(exc).__name__}: {exc.message}") from None
+
+
+def render_string(template: jinja2.Template, values: dict) -> str:
+    """A whole one-string template (a system prompt, answer choices) with the bounds of :class:`Renderer`.
+
+    Raises :class:`RenderLimit` or :class:`OutOfTime` past the bounds, Jinja's own errors as they are.
+    """
+    with render_bounds():
+        return _whole(template, {k: v for k, v in values.items() if v is not None})
 
 
 def _template_line(exc: BaseException, tmpl: jinja2.Template) -> int | None:

@@ -15,12 +15,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import jinja2
 import numpy as np
 
 from .chat import ChatError, assistant_spans, to_messages
 from .pack import IGNORE, doc_labels
 from .recipe import AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
-from .templates import RenderError, Renderer, TemplateSource, make_env
+from .sandbox import OutOfTime, RenderLimit, watchdog
+from .templates import Renderer, RenderError, TemplateSource, make_env, render_string
 from .tokens import Encoded, TokenizerInfo, encode_texts
 
 CHUNK_ROWS = 512
@@ -59,13 +61,15 @@ class Chunk:
 
 
 class DataError(ValueError):
-    """A row's value that a task cannot use (for example answer choices that are not a list)."""
+    """A row's value that a task cannot use (answer choices that are not a list), or a one-string
+    template of the task (system prompt, answer choices) that fails."""
 
 
 class RowError(Exception):
-    """A row could not be compiled; carries the task, part and row for the message."""
+    """A row could not be compiled; carries the task, part and row (None: no one row's fault) for the message."""
 
-    def __init__(self, task: str, part: str, row: int, message: str, file: str | None = None, line: int | None = None):
+    def __init__(self, task: str, part: str, row: int | None, message: str, file: str | None = None,
+                 line: int | None = None):
         self.task, self.part, self.row, self.message, self.file, self.line = task, part, row, message, file, line
         super().__init__(message)
 
@@ -155,17 +159,61 @@ def chunks_of(unit: int, columns: dict[str, list[Any]], rows: list[int], docs: l
 
 # ----------------------------------------------------------------- worker side
 
-_STATE: dict[str, Any] = {}
+
+class Worker:
+    """What a worker process holds: the tokenizer, the unit specs, the few-shot pools, and each
+    unit's templates, compiled on first use."""
+
+    def __init__(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]]):
+        from tokenizers import Tokenizer
+
+        self.info = info
+        self.backend = Tokenizer.from_str(info.json)
+        self.specs = specs
+        self.pools = pools
+        self._units: dict[int, _Unit] = {}
+
+    def unit(self, index: int) -> "_Unit":
+        if index not in self._units:
+            spec = self.specs[index]
+            self._units[index] = _Unit(
+                spec=spec, renderer=Renderer(list(spec.templates)), system=_system_template(spec),
+                choices_template=choices_template(spec.answer_choices), info=self.info, backend=self.backend,
+                pool=self.pools.get(spec.task),
+            )
+        return self._units[index]
+
+    def compile(self, chunk: Chunk) -> UnitResult:
+        spec = self.specs[chunk.unit]
+        try:
+            unit = self.unit(chunk.unit)
+        except RenderError as exc:  # a template that does not compile: not any one row's fault
+            file, line = exc.template.place(exc.line)
+            raise RowError(spec.task, spec.part, None, f"template '{exc.template.name}': {exc.message}",
+                           file, line) from None
+        except DataError as exc:
+            raise RowError(spec.task, spec.part, None, str(exc)) from None
+        return unit.compile(chunk)
 
 
-def init_worker(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]], single_thread: bool) -> None:
+# The pool's initializer and task function must be module-level names (a spawned
+# process imports them), so each process keeps its one Worker here.
+_worker: Worker | None = None
+
+
+def init_worker(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]],
+                single_thread: bool) -> None:
     """Per-process setup: the tokenizer, the templates and the few-shot pools, built once."""
+    global _worker
     if single_thread:
         # One tokenizer thread per worker: --workers N uses N cores, no more.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
+    _worker = Worker(info, specs, pools)
 
-    _STATE.update(backend=Tokenizer.from_str(info.json), info=info, specs=specs, pools=pools, renderers={})
+
+def compile_chunk(chunk: Chunk) -> UnitResult:
+    assert _worker is not None, "init_worker runs first in every process"
+    return _worker.compile(chunk)
 
 
 def _row(columns: dict[str, list], i: int) -> dict:
@@ -174,6 +222,69 @@ def _row(columns: dict[str, list], i: int) -> dict:
 
 def _seed(seed: int, row: int, template: int) -> int:
     return (seed * 1_000_003 + row) * 1_009 + template + 1
+
+
+def _system_template(spec: UnitSpec) -> jinja2.Template | None:
+    if not (isinstance(spec.format, ChatFormat) and spec.format.system):
+        return None
+    try:
+        return make_env().from_string(spec.format.system)
+    except jinja2.TemplateSyntaxError as exc:
+        raise DataError(f"format.system: {type(exc).__name__}: {exc.message}") from None
+
+
+def choices_template(choices: AnswerChoices | None) -> jinja2.Template | None:
+    """The compiled Jinja of ``kind: jinja`` answer choices (None for the other kinds)."""
+    if not isinstance(choices, JinjaChoices):
+        return None
+    try:
+        return make_env().from_string(choices.template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise DataError(f"answer_choices: {type(exc).__name__}: {exc.message}") from None
+
+
+def _render_string(template: jinja2.Template, row: dict, what: str) -> str:
+    try:
+        return render_string(template, row)
+    except (RenderLimit, OutOfTime) as exc:
+        raise DataError(f"{what}: rendering stopped: {exc}") from None
+    except Exception as exc:  # a Jinja runtime error: the row's values or the template's fault
+        raise DataError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+def answer_choices(spec_choices: AnswerChoices | None, compiled: jinja2.Template | None,
+                   renderer: Renderer, index: int, row: dict, seed: int) -> list[str] | None:
+    """The answer choices of ``row`` under template ``index``: the template's own (promptsource),
+    else the task's (a list, a column, or a Jinja string over the row, ``compiled`` by
+    :func:`choices_template`)."""
+    if index >= 0 and renderer.has_own_choices(index):
+        return renderer.choices(index, row, seed)
+    if spec_choices is None:
+        return None
+    if isinstance(spec_choices, list):
+        return list(spec_choices)
+    if isinstance(spec_choices, ColumnChoices):
+        value = row.get(spec_choices.column)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"answer choices column `{spec_choices.column}` is not a list of strings")
+        return list(value)
+    template = compiled if compiled is not None else choices_template(spec_choices)
+    assert template is not None  # the one kind left: `kind: jinja`
+    text = _render_string(template, row, "answer_choices")
+    return [c.strip() for c in text.split("|||")]
+
+
+def template_context(spec_choices: AnswerChoices | None, compiled: jinja2.Template | None,
+                     renderer: Renderer, index: int, row: dict, seed: int) -> tuple[dict, list[str] | None]:
+    """What template ``index`` renders ``row`` with, and the row's answer choices.
+
+    The row's columns, plus ``answer_choices`` when the task or template has
+    them (a column of that name wins). ``tunec generate`` renders its prompts
+    through this too, so inference sees what training saw.
+    """
+    choices = answer_choices(spec_choices, compiled, renderer, index, row, seed)
+    ctx = row if choices is None or "answer_choices" in row else {**row, "answer_choices": choices}
+    return ctx, choices
 
 
 @dataclass
@@ -193,217 +304,222 @@ class _Doc:
         return self.chat_shots if self.chat else len(self.prefix_cuts)
 
 
-def compile_chunk(chunk: Chunk) -> UnitResult:
-    spec: UnitSpec = _STATE["specs"][chunk.unit]
-    renderers = _STATE["renderers"]
-    if chunk.unit not in renderers:
-        system = make_env().from_string(spec.format.system) if isinstance(spec.format, ChatFormat) and spec.format.system else None
-        renderers[chunk.unit] = (Renderer(list(spec.templates)), system)
-    renderer, system = renderers[chunk.unit]
-    info: TokenizerInfo = _STATE["info"]
-    pool = _STATE["pools"].get(spec.task)
-    n_templates = max(len(spec.templates), 1)
-    skipped = np.zeros(n_templates, dtype=np.int64)
+@dataclass(frozen=True)
+class _Rendered:
+    """One row under one template: the pieces a document is made of."""
 
-    docs: list[_Doc] = []
-    for i, row_index in enumerate(chunk.rows):
-        row = _row(chunk.columns, i)
-        try:
-            docs.extend(_row_docs(spec, renderer, system, info, pool, row, row_index, chunk.docs[i], skipped))
-        except RenderError as exc:
-            file, line = exc.template.place(exc.line)
-            raise RowError(spec.task, spec.part, row_index, f"template '{exc.template.name}': {exc.message}", file, line) from None
-        except ChatError as exc:
-            raise RowError(spec.task, spec.part, row_index, f"chat: {exc}") from None
-        except DataError as exc:
-            raise RowError(spec.task, spec.part, row_index, str(exc)) from None
-
-    encoded = _encode(docs, info)
-    return _collect(spec, docs, encoded, skipped, info)
+    row: dict
+    row_index: int
+    template: int
+    prompt: str
+    completion: str
+    shots: list[tuple[str, str]]  # few-shot exemplars, rendered by the same template
+    choices: list[str] | None
 
 
-def _choices_for(spec: UnitSpec, renderer: Renderer, row: dict, t: int, seed: int) -> list[str] | None:
-    if t >= 0 and renderer.has_own_choices(t):
-        return renderer.choices(t, row, seed)
-    ac = spec.answer_choices
-    if ac is None:
-        return None
-    if isinstance(ac, list):
-        return list(ac)
-    if isinstance(ac, ColumnChoices):
-        value = row.get(ac.column)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise DataError(f"answer choices column `{ac.column}` is not a list of strings")
-        return list(value)
-    assert isinstance(ac, JinjaChoices)
-    text = make_env().from_string(ac.template).render({k: v for k, v in row.items() if v is not None})
-    return [c.strip() for c in text.split("|||")]
+@dataclass
+class _Unit:
+    """One unit's spec with what compiling its rows needs, built once per worker."""
 
+    spec: UnitSpec
+    renderer: Renderer
+    system: jinja2.Template | None
+    choices_template: jinja2.Template | None
+    info: TokenizerInfo
+    backend: Any  # tokenizers.Tokenizer
+    pool: dict[str, list] | None
 
-def _row_docs(spec, renderer, system, info, pool, row, row_index, plans, skipped) -> list[_Doc]:
-    out = []
-    for t, exemplars in plans:
-        seed = _seed(spec.seed, row_index, t)
-        if t == MESSAGES:
-            fmt: ChatFormat = spec.format
-            messages = to_messages(row.get(fmt.messages), fmt.roles)
-            if system is not None:
-                messages = [{"role": "system", "content": system.render(_defined(row))}] + messages
-            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-            trained = [m["role"] == "assistant" and (fmt.train_on == "all" or i == last) for i, m in enumerate(messages)]
-            text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-            out.append(_Doc(text, spans, t, row_index, True, []))
-            continue
-        choices = _choices_for(spec, renderer, row, t, seed)
-        ctx = row if choices is None or "answer_choices" in row else {**row, "answer_choices": choices}
-        pair = renderer.render(t, ctx, seed)
-        if pair is None or (spec.templates[t].kind == "promptsource" and not pair[1].strip()):
-            skipped[t] += 1
-            continue
-        prompt, completion = pair
-        if not completion.strip():
-            raise RenderError(spec.templates[t], None, "rendered an empty completion (nothing to train on); "
-                              "check the row's values or the template")
-        shots = []
-        for j in exemplars:
-            ex_row = _row(pool, j)
-            ex_choices = _choices_for(spec, renderer, ex_row, t, _seed(spec.seed, -1 - j, t))
-            ex_ctx = ex_row if ex_choices is None or "answer_choices" in ex_row else {**ex_row, "answer_choices": ex_choices}
-            ex = renderer.render(t, ex_ctx, _seed(spec.seed, -1 - j, t))
-            if ex is not None and ex[1].strip():
-                shots.append(ex)
-        out.append(_make_doc(spec, info, system, row, row_index, t, prompt, completion, shots, choices))
-    return out
+    def compile(self, chunk: Chunk) -> UnitResult:
+        spec = self.spec
+        skipped = np.zeros(max(len(spec.templates), 1), dtype=np.int64)
+        docs: list[_Doc] = []
+        with watchdog():  # one timer for the chunk's renderings, not one per rendering
+            for i, row_index in enumerate(chunk.rows):
+                row = _row(chunk.columns, i)
+                try:
+                    docs.extend(self.row_docs(row, row_index, chunk.docs[i], skipped))
+                except RenderError as exc:
+                    file, line = exc.template.place(exc.line)
+                    raise RowError(spec.task, spec.part, row_index, f"template '{exc.template.name}': {exc.message}",
+                                   file, line) from None
+                except ChatError as exc:
+                    raise RowError(spec.task, spec.part, row_index, f"chat: {exc}") from None
+                except DataError as exc:
+                    raise RowError(spec.task, spec.part, row_index, str(exc)) from None
+        return self.collect(docs, self.encode(docs), skipped)
 
+    def context(self, row: dict, t: int, seed: int) -> tuple[dict, list[str] | None]:
+        return template_context(self.spec.answer_choices, self.choices_template, self.renderer, t, row, seed)
 
-def _defined(row: dict) -> dict:
-    return {k: v for k, v in row.items() if v is not None}
+    def system_prompt(self, row: dict) -> str:
+        assert self.system is not None  # called for tasks that have one
+        return _render_string(self.system, row, "format.system")
+
+    def row_docs(self, row: dict, row_index: int, plans: list[DocPlan], skipped: np.ndarray) -> list[_Doc]:
+        spec = self.spec
+        out = []
+        for t, exemplars in plans:
+            seed = _seed(spec.seed, row_index, t)
+            if t == MESSAGES:
+                out.append(self.messages_doc(row, row_index))
+                continue
+            ctx, choices = self.context(row, t, seed)
+            pair = self.renderer.render(t, ctx, seed)
+            if pair is None or (spec.templates[t].kind == "promptsource" and not pair[1].strip()):
+                skipped[t] += 1
+                continue
+            prompt, completion = pair
+            if not completion.strip():
+                raise RenderError(spec.templates[t], None, "rendered an empty completion (nothing to train on); "
+                                  "check the row's values or the template")
+            shots = []
+            for j in exemplars:
+                assert self.pool is not None  # exemplars are planned from the pool
+                ex_seed = _seed(spec.seed, -1 - j, t)
+                ex_ctx, _ = self.context(_row(self.pool, j), t, ex_seed)
+                ex = self.renderer.render(t, ex_ctx, ex_seed)
+                if ex is not None and ex[1].strip():
+                    shots.append(ex)
+            out.append(self.make_doc(_Rendered(row, row_index, t, prompt, completion, shots, choices)))
+        return out
+
+    def messages_doc(self, row: dict, row_index: int) -> _Doc:
+        """A conversation read from the task's `messages` column."""
+        fmt = self.spec.format
+        assert isinstance(fmt, ChatFormat) and fmt.messages is not None  # MESSAGES is planned for those only
+        messages = to_messages(row.get(fmt.messages), fmt.roles)
+        if self.system is not None:
+            messages = [{"role": "system", "content": self.system_prompt(row)}] + messages
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        trained = [m["role"] == "assistant" and (fmt.train_on == "all" or i == last) for i, m in enumerate(messages)]
+        text, spans = assistant_spans(_chat_template(self.info), messages, dict(self.info.special_tokens), trained)
+        return _Doc(text, spans, MESSAGES, row_index, True, [])
+
+    def make_doc(self, r: _Rendered) -> _Doc:
+        spec = self.spec
+        if isinstance(spec.format, ChatFormat):
+            messages = []
+            if self.system is not None:
+                messages.append({"role": "system", "content": self.system_prompt(r.row)})
+            for p, c in r.shots:
+                messages += [{"role": "user", "content": p.strip()}, {"role": "assistant", "content": c.strip()}]
+            messages += [{"role": "user", "content": r.prompt.strip()},
+                         {"role": "assistant", "content": r.completion.strip()}]
+            trained = [False] * (len(messages) - 1) + [True]
+            text, spans = assistant_spans(_chat_template(self.info), messages, dict(self.info.special_tokens), trained)
+            return _Doc(text, spans, r.template, r.row_index, True, [], messages=messages, chat_shots=len(r.shots))
+        sep = spec.few_shot.separator if spec.few_shot else ""
+        prefix, cuts = "", []
+        for p, c in r.shots:
+            prefix += p + c + sep
+            cuts.append(len(prefix))
+        text = prefix + r.prompt + r.completion
+        record = None
+        if spec.record_choices and r.choices is not None:
+            target = r.completion.strip()
+            record = {
+                "row": r.row_index, "template": spec.templates[r.template].name, "prompt": prefix + r.prompt,
+                "target": r.completion, "choices": r.choices,
+                "answer": r.choices.index(target) if target in r.choices else -1,
+                "choice_prefix": r.completion[: len(r.completion) - len(r.completion.lstrip())],
+            }
+        return _Doc(text, [(len(prefix) + len(r.prompt), len(text))], r.template, r.row_index, False, cuts, record)
+
+    def encode(self, docs: list[_Doc]) -> list[Encoded]:
+        out: list[Encoded | None] = [None] * len(docs)
+        for chat in (False, True):
+            idx = [i for i, d in enumerate(docs) if d.chat == chat]
+            if not idx:
+                continue
+            encs = encode_texts(self.backend, self.info, [docs[i].text for i in idx], [docs[i].spans for i in idx],
+                                add_special=not chat, append_eos=not chat)
+            for i, enc in zip(idx, encs):
+                out[i] = enc
+        return out  # type: ignore[return-value]
+
+    def fit_fewshot(self, doc: _Doc, enc: Encoded) -> tuple[_Doc, Encoded]:
+        """Drop exemplars (the first ones first) until the document fits; never cut the example itself."""
+        info, limit = self.info, self.spec.seq_len
+        while len(enc.ids) > limit and doc.shots:
+            if doc.chat:
+                assert doc.messages is not None  # a chat document with exemplars keeps its conversation
+                first = 1 if doc.messages[0]["role"] == "system" else 0
+                messages = doc.messages[:first] + doc.messages[first + 2 :]  # one user/assistant exchange less
+                trained = [False] * (len(messages) - 1) + [True]
+                text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
+                doc = _Doc(text, spans, doc.template, doc.row, True, [], messages=messages,
+                           chat_shots=doc.chat_shots - 1)
+                (enc,) = encode_texts(self.backend, info, [text], [spans], add_special=False, append_eos=False)
+                continue
+            cut = doc.prefix_cuts[0]
+            text = doc.text[cut:]
+            spans = [(s - cut, e - cut) for s, e in doc.spans]
+            choice = dict(doc.choice, prompt=doc.choice["prompt"][cut:]) if doc.choice else None
+            doc = _Doc(text, spans, doc.template, doc.row, False, [c - cut for c in doc.prefix_cuts[1:]], choice)
+            (enc,) = encode_texts(self.backend, info, [doc.text], [doc.spans], add_special=True, append_eos=True)
+        return doc, enc
+
+    def collect(self, docs: list[_Doc], encoded: list[Encoded], skipped: np.ndarray) -> UnitResult:
+        spec = self.spec
+        flat: list[int] = []
+        offsets = [0]
+        spans: list[tuple[int, int, int]] = []
+        keep_t, keep_r, choices = [], [], []
+        keep_s = []
+        truncated = dropped = straddles = 0
+        limit = spec.seq_len
+        for doc, enc in zip(docs, encoded):
+            if len(enc.ids) > limit and doc.shots:
+                doc, enc = self.fit_fewshot(doc, enc)
+            ids, doc_spans = enc.ids, enc.spans
+            if len(ids) > limit:
+                if spec.truncation == "error":
+                    name = spec.templates[doc.template].name if doc.template >= 0 else "messages"
+                    raise RowError(spec.task, spec.part, doc.row,
+                                   f"example is {len(ids)} tokens, longer than seq_len {limit} "
+                                   f"(template '{name}'); set `truncation: drop` or `truncate`, or raise `seq_len`")
+                if spec.truncation == "drop":
+                    dropped += 1
+                    continue
+                ids = ids[:limit]
+                doc_spans = [(s, min(e, limit)) for s, e in doc_spans if s < limit]
+                truncated += 1
+            d = len(offsets) - 1
+            spans.extend((d, s, e) for s, e in doc_spans)
+            straddles += enc.straddles
+            keep_s.append(doc.shots)
+            flat.extend(ids)
+            offsets.append(len(flat))
+            keep_t.append(doc.template)
+            keep_r.append(doc.row)
+            if spec.record_choices:
+                choices.append(doc.choice)
+        ids_arr = np.asarray(flat, dtype=np.int32)
+        offsets_arr = np.asarray(offsets, dtype=np.int64)
+        spans_arr = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
+        sft_labels = doc_labels(ids_arr, offsets_arr, spans_arr, "sft")
+        sft_trained = _per_doc(sft_labels != IGNORE, offsets_arr)
+        return UnitResult(
+            ids=ids_arr,
+            offsets=offsets_arr,
+            spans=spans_arr,
+            template=np.asarray(keep_t, dtype=np.int16),
+            row=np.asarray(keep_r, dtype=np.int32),
+            skipped=skipped,
+            shots=np.asarray(keep_s, dtype=np.int16),
+            sft_labels=sft_labels,
+            sft_trained=sft_trained,
+            truncated=truncated,
+            dropped=dropped,
+            straddles=straddles,
+            choices=choices if spec.record_choices else None,
+        )
 
 
 def _chat_template(info: TokenizerInfo) -> str:
     if not info.chat_template:
         raise ChatError("the tokenizer has no chat template; set `tokenizer.chat_template` to a Jinja file")
     return info.chat_template
-
-
-def _make_doc(spec, info, system, row, row_index, t, prompt, completion, shots, choices) -> _Doc:
-    record = None
-    if isinstance(spec.format, ChatFormat):
-        messages = []
-        if system is not None:
-            messages.append({"role": "system", "content": system.render(_defined(row))})
-        for p, c in shots:
-            messages += [{"role": "user", "content": p.strip()}, {"role": "assistant", "content": c.strip()}]
-        messages += [{"role": "user", "content": prompt.strip()}, {"role": "assistant", "content": completion.strip()}]
-        trained = [False] * (len(messages) - 1) + [True]
-        text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-        return _Doc(text, spans, t, row_index, True, [], messages=messages, chat_shots=len(shots))
-    sep = spec.few_shot.separator if spec.few_shot else ""
-    prefix, cuts = "", []
-    for p, c in shots:
-        prefix += p + c + sep
-        cuts.append(len(prefix))
-    text = prefix + prompt + completion
-    if spec.record_choices and choices is not None:
-        target = completion.strip()
-        record = {
-            "row": row_index, "template": spec.templates[t].name, "prompt": prefix + prompt,
-            "target": completion, "choices": choices,
-            "answer": choices.index(target) if target in choices else -1,
-            "choice_prefix": completion[: len(completion) - len(completion.lstrip())],
-        }
-    return _Doc(text, [(len(prefix) + len(prompt), len(text))], t, row_index, False, cuts, record)
-
-
-def _encode(docs: list[_Doc], info: TokenizerInfo) -> list[Encoded]:
-    backend = _STATE["backend"]
-    out: list[Encoded | None] = [None] * len(docs)
-    for chat in (False, True):
-        idx = [i for i, d in enumerate(docs) if d.chat == chat]
-        if not idx:
-            continue
-        encs = encode_texts(backend, info, [docs[i].text for i in idx], [docs[i].spans for i in idx],
-                            add_special=not chat, append_eos=not chat)
-        for i, enc in zip(idx, encs):
-            out[i] = enc
-    return out  # type: ignore[return-value]
-
-
-def _fit_fewshot(doc: _Doc, enc: Encoded, info: TokenizerInfo, limit: int) -> tuple[_Doc, Encoded]:
-    """Drop exemplars (the first ones first) until the document fits; never cut the example itself."""
-    backend = _STATE["backend"]
-    while len(enc.ids) > limit and doc.shots:
-        if doc.chat:
-            first = 1 if doc.messages[0]["role"] == "system" else 0
-            messages = doc.messages[:first] + doc.messages[first + 2 :]  # one user/assistant exchange less
-            trained = [False] * (len(messages) - 1) + [True]
-            text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-            doc = _Doc(text, spans, doc.template, doc.row, True, [], messages=messages, chat_shots=doc.chat_shots - 1)
-            (enc,) = encode_texts(backend, info, [text], [spans], add_special=False, append_eos=False)
-            continue
-        cut = doc.prefix_cuts[0]
-        text = doc.text[cut:]
-        spans = [(s - cut, e - cut) for s, e in doc.spans]
-        choice = dict(doc.choice, prompt=doc.choice["prompt"][cut:]) if doc.choice else None
-        doc = _Doc(text, spans, doc.template, doc.row, False, [c - cut for c in doc.prefix_cuts[1:]], choice)
-        (enc,) = encode_texts(backend, info, [doc.text], [doc.spans], add_special=True, append_eos=True)
-    return doc, enc
-
-
-def _collect(spec: UnitSpec, docs: list[_Doc], encoded: list[Encoded], skipped, info) -> UnitResult:
-    flat: list[int] = []
-    offsets = [0]
-    spans: list[tuple[int, int, int]] = []
-    keep_t, keep_r, choices = [], [], []
-    keep_s = []
-    truncated = dropped = straddles = 0
-    limit = spec.seq_len
-    for doc, enc in zip(docs, encoded):
-        if len(enc.ids) > limit and doc.shots:
-            doc, enc = _fit_fewshot(doc, enc, info, limit)
-        ids, doc_spans = enc.ids, enc.spans
-        if len(ids) > limit:
-            if spec.truncation == "error":
-                name = spec.templates[doc.template].name if doc.template >= 0 else "messages"
-                raise RowError(spec.task, spec.part, doc.row,
-                               f"example is {len(ids)} tokens, longer than seq_len {limit} "
-                               f"(template '{name}'); set `truncation: drop` or `truncate`, or raise `seq_len`")
-            if spec.truncation == "drop":
-                dropped += 1
-                continue
-            ids = ids[:limit]
-            doc_spans = [(s, min(e, limit)) for s, e in doc_spans if s < limit]
-            truncated += 1
-        d = len(offsets) - 1
-        spans.extend((d, s, e) for s, e in doc_spans)
-        straddles += enc.straddles
-        keep_s.append(doc.shots)
-        flat.extend(ids)
-        offsets.append(len(flat))
-        keep_t.append(doc.template)
-        keep_r.append(doc.row)
-        if spec.record_choices:
-            choices.append(doc.choice)
-    ids_arr = np.asarray(flat, dtype=np.int32)
-    offsets_arr = np.asarray(offsets, dtype=np.int64)
-    spans_arr = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
-    sft_labels = doc_labels(ids_arr, offsets_arr, spans_arr, "sft")
-    sft_trained = _per_doc(sft_labels != IGNORE, offsets_arr)
-    return UnitResult(
-        ids=ids_arr,
-        offsets=offsets_arr,
-        spans=spans_arr,
-        template=np.asarray(keep_t, dtype=np.int16),
-        row=np.asarray(keep_r, dtype=np.int32),
-        skipped=skipped,
-        shots=np.asarray(keep_s, dtype=np.int16),
-        sft_labels=sft_labels,
-        sft_trained=sft_trained,
-        truncated=truncated,
-        dropped=dropped,
-        straddles=straddles,
-        choices=choices if spec.record_choices else None,
-    )
 
 
 def _per_doc(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:

@@ -8,8 +8,9 @@ Modules, in the order a run uses them (see ``runtime/README.md``):
 - :mod:`tunec.runtime.loop`: AdamW, warmup + cosine, accumulation, clipping, autocast
 - :mod:`tunec.runtime.evaluate`: loss per eval task
 - :mod:`tunec.runtime.checkpoint`: atomic checkpoints, exact resume
-- :mod:`tunec.runtime.outputs`: ``OUT/runs/<stage>/``, chaining stages
-- :mod:`tunec.runtime.log`: ``metrics.jsonl``, TensorBoard, progress bar
+- :mod:`tunec.runtime.outputs`: ``OUT/runs/<stage>/``, model cards, chaining stages
+- :mod:`tunec.runtime.log`: ``metrics.jsonl``, progress bar, progress lines
+- :mod:`tunec.runtime.loggers`: TensorBoard, W&B, MLflow (``--log``)
 - :mod:`tunec.runtime.dist`: ``torchrun`` process groups
 - :mod:`tunec.runtime.generate`: ``tunec generate``
 """

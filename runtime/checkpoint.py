@@ -5,29 +5,44 @@ A checkpoint is a folder ``runs/<stage>/checkpoints/step-NNNNNNNN/``::
     trainable.safetensors   the parameters being trained (all of them, or the LoRA adapter's)
     optimizer.pt            AdamW and LR-scheduler state (torch.save of plain state dicts)
     rng-<rank>.pt           each rank's torch RNG states (CPU and CUDA): dropout continues identically
-    state.json              step, token counts, the stage's fingerprint, world size (written last)
+    state.json              step, token counts, the stage's fingerprint and run-time options, world size,
+                            the loss logged so far (written last)
 
-It is written under a temporary name (``.tmp-step-...``) and renamed when
-complete, so a checkpoint folder that exists is whole. The data position is
-the step number itself (see :mod:`tunec.runtime.data`), so resuming from step ``s``
+It is written under a temporary name (``.tmp-step-...``), every file flushed
+to disk, and renamed when complete, so a checkpoint folder that exists is
+whole; old ones are renamed away (``.del-step-...``) before they are deleted,
+so a kill never leaves half of one under a ``step-`` name. The data position
+is the step number itself (see :mod:`tunec.runtime.data`), so resuming from step ``s``
 replays exactly the rows an uninterrupted run would have seen. The two most
 recent checkpoints are kept.
+
+Loading checks a checkpoint first (:func:`problem`): every file present, the
+safetensors header readable and covering the file, the optimizer and RNG
+archives whole with every entry matching its CRC, ``state.json`` parsed and
+naming the folder's step. :func:`usable` skips a
+damaged one, with a warning, for the one before it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from tunec.compiler.errors import TunecError
+from tunec.compiler.fileio import atomic_write_json
 
 from .dist import Dist
+
+logger = logging.getLogger(__name__)
 
 KEEP = 2
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -44,6 +59,14 @@ def _rng_state() -> dict:
     return state
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(folder: Path, step: int, model, optimizer, scheduler, state: dict, dist: Dist) -> Path:
     """Write checkpoint ``step`` under ``folder`` (every rank calls this)."""
     final = folder / f"step-{step:08d}"
@@ -53,36 +76,90 @@ def save(folder: Path, step: int, model, optimizer, scheduler, state: dict, dist
         tmp.mkdir(parents=True)
     dist.barrier()
     torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
+    _fsync(tmp / f"rng-{dist.rank}.pt")
     if dist.is_main:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2, sort_keys=True) + "\n")
+        for name in ("trainable.safetensors", "optimizer.pt"):
+            _fsync(tmp / name)  # the rename below must not outrun the data on a power cut
+        atomic_write_json(tmp / "state.json", dict(state, step=step))
     dist.barrier()  # every rank's RNG file is in place
     if dist.is_main:
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         for old in all_checkpoints(folder)[:-KEEP]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     dist.barrier()
     return final
 
 
+def _remove(path: Path) -> None:
+    """Delete a checkpoint folder so that it is never seen half-deleted under its own name."""
+    gone = path.with_name(f".del-{path.name}")
+    shutil.rmtree(gone, ignore_errors=True)
+    os.replace(path, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def clean(folder: Path) -> None:
+    """Remove what an interrupted save left: ``.tmp-step-*`` and ``.del-step-*`` folders (rank 0, at resume)."""
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.name.startswith((".tmp-step-", ".del-step-")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 def all_checkpoints(folder: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoint folders (``step-NNNNNNNN``), oldest first; see :func:`usable` for the ones that load."""
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: p.name)
-
-
-def latest(folder: Path) -> Path | None:
-    found = all_checkpoints(folder)
-    return found[-1] if found else None
+    return sorted((p for p in folder.iterdir() if _NAME.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
 def read_state(path: Path) -> dict:
     return json.loads((path / "state.json").read_text())
+
+
+def problem(path: Path) -> str | None:
+    """Why checkpoint ``path`` cannot be loaded, or None when it is whole."""
+    for name in ("state.json", "trainable.safetensors", "optimizer.pt"):
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    try:
+        state = read_state(path)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return f"state.json does not parse ({exc})"
+    step = int(_NAME.match(path.name).group(1))
+    if not isinstance(state, dict) or state.get("step") != step:
+        return f"state.json names step {state.get('step') if isinstance(state, dict) else None}, not {step}"
+    if not any(path.glob("rng-*.pt")):
+        return "no rng-<rank>.pt file"
+    try:
+        with safe_open(str(path / "trainable.safetensors"), "pt") as fh:  # parses the header, checks the length
+            fh.keys()
+    except (SafetensorError, OSError) as exc:
+        return f"trainable.safetensors is unreadable ({exc})"
+    for name in ["optimizer.pt", *sorted(p.name for p in path.glob("rng-*.pt"))]:
+        try:
+            with zipfile.ZipFile(path / name) as zf:  # torch.save's format; a cut file has no directory
+                bad = zf.testzip()  # reads every entry against its CRC, which torch.load does not check
+        except (zipfile.BadZipFile, OSError) as exc:
+            return f"{name} is unreadable ({exc})"
+        if bad is not None:
+            return f"{name} is corrupted ({bad} fails its checksum)"
+    return None
+
+
+def usable(folder: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``folder`` that is whole, and one warning per damaged newer one."""
+    warnings = []
+    for path in reversed(all_checkpoints(folder)):
+        why = problem(path)
+        if why is None:
+            return path, warnings
+        warnings.append(f"{path} is damaged ({why}); falling back to the checkpoint before it")
+    return None, warnings
 
 
 def load(path: Path, model, optimizer, scheduler, dist: Dist) -> dict:
@@ -105,6 +182,6 @@ def load(path: Path, model, optimizer, scheduler, dist: Dist) -> dict:
         if "cuda" in rng_state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng_state["cuda"])
     elif dist.is_main:
-        print(f"note: {path} has no RNG state for rank {dist.rank} (it was saved by {state.get('world_size')} "
-              "rank(s)); dropout will differ from the interrupted run, the data order will not")
+        logger.warning(f"{path} has no RNG state for rank {dist.rank} (it was saved by {state.get('world_size')} "
+                       "rank(s)); dropout will differ from the interrupted run, the data order will not")
     return state

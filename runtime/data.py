@@ -25,7 +25,7 @@ import numpy as np
 from tunec.compiler.errors import TunecError
 from tunec.compiler.plan import PackedSet
 from tunec.compiler.fileio import sha256_file
-from tunec.compiler.shards import ShardError, open_shard
+from tunec.compiler.shards import ShardError, check_values, open_shard
 
 IGNORE = -100
 
@@ -33,7 +33,7 @@ IGNORE = -100
 class ShardSet:
     """The rows of a packed set (a stage's train data or a task's eval data), memory-mapped."""
 
-    def __init__(self, out: Path, packed: PackedSet, verify: bool = False):
+    def __init__(self, out: Path, packed: PackedSet, verify: bool = False, vocab_size: int | None = None):
         self.seq_len = packed.seq_len
         self._arrays: list[dict[str, np.ndarray]] = []
         problems = []
@@ -41,6 +41,8 @@ class ShardSet:
             path = Path(out) / entry.path
             try:
                 arrays = open_shard(path, expect_bytes=entry.bytes)
+                if vocab_size is not None:  # every run: one vectorised pass over the rows
+                    check_values(path, arrays, vocab_size)
             except ShardError as exc:
                 problems.append(f"{exc}; compile the recipe again")
                 continue

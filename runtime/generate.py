@@ -22,7 +22,9 @@ import torch
 
 from tunec.compiler.errors import TunecError, did_you_mean
 from tunec.compiler.plan import Plan, read_plan
-from tunec.compiler.templates import make_env
+from tunec.compiler.sandbox import OutOfTime, RenderLimit
+from tunec.compiler.templates import Renderer, RenderError, TemplateSource, make_env, render_string
+from tunec.compiler.units import DataError, template_context
 
 from . import outputs
 from .model import pick_device
@@ -50,15 +52,23 @@ def render_prompt(plan: Plan, task: str, template: str | None, values: dict[str,
                          f"columns: {', '.join(columns)}")
     if getattr(chosen, "kind", "blocks") != "blocks":
         raise TunecError(f"template '{chosen.name}' is a {chosen.kind} template; give the prompt with --prompt")
+    index = templates.index(chosen)
+    # The very context compilation gives a row (the columns, plus the task's answer
+    # choices), so the prompt is the one the model was trained on.
     try:
-        tmpl = make_env().from_string(chosen.source)
-        return "".join(tmpl.blocks["prompt"](tmpl.new_context(dict(values))))
-    except jinja2.UndefinedError as exc:
-        hint = f" (columns: {', '.join(columns)})" if columns else ""
-        raise TunecError(f"template '{chosen.name}' of task `{task}`: {exc.message}; "
-                         f"give it with --set NAME=VALUE{hint}") from None
-    except jinja2.TemplateError as exc:
-        raise TunecError(f"template '{chosen.name}' of task `{task}`: {exc}") from None
+        renderer = Renderer([TemplateSource(t.name, t.source, f"plan.json: task `{task}`", kind=t.kind,
+                                            answer_choices=t.answer_choices, separator=t.separator)
+                             for t in templates])
+        context, _ = template_context(plan.tasks[task].answer_choices, None, renderer, index, dict(values), seed=0)
+        return renderer.render_prompt(index, context)
+    except RenderError as exc:
+        if exc.message.startswith("UndefinedError: "):
+            hint = f" (columns: {', '.join(columns)})" if columns else ""
+            raise TunecError(f"template '{chosen.name}' of task `{task}`: {exc.message.split(': ', 1)[1]}; "
+                             f"give it with --set NAME=VALUE{hint}") from None
+        raise TunecError(f"template '{chosen.name}' of task `{task}`: {exc.message}") from None
+    except DataError as exc:  # answer choices from a column, which --set cannot give as a list
+        raise TunecError(f"task `{task}`: {exc}; give the prompt with --prompt") from None
 
 
 def build_prompt(plan: Plan, stage: str, prompt: str | None, task: str | None, template: str | None,
@@ -80,8 +90,8 @@ def build_prompt(plan: Plan, stage: str, prompt: str | None, task: str | None, t
     system = None
     if info.system:
         try:
-            system = make_env().from_string(info.system).render(dict(values))
-        except jinja2.TemplateError as exc:
+            system = render_string(make_env().from_string(info.system), dict(values))  # bounded, as compiled
+        except (jinja2.TemplateError, RenderLimit, OutOfTime) as exc:
             raise TunecError(f"system prompt of task `{task}`: {exc}; give its columns with --set") from None
     return text.strip(), True, system  # chat tasks trained on the stripped prompt
 

@@ -1,36 +1,49 @@
-"""What a run reports: ``metrics.jsonl``, TensorBoard events (when installed), a progress bar.
+"""What a run reports: ``metrics.jsonl``, the trackers asked for, a progress bar, log lines.
 
-Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per line, keys
-sorted; a training record and an evaluation record look like::
+Only rank 0 writes. ``metrics.jsonl`` holds one JSON object per line
+(:func:`tunec.compiler.fileio.compact_json`: keys sorted, no spaces); a
+training record and an evaluation record look like::
 
-    {"elapsed_s": 3.1, "epoch": 0.12, "grad_norm": 1.9, "loss": 6.2, "lr": 0.0003, "step": 2,
-     "tokens": 8080, "tokens_per_s": 2615.0, "trained_tokens": 988}
-    {"eval_loss": {"all": 4.9, "arithmetic": 5.1, "reviews": 4.4}, "eval_tokens": {...}, "step": 34}
+    {"elapsed_s":3.1,"epoch":0.12,"grad_norm":1.9,"loss":6.2,"lr":0.0003,"step":2,"tokens":8080,
+     "tokens_per_s":2615.0,"trained_tokens":988}
+    {"eval_loss":{"all":4.9,"arithmetic":5.1,"reviews":4.4},"eval_tokens":{...},"step":34}
 
 ``tokens`` and ``trained_tokens`` count from the start of the stage (padding
 excluded); ``tokens_per_s`` is non-padding tokens per second since the
-previous record. Besides the bar, about ten lines per stage report the loss
-(every tenth of the steps). On resume, records after the checkpoint's step are dropped,
-so the file reads as if the run had never stopped.
+previous record. Every record also goes to the trackers asked for
+(TensorBoard, W&B, MLflow: :mod:`tunec.runtime.loggers`). Besides the bar,
+about ten lines per stage report the loss (every tenth of the steps); they go
+to the ``logging`` logger ``tunec.runtime.log`` at level INFO, which the
+``tunec`` command prints on stdout. On resume, records after the checkpoint's
+step are dropped, so the file reads as if the run had never stopped.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
+from tunec.compiler.fileio import atomic_write_text, compact_json
+
+from . import loggers
+
 METRICS = "metrics.jsonl"
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, total_steps: int,
-                 start_step: int, desc: str, progress: bool):
+                 start_step: int, desc: str, progress: bool, trackers: list[str] = (), config: dict | None = None):
+        """``trackers``: names from :func:`tunec.runtime.loggers.requested`; ``config``: the
+        stage's settings, recorded by the trackers that keep parameters (W&B, MLflow)."""
         self.enabled = enabled
         self.total_steps = total_steps
         self.first_loss: tuple[int, float] | None = None  # (step, loss) of the first record of this run
         self.last_loss: float | None = None
         self.path = run_dir / METRICS
-        self._tb = None
+        self._trackers: list[loggers.Tracker] = []
         self._bar = None
         if not enabled:
             return
@@ -40,13 +53,9 @@ class MetricsLog:
             for line in self.path.read_text().splitlines():
                 if line.strip() and json.loads(line).get("step", 0) <= resume_step:
                     kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if resume_step else None)
-        except ImportError:  # tensorboard is optional
-            self._tb = None
+        # atomic: a kill while this rewrites the records kept on resume must not lose them
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self._trackers = loggers.open_trackers(list(trackers), run_dir, desc, config or {}, resume_step)
         if progress:
             from tqdm import tqdm
 
@@ -59,15 +68,11 @@ class MetricsLog:
         if not self.enabled:
             return
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-        if self._tb is not None:
-            step = record["step"]
-            for key, value in record.items():
-                if isinstance(value, dict):
-                    for sub, v in value.items():
-                        self._tb.add_scalar(f"{key}/{sub}", v, step)
-                elif key != "step":
-                    self._tb.add_scalar(f"train/{key}", value, step)
+            fh.write(compact_json(record) + "\n")
+        if self._trackers:
+            values = loggers.scalars(record)
+            for tracker in self._trackers:
+                tracker.log(values, record["step"])
         if "loss" in record:
             if self._bar is not None:
                 self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
@@ -81,16 +86,12 @@ class MetricsLog:
             self._bar.update(steps)
 
     def note(self, text: str) -> None:
-        """A line of text that does not break the progress bar."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            self._bar.write(text)
-        else:
-            print(text, flush=True)
+        """A line for the user (rank 0 only); the ``tunec`` command prints it above the progress bar."""
+        if self.enabled:
+            logger.info(text)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        if self._tb is not None:
-            self._tb.close()
+        loggers.close_all(self._trackers)
+        self._trackers = []

@@ -38,6 +38,7 @@ from .data import (
     trained_tokens,
 )
 from .dist import Dist
+from .model import compute_dtype
 
 
 def make_optimizer(model, stage: Stage, device: torch.device) -> torch.optim.AdamW:
@@ -101,7 +102,7 @@ class Loop:
 
     def autocast(self):
         if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=compute_dtype(self.device))  # also the saved model's dtype
         return nullcontext()
 
     def step(self, progress: Progress) -> None:

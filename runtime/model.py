@@ -18,8 +18,12 @@ them. Attention must stay inside a document, so the model gets either
   flattened into one sequence and transformers derives the variable-length
   boundaries (``cu_seqlens``) from ``position_ids``.
 
-``tests/test_runtime_model.py`` proves that the logits of a packed row equal
-those of each of its documents run alone.
+``tests/test_runtime_units.py`` (``test_packed_row_logits_equal_each_document_alone``)
+proves that the logits of a packed row equal those of each of its documents run alone.
+
+Weights train in float32 (they are the optimizer's master weights); on CUDA
+the forward pass runs under bf16 autocast (:func:`compute_dtype`), and the
+saved model is in that dtype (:func:`save_dtype`).
 """
 
 from __future__ import annotations
@@ -55,6 +59,22 @@ def attention_for(device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype the forward pass computes in: bf16 autocast on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def save_dtype(device: torch.device) -> torch.dtype:
+    """The dtype a trained model is saved in for inference: the one its forward pass ran in.
+
+    The float32 master weights only matter to the optimizer; a model trained
+    under bf16 autocast was tuned to bf16 matmuls, and serving it in float32
+    would double its size for nothing. (The float32 weights stay in the
+    stage's last checkpoint.)
+    """
+    return compute_dtype(device)
 
 
 # ----------------------------------------------------------------- building and loading
@@ -128,11 +148,36 @@ def check_vocab(model, vocab_size: int) -> None:
                          "use a model made for this tokenizer (for `kind: config`, set `vocab_size`)")
 
 
-def set_special_tokens(model, bos_id: int | None, eos_id: int, pad_id: int) -> None:
-    """Record the tokenizer's special ids in the model's config, so saved models generate correctly."""
-    for cfg in (model.config, getattr(model, "generation_config", None)):
-        if cfg is not None:
-            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = bos_id, eos_id, pad_id
+def stop_ids(eos_id: int, own: int | list[int] | None, end_of_turn: list[int]) -> list[int]:
+    """The end-of-sequence ids a saved model's ``generation_config`` lists.
+
+    The tokenizer's EOS first, then the ids the model already stopped at (a chat
+    model's hub config often lists two), then the chat template's end-of-turn
+    token, each once: ``generate()`` in transformers (and vLLM, which reads the
+    same file) then stops wherever ``tunec generate`` stops.
+
+    >>> stop_ids(2, [7, 2], [9])
+    [2, 7, 9]
+    """
+    own = [] if own is None else [own] if isinstance(own, int) else list(own)
+    return list(dict.fromkeys([eos_id, *own, *end_of_turn]))
+
+
+def set_special_tokens(model, bos_id: int | None, eos_id: int, pad_id: int, end_of_turn: list[int] = (),
+                       keep_own: bool = True) -> None:
+    """Record the tokenizer's special ids in the model's config, so saved models generate correctly.
+
+    ``config.eos_token_id`` is the tokenizer's EOS; ``generation_config.eos_token_id``
+    is :func:`stop_ids`. ``keep_own=False`` drops the model's own stop ids: a model
+    built from a config has only its config class's defaults, which name arbitrary
+    tokens of this tokenizer (unless the recipe's config sets ``eos_token_id`` itself).
+    """
+    model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id = bos_id, eos_id, pad_id
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        own = gen.eos_token_id if keep_own else None
+        gen.bos_token_id, gen.pad_token_id = bos_id, pad_id
+        gen.eos_token_id = stop_ids(eos_id, own, list(end_of_turn))
 
 
 def add_lora(model, peft: LoraPeft, seed: int):

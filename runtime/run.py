@@ -11,26 +11,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
+from pydantic import ValidationError
 
-from tunec.compiler.errors import TunecError
+from tunec.compiler.errors import TunecError, did_you_mean
+from tunec.compiler.fileio import atomic_write_text
+from tunec.compiler.lock import BuildLock
 from tunec.compiler.plan import Plan, StagePlan, read_plan
-from tunec.compiler.recipe import ConfigModel, LoraPeft, StageModel
+from tunec.compiler.recipe import ConfigModel, LoraPeft, Stage, StageModel
+from tunec.compiler.yamlpos import load_yaml_text
 
-from . import checkpoint, outputs
+from . import checkpoint, loggers, outputs
 from . import dist as distmod
 from . import model as models
 from .data import RowStream, ShardSet, plan_batching
 from .evaluate import evaluate
-from .log import MetricsLog
+from .log import METRICS, MetricsLog
 from .loop import Loop, Progress, make_optimizer, make_scheduler, train
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,44 +51,180 @@ class RunOptions:
     verify: bool = False  # sha256 of every shard, not only sizes and headers
     progress: bool = True  # a progress bar on rank 0
     on_step: Callable[[int], None] | None = None  # called after every optimizer step (tests interrupt runs with it)
+    max_steps: int | None = None  # --max-steps: at most this many steps in every stage run
+    overrides: tuple[str, ...] = ()  # --set [stages.NAME.]SETTING=VALUE, training settings only
+    log: tuple[str, ...] = ()  # --log: experiment trackers, besides TUNEC_LOG (runtime/loggers.py)
 
 
-def fingerprint(out: Path, plan: Plan, sp: StagePlan) -> str:
-    """What a stage's results depend on: its settings, its data, the seed and the stage it starts from."""
+# What `--set` may change: how a stage trains, not what it trains on (the compiled shards fix that).
+TRAINING_SETTINGS = ("lr", "batch_tokens", "epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "micro_batch_rows", "eval_every_steps", "checkpoint_every_steps", "log_every_steps")
+
+
+def fingerprint(out: Path, plan: Plan, sp: StagePlan, max_steps: int | None = None) -> str:
+    """What a stage's results depend on: its settings (``--set`` applied), its data, the seed, the stage it
+    starts from, and ``--max-steps`` when given."""
     upstream = None
     if isinstance(sp.settings.model, StageModel):
         prev = outputs.read_result(out, sp.settings.model.stage)
         upstream = prev.fingerprint if prev else None
     data = {"settings": sp.settings.model_dump(mode="json"), "train": [s.sha256 for s in sp.train.shards],
             "seed": plan.seed, "tokenizer": plan.tokenizer.sha256, "upstream": upstream}
+    if max_steps is not None:  # absent otherwise, so runs without the option keep their fingerprints
+        data["max_steps_cap"] = max_steps
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def _value(text: str, item: str) -> Any:
+    """A ``--set`` value, read as YAML like the recipe and ``tunec compile --set`` (``1e-4``, ``3``, ``null``)."""
+    return load_yaml_text(text, f"--set {item}")[0]
+
+
+def apply_overrides(plan: Plan, stages: list[StagePlan], overrides: tuple[str, ...],
+                    only: str | None) -> tuple[list[StagePlan], dict[str, dict[str, Any]]]:
+    """The stages with ``--set`` applied, validated by the recipe's own ``Stage`` model, and per stage the
+    settings changed; every bad override is reported at once, each naming itself."""
+    problems: list[str] = []
+    wanted: dict[str, dict[str, tuple[str, Any]]] = {}
+    running = [sp.name for sp in stages]
+    names = [s.name for s in plan.stages]
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if sep and key.startswith("stages.") and key.count(".") >= 2:
+            stage, _, setting = key[len("stages."):].rpartition(".")  # stage names may hold dots
+            if stage not in names and stage.isdigit() and int(stage) < len(names):
+                stage = names[int(stage)]  # by index, as `tunec compile --set stages.0.lr=...` says it
+        elif sep and key and "." not in key and only is not None:
+            stage, setting = only, key
+        elif sep and key and "." not in key:
+            problems.append(f"--set {item}: which stage? write stages.STAGE.{key}=VALUE, or add --stage STAGE")
+            continue
+        else:
+            problems.append(f"--set {item}: expected SETTING=VALUE (with --stage) or stages.STAGE.SETTING=VALUE")
+            continue
+        if stage not in names:
+            problems.append(f"--set {item}: no stage '{stage}' in the plan{did_you_mean(stage, names)}")
+        elif stage not in running:
+            problems.append(f"--set {item}: stage `{stage}` is not run by this command (--stage {only})")
+        elif setting not in TRAINING_SETTINGS:
+            if setting in Stage.model_fields:
+                problems.append(f"--set {item}: `{setting}` is fixed by the compiled build; change it in the recipe "
+                                "and compile again (at run time only these can be set: "
+                                f"{', '.join(TRAINING_SETTINGS)})")
+            else:
+                problems.append(f"--set {item}: stages have no setting `{setting}`"
+                                f"{did_you_mean(setting, TRAINING_SETTINGS)}")
+        else:
+            try:
+                wanted.setdefault(stage, {})[setting] = (item, _value(text, item))
+            except TunecError as exc:
+                problems.extend(str(p) for p in exc.problems)
+    out, changed = [], {}
+    for sp in stages:
+        if sp.name not in wanted:
+            out.append(sp)
+            continue
+        data = sp.settings.model_dump(mode="json")
+        data.update({k: v for k, (_, v) in wanted[sp.name].items()})
+        try:
+            settings = Stage.model_validate(data)
+        except ValidationError as exc:
+            found = []
+            for err in exc.errors():
+                field = str(err["loc"][0]) if err["loc"] else ""
+                item = wanted[sp.name][field][0] if field in wanted[sp.name] else f"stages.{sp.name}"
+                found.append((overrides.index(item) if item in overrides else len(overrides), item, err["msg"]))
+            problems.extend(f"--set {item}: {msg}" for _, item, msg in sorted(found))  # in the order given
+            continue
+        out.append(sp.model_copy(update={"settings": settings}))
+        changed[sp.name] = {k: getattr(settings, k) for k in wanted[sp.name]}
+    if problems:
+        raise TunecError(problems)
+    return out, changed
 
 
 def run(out: str | Path, options: RunOptions = RunOptions()) -> list[outputs.StageResult]:
     out = Path(out)
-    plan = read_plan(out)
-    stages = [plan.stage(options.stage)] if options.stage else list(plan.stages)
-    tokenizer_dir = out / plan.tokenizer.path
-    if not (tokenizer_dir / "tokenizer.json").is_file() and not (tokenizer_dir / "tokenizer_config.json").is_file():
-        raise TunecError(f"{tokenizer_dir}: the build's tokenizer is missing; compile the recipe again")
-    # Every shard of every stage to run is checked before any training starts.
-    data = {sp.name: (ShardSet(out, sp.train, options.verify),
-                      {t: ShardSet(out, ev.data, options.verify) for t, ev in sp.eval.items() if ev.data.rows})
-            for sp in stages}
     dist = distmod.from_env()
     device = models.pick_device(options.device, dist.local_rank)
     distmod.init(dist, device)
     try:
-        return [run_stage(out, plan, sp, *data[sp.name], options, dist, device) for sp in stages]
+        with _hold(out, dist, device):
+            return _run(out, options, dist, device)
     finally:
         distmod.shutdown(dist)
 
 
-def _decide(out: Path, sp: StagePlan, fp: str, options: RunOptions) -> tuple[str, Path | None]:
+@contextmanager
+def _hold(out: Path, dist: distmod.Dist, device: torch.device) -> Iterator[None]:
+    """The build folder's lock (:mod:`tunec.compiler.lock`), held by rank 0 for the whole job; every rank
+    learns whether rank 0 got it, so that none of them trains on a folder someone else is using."""
+    held, refused = None, None
+    if dist.is_main and out.is_dir():  # a missing folder is read_plan's error to report
+        try:
+            held = BuildLock(out, "run").acquire()
+        except TunecError as exc:
+            refused = exc
+    (failed,) = dist.sum([1.0 if refused else 0.0], device)
+    if refused is not None:
+        raise refused
+    if failed:
+        raise TunecError(f"{out}: rank 0 could not lock the build folder (its message says why)")
+    try:
+        yield
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _run(out: Path, options: RunOptions, dist: distmod.Dist, device: torch.device) -> list[outputs.StageResult]:
+    plan = read_plan(out)
+    loggers.requested(options.log)  # a tracker asked for but not installed: stop before any training
+    stages = [plan.stage(options.stage)] if options.stage else list(plan.stages)
+    stages, changed = apply_overrides(plan, stages, options.overrides, options.stage)
+    tokenizer_dir = out / plan.tokenizer.path
+    if not (tokenizer_dir / "tokenizer.json").is_file() and not (tokenizer_dir / "tokenizer_config.json").is_file():
+        raise TunecError(f"{tokenizer_dir}: the build's tokenizer is missing; compile the recipe again")
+    # Every shard of every stage to run is checked before any training starts.
+    vocab = plan.tokenizer.vocab_size
+    data = {sp.name: (ShardSet(out, sp.train, options.verify, vocab),
+                      {t: ShardSet(out, ev.data, options.verify, vocab) for t, ev in sp.eval.items() if ev.data.rows})
+            for sp in stages}
+    run_options = {sp.name: _run_options(changed.get(sp.name, {}), options.max_steps) for sp in stages}
+    return [run_stage(out, plan, sp, *data[sp.name], options, dist, device, run_options[sp.name]) for sp in stages]
+
+
+def _run_options(changed: dict[str, Any], max_steps: int | None) -> dict[str, Any]:
+    """What this command changed of a stage's plan, as results and checkpoints record it."""
+    found: dict[str, Any] = {}
+    if changed:
+        found["set"] = dict(changed)
+    if max_steps is not None:
+        found["max_steps"] = max_steps
+    return found
+
+
+def _describe(run_options: dict[str, Any] | None) -> str:
+    found = run_options or {}
+    parts = [f"--set {k}={v}" for k, v in sorted(found.get("set", {}).items())]
+    if found.get("max_steps") is not None:
+        parts.append(f"--max-steps {found['max_steps']}")
+    return " ".join(parts) or "no --set or --max-steps"
+
+
+def _changed_how(saved: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """Why a fingerprint differs, when run-time options explain it."""
+    if (saved or {}) == now:
+        return "another build or settings"
+    return f"other run-time options ({_describe(saved)}; this command: {_describe(now)})"
+
+
+def _decide(out: Path, sp: StagePlan, fp: str, options: RunOptions,
+            run_options: dict[str, Any]) -> tuple[str, Path | None]:
     """``("skip" | "resume" | "fresh", checkpoint)`` for a stage's run folder, or a user error."""
     rd = outputs.run_dir(out, sp.name)
     done = outputs.read_result(out, sp.name)
-    ckpt = checkpoint.latest(rd / "checkpoints")
     if options.force:
         return "fresh", None
     if done is not None:
@@ -87,18 +232,77 @@ def _decide(out: Path, sp: StagePlan, fp: str, options: RunOptions) -> tuple[str
             raise TunecError(f"{rd}: stage `{sp.name}` is already trained; --resume skips finished stages, "
                              "--force trains it again (replacing its results)")
         if done.fingerprint != fp:
-            raise TunecError(f"{rd}: stage `{sp.name}` was trained on another build or settings; "
-                             "--force trains it again")
+            raise TunecError(f"{rd}: stage `{sp.name}` was trained with {_changed_how(done.run_options, run_options)}"
+                             "; --force trains it again")
         return "skip", None
-    if ckpt is not None:
-        if not options.resume:
-            step = checkpoint.read_state(ckpt)["step"]
-            raise TunecError(f"{rd}: stage `{sp.name}` has an interrupted run (checkpoint at step {step}); "
-                             "--resume continues it, --force starts over")
-        if checkpoint.read_state(ckpt).get("fingerprint") != fp:
-            raise TunecError(f"{ckpt}: saved for another build or settings; --force starts the stage over")
-        return "resume", ckpt
-    return "fresh", None
+    found = checkpoint.all_checkpoints(rd / "checkpoints")
+    if not found:
+        return "fresh", None
+    if not options.resume:
+        raise TunecError(f"{rd}: stage `{sp.name}` has an interrupted run (checkpoint {found[-1].name}); "
+                         "--resume continues it, --force starts over")
+    ckpt, warnings = checkpoint.usable(rd / "checkpoints")
+    for w in warnings:
+        logger.warning(w)
+    if ckpt is None:
+        logger.warning(f"stage `{sp.name}` has no usable checkpoint; starting it over")
+        return "fresh", None
+    state = checkpoint.read_state(ckpt)
+    if state.get("fingerprint") != fp:
+        raise TunecError(f"{ckpt}: saved for {_changed_how(state.get('run_options'), run_options)}; resume with "
+                         "the options it was started with, or --force starts the stage over")
+    return "resume", ckpt
+
+
+def _remove_run(rd: Path) -> None:
+    """Delete a stage's run folder for a fresh start. Renamed away first: a kill half-way through the
+    deletion must not leave a ``result.json`` beside half a model, which would read as a finished stage."""
+    gone = rd.with_name(f".{rd.name}.deleted")
+    shutil.rmtree(gone, ignore_errors=True)  # left by a kill during an earlier deletion
+    if rd.exists():
+        os.replace(rd, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+
+def _clean_leftovers(rd: Path) -> None:
+    """What a killed run left behind: half-written temporary folders and files (``atomic_dir``'s
+    ``.NAME.PID.tmp`` / ``.old``, ``.tmp-step-*`` checkpoints). Only the lock holder gets here."""
+    if not rd.is_dir():
+        return
+    checkpoint.clean(rd / "checkpoints")
+    for p in rd.iterdir():
+        if p.name.startswith(".") and p.name.endswith((".tmp", ".old")):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def _rewind_lines(path: Path, keep: Callable[[str], bool]) -> None:
+    """Keep the whole lines of an append-only log that ``keep`` accepts; a last line without its newline
+    (cut by a kill) goes too. Rewritten atomically, so a kill now leaves the old file or the new one."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    if lines[-1]:
+        logger.warning(f"{path}: dropped an incomplete last line (the run was killed while writing it)")
+    lines = lines[:-1]  # the piece after the last newline: torn, or empty
+    kept = [line for line in lines if line.strip() and keep(line)]
+    if kept != lines or not text.endswith("\n") and text:
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _rewind_metrics(path: Path, step: int) -> None:
+    """``metrics.jsonl`` as it was at checkpoint ``step``: whole records of steps up to ``step``."""
+    def keep(line: str) -> bool:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            logger.warning(f"{path}: dropped a damaged line: {line[:60]!r}")
+            return False
+        return isinstance(record, dict) and record.get("step", 0) <= step
+    _rewind_lines(path, keep)
 
 
 def _prepare_model(out: Path, plan: Plan, sp: StagePlan, resuming: bool, dist: distmod.Dist,
@@ -113,7 +317,9 @@ def _prepare_model(out: Path, plan: Plan, sp: StagePlan, resuming: bool, dist: d
         model, attn = models.load_spec(spec, plan.seed, attn)
         base = None if isinstance(spec, ConfigModel) else spec  # a config-built base exists nowhere on disk
     models.check_vocab(model, plan.tokenizer.vocab_size)
-    models.set_special_tokens(model, plan.tokenizer.bos_id, plan.tokenizer.eos_id, plan.tokenizer.pad_id)
+    models.set_special_tokens(model, plan.tokenizer.bos_id, plan.tokenizer.eos_id, plan.tokenizer.pad_id,
+                              outputs.end_of_turn(out, plan, sp),
+                              keep_own=not isinstance(spec, ConfigModel) or "eos_token_id" in spec.config)
     if lora and base is None:
         folder = outputs.run_dir(out, sp.name) / "base"
         if resuming:  # the very weights the checkpointed adapter was trained on
@@ -129,18 +335,31 @@ def _prepare_model(out: Path, plan: Plan, sp: StagePlan, resuming: bool, dist: d
 
 
 def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[str, ShardSet],
-              options: RunOptions, dist: distmod.Dist, device: torch.device) -> outputs.StageResult:
+              options: RunOptions, dist: distmod.Dist, device: torch.device,
+              run_options: dict[str, Any] | None = None) -> outputs.StageResult:
     started = time.perf_counter()
     stage, rd = sp.settings, outputs.run_dir(out, sp.name)
-    fp = fingerprint(out, plan, sp)
-    action, ckpt = _decide(out, sp, fp, options)
-    dist.barrier()  # every rank has decided before rank 0 changes anything
+    run_options = run_options if run_options is not None else _run_options({}, options.max_steps)
+    fp = fingerprint(out, plan, sp, options.max_steps)
+    # Rank 0 alone reads the folder and decides (a damaged checkpoint is warned about once); the others follow.
+    decision: Any = None
+    if dist.is_main:
+        try:
+            decision = _decide(out, sp, fp, options, run_options)
+        except TunecError as exc:
+            decision = exc
+    decision = _broadcast(decision, dist)
+    if isinstance(decision, TunecError):
+        raise decision
+    action, ckpt = decision
     if action == "skip":
         if dist.is_main:
-            print(f"stage {sp.name}: already trained ({rd / outputs.RESULT}), skipped", flush=True)
+            logger.info(f"stage {sp.name}: already trained ({rd / outputs.RESULT}), skipped")
         return outputs.read_result(out, sp.name)
-    if action == "fresh" and dist.is_main and rd.exists():
-        shutil.rmtree(rd)
+    if action == "fresh" and dist.is_main:
+        _remove_run(rd)
+    if action == "resume" and dist.is_main:
+        _clean_leftovers(rd)
     dist.barrier()
 
     lora = stage.peft if isinstance(stage.peft, LoraPeft) else None
@@ -148,6 +367,8 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
 
     batching = plan_batching(data.rows, data.seq_len, stage.batch_tokens, stage.micro_batch_rows,
                              stage.epochs, stage.max_steps, dist.world_size)
+    if options.max_steps is not None:
+        batching = replace(batching, total_steps=min(batching.total_steps, options.max_steps))
     module = models.PackedLM(model, attn)
     wrapped = module
     if dist.active:
@@ -159,23 +380,32 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     scheduler = make_scheduler(optimizer, stage.warmup_steps, batching.total_steps)
     loop = Loop(wrapped, params, optimizer, scheduler, data, RowStream(plan.seed, data.rows), batching, stage,
                 dist, device, plan.tokenizer.pad_id)
-    if os.environ.get("TUNEC_TRACE_ROWS"):  # see runtime/README.md, "Debugging"
-        loop.trace = rd / "trace"
-        loop.trace.mkdir(parents=True, exist_ok=True)
-
     progress = Progress()
-    torch.manual_seed(plan.seed * 1000 + plan.stages.index(sp) * 100 + dist.rank)  # dropout; restored on resume
+    index = [s.name for s in plan.stages].index(sp.name)
+    torch.manual_seed(plan.seed * 1000 + index * 100 + dist.rank)  # dropout; restored on resume
+    state: dict[str, Any] = {}
     if ckpt is not None:
         state = checkpoint.load(ckpt, model, optimizer, scheduler, dist)
         progress = Progress(state["step"], state["tokens"], state["trained_tokens"])
+        if "window" in state:  # the loss since the last record, so the next record reads as uninterrupted
+            progress.window.update(state["window"])
+        if dist.is_main:
+            _rewind_metrics(rd / METRICS, progress.step)
+    if os.environ.get("TUNEC_TRACE_ROWS"):  # see runtime/README.md, "Debugging"
+        loop.trace = rd / "trace"
+        loop.trace.mkdir(parents=True, exist_ok=True)
+        _rewind_lines(loop.trace / f"rank-{dist.rank}.txt", lambda line: int(line.split()[0]) < progress.step)
     log = MetricsLog(rd, dist.is_main, progress.step if ckpt else None, batching.total_steps, progress.step,
-                     sp.name, options.progress)
+                     sp.name, options.progress, loggers.requested(options.log), sp.settings.model_dump(mode="json"))
+    if state.get("first_loss"):  # what this stage's earlier runs logged, for the result and the summary line
+        log.first_loss = tuple(state["first_loss"])
+    log.last_loss = state.get("last_loss")
     log.note(f"stage {sp.name}: {sum(p.numel() for p in params):,} trainable parameters, {batching.total_steps} "
              f"steps of {batching.rows_per_step} rows x {data.seq_len} tokens ({batching.micro_steps} micro-batch(es) "
              f"of <= {batching.micro_batch_rows} rows per rank, {dist.world_size} rank(s)), {device}, {attn}"
              + (f", resuming at step {progress.step}" if ckpt else ""))
 
-    last = {"eval": {}}
+    last = {"eval": state.get("eval_loss", {}), "eval_step": state.get("eval_step")}
 
     def run_eval(p: Progress) -> None:
         if not evals:
@@ -183,22 +413,26 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
         losses, counts = evaluate(module, evals, batching.micro_batch_rows, dist, device, loop.autocast)
         log.write({"step": p.step, "eval_loss": losses, "eval_tokens": counts})
         log.note(f"step {p.step}: eval loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
-        last["eval"] = losses
+        last["eval"], last["eval_step"] = losses, p.step
 
     def between_steps(p: Progress) -> None:
         at_end = p.step == batching.total_steps
         if at_end or (stage.eval_every_steps and p.step % stage.eval_every_steps == 0):
             run_eval(p)
         if at_end or (stage.checkpoint_every_steps and p.step % stage.checkpoint_every_steps == 0):
+            window = {k: v for k, v in p.window.items() if k != "t0"}
             checkpoint.save(rd / "checkpoints", p.step, model, optimizer, scheduler,
                             {"fingerprint": fp, "tokens": p.tokens, "trained_tokens": p.trained_tokens,
-                             "world_size": dist.world_size, "rows_per_step": batching.rows_per_step}, dist)
+                             "world_size": dist.world_size, "rows_per_step": batching.rows_per_step,
+                             "run_options": run_options, "window": window, "first_loss": log.first_loss,
+                             "last_loss": log.last_loss, "eval_loss": last["eval"], "eval_step": last["eval_step"]},
+                            dist)
         if options.on_step is not None:
             options.on_step(p.step)
 
     try:
-        if progress.step >= batching.total_steps:  # resumed from the final checkpoint
-            run_eval(progress)
+        if progress.step >= batching.total_steps and last["eval_step"] != progress.step:
+            run_eval(progress)  # resumed from a final checkpoint saved before evaluation existed in its state
         train(loop, progress, log, between_steps)
     except torch.OutOfMemoryError:
         raise TunecError(
@@ -211,18 +445,30 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     paths = {}
     if dist.is_main:
         paths = outputs.save_model(out, sp.name, model, lora is not None, bool(lora and lora.save_merged), base,
-                                   out / plan.tokenizer.path)
+                                   out / plan.tokenizer.path, models.save_dtype(device))
     result = outputs.StageResult(
         stage=sp.name, fingerprint=fp, kind="lora" if lora else "full", base=base if lora else None,
         steps=batching.total_steps, rows_per_step=batching.rows_per_step, tokens=progress.tokens,
         trained_tokens=progress.trained_tokens, train_loss=log.last_loss, eval_loss=last["eval"],
-        wall_s=round(time.perf_counter() - started, 3), **paths)
+        run_options=run_options, wall_s=round(time.perf_counter() - started, 3), **paths)
     if dist.is_main:
+        outputs.write_cards(out, plan, sp, result)
         outputs.write_result(out, result)
         first = f"{log.first_loss[1]:.4f} (step {log.first_loss[0]}) -> " if log.first_loss else ""
         last_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
         evals = f", eval loss {result.eval_loss['all']:.4f}" if "all" in result.eval_loss else ""
-        print(f"stage {sp.name}: done in {result.wall_s:.1f}s, loss {first}{last_loss} (step {result.steps}){evals}; "
-              f"model in {out / (result.model or result.merged or result.adapter)}", flush=True)
+        logger.info(f"stage {sp.name}: done in {result.wall_s:.1f}s, loss {first}{last_loss} (step {result.steps}){evals}; "
+                    f"model in {out / (result.model or result.merged or result.adapter)}")
     dist.barrier()
     return result
+
+
+def _broadcast(value: Any, dist: distmod.Dist) -> Any:
+    """Rank 0's ``value`` on every rank (a small picklable object)."""
+    if not dist.active:
+        return value
+    import torch.distributed as td
+
+    box = [value]
+    td.broadcast_object_list(box, src=0)
+    return box[0]

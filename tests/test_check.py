@@ -249,7 +249,8 @@ def test_unused_task_is_checked_but_not_used(recipe, tiny_task_dir):
     with pytest.raises(TunecError) as info:  # spare has no `question`/`answer` columns
         check(recipe(text + ONE_STAGE))
     assert {p.field for p in info.value.problems} == {"tasks.spare.templates[0]"}
-    ok = text.replace("path: tiny/train.jsonl}\n    templates", "path: tiny/train.jsonl}\n    fields: {question: q, answer: a}\n    templates")
+    ok = text.replace("path: tiny/train.jsonl}\n    templates",
+                      "path: tiny/train.jsonl}\n    fields: {question: q, answer: a}\n    templates")
     assert check(recipe(ok + ONE_STAGE)).used_tasks() == ["sums"]
 
 
@@ -292,7 +293,8 @@ def test_template_dirs_add_new_names_and_suggestions(recipe, tmp_path):
     (tmp_path / "mine" / "house").mkdir(parents=True)
     (tmp_path / "mine" / "house" / "style.j2").write_text(OWN_QA)
     text = SUMS.replace("seq_len: 64", "seq_len: 64\ntemplate_dirs: [mine]")
-    assert [t.name for t in check(recipe(text.replace("arithmetic/qa,", "house/style,") + ONE_STAGE)).templates["sums"]] == [
+    checked = check(recipe(text.replace("arithmetic/qa,", "house/style,") + ONE_STAGE))
+    assert [t.name for t in checked.templates["sums"]] == [
         "house/style",
         "arithmetic/equation",
     ]
@@ -331,3 +333,128 @@ def test_inline_block_scalar_template_lines_point_at_the_text(write_recipe, tiny
         check(load_recipe(path))
     (problem,) = err.value.problems
     assert "uses `hint`" in problem.message and problem.line == 10  # the line that says Hint:
+
+
+# ----------------------------------------------------------------- `kind: config` models
+
+
+CONFIG_STAGE = """\
+stages:
+  - name: sft
+    objective: sft
+    tasks: [sums]
+    model:
+      kind: config
+      config: {CONFIG}
+"""
+
+
+def config_stage(config: str) -> str:
+    return CONFIG_STAGE.replace("{CONFIG}", config)
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ("{model_type: lama}",
+         "R:15:16: stages[0].model.config.model_type: unknown model_type 'lama' (did you mean 'llama'?)"),
+        ("{model_type: llama, hidden_size: big}",
+         "R:15:35: stages[0].model.config.hidden_size: Field 'hidden_size' expected int, got str (value: 'big')"),
+        ("{model_type: llama, hiden_size: 64}",
+         "R:15:35: stages[0].model.config.hiden_size: `hiden_size` is not a setting of LlamaConfig "
+         "(did you mean 'hidden_size'?)"),
+        ("{model_type: llama, vocab_size: -1}",
+         "R:15:35: stages[0].model.config.vocab_size: `vocab_size` must be positive (got -1)"),
+        ("{model_type: llama, hidden_size: 64, num_attention_heads: 5}",
+         "R:15:7: stages[0].model.config: The hidden size (64) is not a multiple of the number of attention "
+         "heads (5)."),
+        ("{model_type: qwen2, hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 3}",
+         "R:15:76: stages[0].model.config.num_key_value_heads: `num_key_value_heads` (3) must divide "
+         "`num_attention_heads` (4): each key/value head serves a whole group of query heads"),
+    ],
+)
+def test_config_models_are_built_at_validate(recipe, config, expected):
+    assert problems(recipe(SUMS + config_stage(config))) == [expected]
+
+
+def test_unknown_model_type_is_one_short_line(recipe):
+    (line,) = problems(recipe(SUMS + config_stage("{model_type: not-a-model-at-all}")))
+    assert line.endswith("unknown model_type 'not-a-model-at-all'") and len(line) < 200
+
+
+def test_config_check_keeps_torch_out_of_validate(tmp_path, demo_dir):
+    import subprocess
+    import sys
+
+    code = ("import sys; from tunec.compiler.check import check; from tunec.compiler.load import load_recipe; "
+            f"check(load_recipe({str(demo_dir / 'demo.yaml')!r})); print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+def test_transformers_warnings_about_a_config_are_warnings(recipe):
+    checked = check(recipe(SUMS + config_stage("{model_type: llama, vocab_size: 2, foo: 1}")))
+    assert sorted(str(w).replace(checked.loaded.display, "R", 1) for w in checked.warnings) == [
+        "R:15:50: stages[0].model.config.foo: `foo` is not a setting of LlamaConfig; transformers keeps it as a "
+        "plain attribute",
+        "R:15:7: stages[0].model.config: Model config: eos_token_id must be `None` or an integer within the "
+        "vocabulary (between 0 and 1), got 2. This may result in unexpected behavior.",
+    ]
+
+
+# ----------------------------------------------------------------- hub sources without columns
+
+
+HUB = HEAD + """\
+tasks:
+  sums:
+    source: {kind: hub, id: org/arith}
+    templates: [arithmetic/qa]
+""" + ONE_STAGE
+
+
+def test_hub_source_without_columns_warns_offline(recipe, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("validate went to the network while offline")
+
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", no_network)
+    checked = check(recipe(HUB))
+    (warning,) = checked.warnings
+    assert (warning.line, warning.field) == (5, "tasks.sums.source")
+    assert "columns of hub dataset 'org/arith' could not be read" in warning.message
+    assert "templates of task `sums`" in warning.message
+
+
+def test_hub_source_columns_come_from_the_card_when_online(recipe, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("tunec.compiler.hubmeta.offline", lambda: False)
+    calls = []
+
+    def dataset_info(self, repo_id, revision=None, timeout=None, **kw):
+        calls.append((repo_id, timeout))
+        return SimpleNamespace(card_data={"dataset_info": {"features": [{"name": "question"}, {"name": "text"}]}})
+
+    monkeypatch.setattr("huggingface_hub.HfApi.dataset_info", dataset_info)
+    (message,) = problems(recipe(HUB))  # the card's columns lack the template's `answer`
+    assert message.startswith("R:6:17: tasks.sums.templates[0]: template 'arithmetic/qa' uses `answer`, which the "
+                              "task does not provide; columns: question, text")
+    assert calls == [("org/arith", 5.0)]
+
+
+def test_cli_prints_validate_warnings(tmp_path, monkeypatch, write_recipe, tiny_task_dir):
+    from click.testing import CliRunner
+
+    from tunec.cli import main
+
+    (tmp_path / "tok").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    write_recipe(HUB)
+    result = CliRunner().invoke(main, ["validate", "recipe.yaml"])
+    assert result.exit_code == 0, result.output
+    assert "warning: recipe.yaml:5:5: tasks.sums.source: the columns of hub dataset 'org/arith'" in result.output

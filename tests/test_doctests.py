@@ -8,7 +8,8 @@ import importlib
 import pytest
 
 MODULES = ["tunec.compiler.fileio", "tunec.compiler.yamlpos", "tunec.compiler.pack", "tunec.compiler.templates", "tunec.compiler.mixture",
-           "tunec.compiler.leakage", "tunec.compiler.promptsource"]
+           "tunec.compiler.leakage", "tunec.compiler.promptsource", "tunec.compiler.load", "tunec.compiler.hubmeta",
+           "tunec.compiler.yamltext", "tunec.compiler.sandbox"]
 
 
 @pytest.mark.parametrize("name", MODULES)

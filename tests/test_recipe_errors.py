@@ -306,7 +306,8 @@ def test_error_in_merged_value_points_at_where_it_was_written(write_recipe):
         """
     )
     assert errors(path) == [
-        "R:7:1: defaults: unknown field `defaults`; allowed: leakage, seed, seq_len, stages, tasks, template_dirs, tokenizer",
+        "R:7:1: defaults: unknown field `defaults`; allowed: leakage, seed, seq_len, stages, tasks, template_dirs, "
+        "tokenizer, version",
         "R:8:3: stages[0].lr: Input should be greater than 0 (got -1)",
     ]
 
@@ -337,6 +338,74 @@ def test_misspelt_names_are_reported_with_schema_errors(write_recipe):
 
 
 def test_yaml_booleans_where_strings_are_expected_get_a_hint(write_recipe):
-    path = write_recipe(VALID.replace("templates: [arithmetic/qa]", "templates: [arithmetic/qa]\n    answer_choices: [yes, no]"))
+    path = write_recipe(VALID.replace("templates: [arithmetic/qa]",
+                                      "templates: [arithmetic/qa]\n    answer_choices: [true, no]"))
     messages = errors(path)
-    assert any("YAML reads yes/no/true/false/on/off as booleans: quote the value" in m for m in messages), messages
+    assert any("YAML reads true/false as booleans: quote the value" in m for m in messages), messages
+
+
+def test_yaml_1_2_scalars_yes_no_are_strings_and_exponents_are_floats(write_recipe):
+    # YAML 1.1 (PyYAML's default) reads `no` as False and `1e-5` as a string.
+    path = write_recipe(VALID.replace("templates: [arithmetic/qa]",
+                                      "templates: [arithmetic/qa]\n    answer_choices: [yes, no, on, off]")
+                        + "    lr: 1e-5\n")
+    r = load_recipe(path).recipe
+    assert r.tasks["sums"].answer_choices == ["yes", "no", "on", "off"]
+    assert r.stages[0].lr == 1e-5 and isinstance(load_recipe(path).data["stages"][0]["lr"], float)
+
+
+def test_non_finite_and_absurd_numbers_are_rejected_where_written(write_recipe):
+    path = write_recipe(
+        VALID.replace("seq_len: 64", "seq_len: 64\nseed: 1e29")
+        + "    lr: .inf\n    epochs: .inf\n    batch_tokens: 1e24\n    warmup_steps: -3\n    max_steps: 1e10\n"
+    )
+    assert errors(path) == [
+        "R:3:1: seed: Input is too large (got 1e+29)",
+        "R:13:5: stages[0].lr: Input should be a finite number (got inf)",
+        "R:14:5: stages[0].epochs: Input should be a finite number (got inf)",
+        "R:15:5: stages[0].batch_tokens: Input is too large (got 1e+24)",
+        "R:16:5: stages[0].warmup_steps: Input should be greater than or equal to 0 (got -3)",
+        "R:17:5: stages[0].max_steps: Input should be less than or equal to 1000000000 (got 10000000000.0)",
+    ]
+
+
+def test_bounds_are_in_the_schema_too():
+    schema = Recipe.model_json_schema()
+    stage = schema["$defs"]["Stage"]["properties"]
+    assert stage["lr"]["maximum"] == 1 and stage["batch_tokens"]["maximum"] == 1 << 40
+    assert schema["properties"]["seed"]["maximum"] == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    "task_lines, expected",
+    [
+        ("    eval: {fractoin: 0.1}",
+         ["R:7:12: tasks.sums.eval.fractoin: unknown field `fractoin` (did you mean 'fraction'?)"]),
+        ("    answer_choices: {kind: column, colum: x}",
+         ["R:7:5: tasks.sums.answer_choices: missing required field `column`",
+          "R:7:36: tasks.sums.answer_choices.colum: unknown field `colum` (did you mean 'column'?)"]),
+        ("    answer_choices: {kind: colum, column: x}",
+         ["R:7:22: tasks.sums.answer_choices: unknown kind 'colum' (did you mean 'column'?); "
+          "expected one of: column, jinja"]),
+        ("    answer_choices: [a, [b]]", ["R:7:25: tasks.sums.answer_choices[1]: Input should be a valid string"]),
+        ("    answer_choices: 5",
+         ["R:7:5: tasks.sums.answer_choices: Input should be a valid list or a mapping (got 5)"]),
+        ("    eval: 5", ["R:7:5: tasks.sums.eval: Input should be a mapping (got 5)"]),
+        ("    truncation: truncat",
+         ["R:7:5: tasks.sums.truncation: Input should be 'drop', 'truncate' or 'error' (got 'truncat') "
+          "(did you mean 'truncate'?)"]),
+    ],
+)
+def test_union_errors_collapse_to_the_member_meant(write_recipe, task_lines, expected):
+    path = write_recipe(VALID.replace("templates: [arithmetic/qa]\n", f"templates: [arithmetic/qa]\n{task_lines}\n"))
+    assert errors(path) == expected
+
+
+def test_union_of_types_says_what_each_member_wanted(write_recipe):
+    path = write_recipe(VALID.replace("path: tiny/train.jsonl", "path: 5")
+                        + "    peft: {kind: lora, target_modules: all-linaer}\n")
+    assert errors(path) == [
+        "R:5:27: tasks.sums.source.path: Input should be a valid string or a mapping (got 5)",
+        "R:12:24: stages[0].peft.target_modules: Input should be a valid list or 'all-linear' "
+        "(got 'all-linaer') (did you mean 'all-linear'?)",
+    ]

@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.runtime.data import RowStream, plan_batching, step_rows
 from tunec.runtime.run import RunOptions, run
+
+pytestmark = pytest.mark.slow  # two processes, each importing torch and transformers
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 RECIPE = f"""

@@ -273,3 +273,104 @@ def test_fingerprint_follows_file_content(task, tiny_task_dir):
         fh.write(json.dumps({"q": "What is 1 plus 1?", "a": "2"}) + "\n")
     after = fingerprint(loaded, t)
     assert after["train"] == before["train"] and after["test"] != before["test"]
+
+
+# ----------------------------------------------------------------- damaged files, through the CLI
+
+
+def _cli(*args: str) -> tuple[int, list[str], str]:
+    from click.testing import CliRunner
+
+    from tunec.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, [l for l in result.output.splitlines() if l.startswith("error:")], result.output
+
+
+def _one_file_recipe(tmp_path: Path, kind: str, name: str, data: bytes) -> Path:
+    (tmp_path / name).write_bytes(data)
+    tokenizer = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tokenizer"
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        f"tokenizer: {{kind: local, path: {tokenizer}}}\n"
+        "seq_len: 64\n"
+        "tasks:\n"
+        "  t:\n"
+        f"    source: {{kind: {kind}, path: {name}}}\n"
+        "    templates: [{kind: inline, name: x, prompt: '{{ q }}', completion: ' {{ a }}'}]\n"
+        "stages:\n"
+        "  - {name: s, objective: sft, tasks: [t], model: {kind: config, config: {model_type: llama}}}\n"
+    )
+    return path
+
+
+def _jsonl_bytes(n: int) -> bytes:
+    return "".join(json.dumps({"q": f"q{i}", "a": str(i)}) + "\n" for i in range(n)).encode()
+
+
+def _csv_bytes(n: int) -> bytes:
+    return ("q,a\n" + "".join(f"q{i},{i}\n" for i in range(n))).encode()
+
+
+DAMAGED = [
+    # kind, file, bytes, the error after `error: <file>`
+    ("jsonl", "d.jsonl", _jsonl_bytes(5).replace(b'"q2"', b'"q\xff2"'),
+     ":3:9: not valid UTF-8: byte 0xff (invalid start byte); save the file as UTF-8"),
+    ("json", "d.json", json.dumps([{"q": f"q{i}", "a": str(i)} for i in range(5)], indent=1).encode()
+     .replace(b'"q3"', b'"q\xc3\x283"'),
+     ":15:10: not valid UTF-8: byte 0xc3 (invalid continuation byte); save the file as UTF-8"),
+    ("csv", "d.csv", _csv_bytes(5).replace(b"q2,", b"\xe9t\xe9,"),
+     ":4:1: not valid UTF-8: byte 0xe9 (invalid continuation byte); save the file as UTF-8"),
+    ("csv", "d.csv", _csv_bytes(5).replace(b"q1,", b'"q1,'),
+     ":3: malformed CSV: a quoted field that starts on this line is never closed (a `\"` is missing)"),
+    ("parquet", "d.parquet", b"PAR1 not parquet at all",
+     ": not a readable parquet file: Parquet magic bytes not found in footer. Either the file is corrupted or "
+     "this is not a parquet file."),
+    ("parquet", "d.parquet", _csv_bytes(5),
+     ": not a readable parquet file: Parquet magic bytes not found in footer. Either the file is corrupted or "
+     "this is not a parquet file."),
+]
+
+
+@pytest.mark.parametrize("kind,name,data,expected", DAMAGED,
+                         ids=["jsonl-utf8", "json-utf8", "csv-utf8", "csv-quote", "parquet-junk", "parquet-csv"])
+def test_damaged_file_is_one_located_line_in_validate_and_compile(tmp_path, kind, name, data, expected):
+    path = _one_file_recipe(tmp_path, kind, name, data)
+    for args in (["validate", str(path)], ["compile", str(path), "-o", str(tmp_path / "out"), "-j", "1"]):
+        code, errors, output = _cli(*args)
+        assert "Traceback" not in output, output
+        assert (code, errors) == (1, [f"error: {tmp_path / name}{expected}"]), output
+
+
+@pytest.mark.parametrize("kind,name,data,expected", [
+    ("jsonl", "d.jsonl", _jsonl_bytes(300).replace(b'"q250"', b'"q\xff250"'),
+     ":251:9: not valid UTF-8: byte 0xff (invalid start byte); save the file as UTF-8"),
+    ("csv", "d.csv", _csv_bytes(300).replace(b"q250,", b"q\xff250,"),
+     ":252:2: not valid UTF-8: byte 0xff (invalid start byte); save the file as UTF-8"),
+    ("csv", "d.csv", _csv_bytes(300).replace(b"q250,", b'"q250,'),
+     ":252: malformed CSV: a quoted field that starts on this line is never closed (a `\"` is missing)"),
+], ids=["jsonl-utf8", "csv-utf8", "csv-quote"])
+def test_damage_past_the_rows_validate_reads_is_located_by_compile(tmp_path, kind, name, data, expected):
+    path = _one_file_recipe(tmp_path, kind, name, data)
+    code, errors, output = _cli("validate", str(path))
+    assert code == 0, output  # validate reads the first rows only
+    code, errors, output = _cli("compile", str(path), "-o", str(tmp_path / "out"), "-j", "1")
+    assert "Traceback" not in output, output
+    assert (code, errors) == (1, [f"error: {tmp_path / name}{expected}"]), output
+
+
+def test_a_parquet_file_damaged_inside_is_one_line_naming_it(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.Table.from_pylist([{"q": f"q{i}", "a": str(i)} for i in range(50)]), good)
+    data = bytearray(good.read_bytes())
+    data[8:40] = b"\x00" * 32  # the first column chunk's bytes; the footer (schema) stays readable
+    path = _one_file_recipe(tmp_path, "parquet", "d.parquet", bytes(data))
+    code, errors, output = _cli("validate", str(path))
+    assert code == 0, output
+    code, errors, output = _cli("compile", str(path), "-o", str(tmp_path / "out"), "-j", "1")
+    assert "Traceback" not in output, output
+    assert code == 1 and len(errors) == 1 and "\n" not in errors[0]
+    assert errors[0].startswith(f"error: {tmp_path / 'd.parquet'}: cannot read parquet file: "), errors

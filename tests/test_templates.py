@@ -335,3 +335,159 @@ def test_variables_guarded_by_is_defined_are_optional_columns():
     assert analyse(source, ["question", "answer"]) == []
     problems = analyse(source, ["question"])
     assert [p.message.split(",")[0] for p in problems] == ["template 'opt' uses `answer`"]
+
+
+# ----------------------------------------------------------------- unknown filters and tests
+
+
+def test_analyse_reports_unknown_filters_and_tests_with_their_lines():
+    text = ("{% block prompt %}\n{{ q | uper }}\n{% if q is nosuchtest %}x{% endif %}{% endblock %}"
+            "{% block completion %} {{ a }}{% endblock %}")
+    problems = analyse(source(text, name="f", filename="f.j2"), ["q", "a"])
+    assert [(p.file, p.line, p.message) for p in problems] == [
+        ("f.j2", 2, "template 'f': no filter named `uper` (did you mean 'upper'?)"),
+        ("f.j2", 3, "template 'f': no test named `nosuchtest`"),
+    ]
+    # without the columns too: it is a property of the template alone
+    assert len(analyse(source(text), None)) == 2
+
+
+def test_unknown_filter_in_a_filter_block_and_in_answer_choices():
+    block = "{% block prompt %}{% filter nosuch %}x{% endfilter %}{% endblock %}{% block completion %} y{% endblock %}"
+    (p,) = analyse(source(block), [])
+    assert "no filter named `nosuch`" in p.message
+    ps = TemplateSource("ps", "{{ q }} ||| {{ a }}", "ps.yaml", 4, kind="promptsource",
+                        answer_choices="{{ a | nosuch }} ||| b")
+    (p,) = analyse(ps, ["q", "a"])
+    assert p.message == "answer_choices: template 'ps': no filter named `nosuch`" and p.line == 4
+
+
+def test_renderer_reports_a_template_jinja_cannot_compile_as_a_render_error():
+    # `tunec compile` validates first; this is the net under it
+    text = "{% block prompt %}\n\n{{ q | nosuchfilter }}{% endblock %}{% block completion %} {{ a }}{% endblock %}"
+    src = source(text, name="bad", filename="bad.j2")
+    with pytest.raises(RenderError) as info:
+        Renderer([src])
+    assert info.value.template is src and info.value.line == 3
+    assert "No filter named 'nosuchfilter'" in info.value.message
+
+
+# ----------------------------------------------------------------- bounded rendering and the sandbox
+
+
+def _prompt_only(body: str, name: str = "p") -> TemplateSource:
+    return source("{% block prompt %}" + body + "{% endblock %}{% block completion %} c{% endblock %}", name=name)
+
+
+@pytest.mark.parametrize("body", [
+    "{{ 'a' * 10**9 }}",
+    "{{ [0] * 10**9 }}",
+    "{{ 'x'.ljust(10**9) }}",
+    "{{ ('\t' * 1000).expandtabs(100000) }}",
+    "{{ 'x' | center(10**9) }}",
+    "{{ '%0999999999d' % 1 }}",
+    "{{ '%*d' | format(999999999, 1) }}",
+    "{{ '{:>999999999}'.format(1) }}",
+    "{{ '{:>{w}}'.format(1, w=999999999) }}",
+    "{{ '{0:>{1}}'.format(1, 999999999) }}",
+    "{{ '%*d' % (999999999, 1) }}",
+    "{{ 2 ** 999999999 }}",
+    "{{ lipsum(10**6) }}",
+    "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s }}",
+    "{% macro d(s) %}{{ d(s ~ s) }}{% endmacro %}{{ d('ab') }}",
+    "{{ 'abcdefghij'" + " | replace('a', 'aaaaaaaaaa')" * 7 + " }}",  # ten times longer at each step
+    "{% for i in range(99999) %}{{ 'x' * 99999 }}{% endfor %}",
+])
+def test_a_template_cannot_make_values_larger_than_the_limit(body):
+    with pytest.raises(RenderError) as info:
+        Renderer([_prompt_only(body)]).render(0, {})
+    message = info.value.message
+    assert message.startswith("rendering stopped: "), message
+    assert "larger than a template may make (10,000,000)" in message or "passed 10,000,000 characters" in message \
+        or message.endswith("is too large a number")
+
+
+def test_range_is_bounded_in_the_sandbox():
+    with pytest.raises(RenderError, match="MAX_RANGE"):
+        Renderer([_prompt_only("{% for i in range(10**9) %}x{% endfor %}")]).render(0, {})
+
+
+@pytest.mark.parametrize("body", [
+    "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",  # no output, no calls
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",  # 2**60 calls
+])
+def test_a_template_that_runs_too_long_is_stopped(body, monkeypatch):
+    import time
+
+    from tunec.compiler import sandbox
+
+    monkeypatch.setattr(sandbox, "MAX_RENDER_SECONDS", 0.3)
+    started = time.monotonic()
+    with pytest.raises(RenderError) as info:
+        Renderer([_prompt_only(body, name="slow")]).render(0, {})
+    assert time.monotonic() - started < 5
+    assert info.value.message == "rendering stopped: rendering took longer than 0.3 s"
+    assert info.value.template.name == "slow"
+
+
+def test_runaway_recursion_is_a_clean_error():
+    with pytest.raises(RenderError, match="RecursionError"):
+        Renderer([_prompt_only("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}")]).render(0, {})
+
+
+def test_the_time_limit_leaves_no_timer_behind(monkeypatch):
+    import signal
+
+    from tunec.compiler import sandbox
+
+    monkeypatch.setattr(sandbox, "MAX_RENDER_SECONDS", 0.2)
+    before = signal.getsignal(signal.SIGALRM)
+    assert Renderer([source(QA)]).render(0, {"q": "x", "a": "y"}) == ("Q: x\nA:", " y")
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is before
+
+
+SSTI = [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ cycler.__init__.__globals__.os.system('touch {marker}') }}",
+    "{{ joiner.__init__.__globals__.os.popen('touch {marker}').read() }}",
+    "{{ namespace.__init__.__globals__['os'].system('touch {marker}') }}",
+    "{{ self._TemplateReference__context.cycler.__init__.__globals__.os.system('touch {marker}') }}",
+    "{{ self.__init__.__globals__.__builtins__ }}",
+    "{{ lipsum.__globals__['os'].system('touch {marker}') }}",
+    "{{ range.__globals__ }}",
+    "{{ q | attr('__class__') }}",
+    "{{ q | attr('\\x5f\\x5fclass\\x5f\\x5f') }}",
+    "{{ ().__class__.__bases__[0].__subclasses__() }}",
+    "{{ q['__class__'] }}",
+]
+
+
+@pytest.mark.parametrize("payload", SSTI)
+def test_template_injection_payloads_are_refused_at_validate_and_blocked_at_compile(payload, tmp_path):
+    marker = tmp_path / "pwned"
+    src = _prompt_only(payload.replace("{marker}", str(marker)), name="evil")
+    problems = analyse(src, ["q"])
+    assert problems and all("names starting with `_` are not available" in p.message for p in problems), problems
+    with pytest.raises(RenderError) as info:
+        Renderer([src]).render(0, {"q": "x"})
+    assert info.value.message.startswith(("SecurityError: ", "UndefinedError: ")), info.value.message
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["config", "request", "os", "__builtins__"])
+def test_flask_style_globals_do_not_exist(name):
+    src = _prompt_only("{{ %s }}" % name)
+    (p,) = analyse(src, ["q"])
+    assert f"uses `{name}`, which the task does not provide" in p.message
+    with pytest.raises(RenderError, match=f"UndefinedError: '{name}' is undefined"):
+        Renderer([src]).render(0, {"q": "x"})
+
+
+@pytest.mark.parametrize("tag", ["{% include 't0' %}", "{% import 't0' as m %}", "{% from 't0' import x %}",
+                                 "{% extends 't0' %}"])
+def test_templates_cannot_include_or_import_other_templates(tag):
+    src = source("{% block prompt %}\n" + tag + "{% endblock %}{% block completion %} c{% endblock %}", name="inc")
+    problems = analyse(src, [])
+    assert [(p.line, p.message.split(":")[0]) for p in problems][:1] == [(2, "template 'inc'")]
+    assert "is not available: a template is one text" in problems[0].message

@@ -239,3 +239,32 @@ def test_locate_of_the_empty_path_is_the_document():
     data, where = load(SOURCE_YAML)
     assert locate(where, data, ()) == ((), (1, 1))
     assert locate(where, data, ("nothing",)) == ((), (1, 1))
+
+
+# ----------------------------------------------------------------- YAML 1.2 core schema
+
+
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-5", 1e-5), ("-2.5E+3", -2500.0), ("3.", 3.0), (".5", 0.5), ("+1", 1), ("010", 10), ("0o17", 15),
+        ("0x1F", 31), (".inf", float("inf")), ("-.Inf", float("-inf")), ("true", True), ("FALSE", False),
+        ("~", None), ("null", None), ("", None),
+        # YAML 1.1 read these as booleans, sexagesimals, dates or numbers; YAML 1.2 as strings
+        ("yes", "yes"), ("No", "No"), ("on", "on"), ("OFF", "OFF"), ("y", "y"), ("1:30", "1:30"),
+        ("2024-01-01", "2024-01-01"), ("1_000", "1_000"), ("0b101", "0b101"), ("=", "="), ("1e", "1e"),
+    ],
+)
+def test_scalars_follow_the_yaml_1_2_core_schema(text, value):
+    data, _ = load_yaml_text(f"a: {text}\n", "r.yaml")
+    assert data["a"] == value and type(data["a"]) is type(value)
+
+
+def test_nan_is_a_float():
+    data, _ = load_yaml_text("a: .nan\n", "r.yaml")
+    assert data["a"] != data["a"]
+
+
+def test_quoted_scalars_stay_strings():
+    data, _ = load_yaml_text("a: ['1e-5', \"true\", '3']\n", "r.yaml")
+    assert data["a"] == ["1e-5", "true", "3"]

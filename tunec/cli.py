@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .compiler.errors import TunecError
+from .runtime.loggers import PACKAGES as TRACKERS  # no torch: the names and their packages only
 
 
 class UserError(click.ClickException):
@@ -31,21 +32,46 @@ def _fail(exc: TunecError) -> UserError:
     return UserError("\n".join(lines))
 
 
+def _need_training_extra(command: str) -> None:
+    """`run` and `generate` need torch and peft; the compiler alone does without them (so may an install)."""
+    import importlib.util
+
+    missing = []
+    for name in ("torch", "peft"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a broken or blocked package is as good as none
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise UserError(f"error: `tunec {command}` needs {' and '.join(missing)}, which is not installed; "
+                        "install the training extra: pip install 'tunec[train]'")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="tunec")
 def main() -> None:
     """tunec: compile instruction-tuning and fine-tuning recipes into packed, checksummed shards."""
+    from .console import configure
+
+    configure()  # the library logs; the command shows those lines (tunec/console.py)
+
+
+_SET_HELP = ("Override a recipe value before validation: dotted PATH (list items by index, e.g. "
+             "stages.0.lr=1e-4 or tasks.reviews.truncation=drop), VALUE read as YAML. Repeat as needed.")
 
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-def validate(recipe: str) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help=_SET_HELP)
+def validate(recipe: str, overrides: tuple[str, ...]) -> None:
     """Check RECIPE statically: schema, names, files, templates against columns."""
     from .compiler.check import check
     from .compiler.load import load_recipe
 
     try:
-        checked = check(load_recipe(recipe))
+        checked = check(load_recipe(recipe, overrides))
     except TunecError as exc:
         raise _fail(exc) from None
     r = checked.recipe
@@ -62,7 +88,9 @@ def validate(recipe: str) -> None:
               help="Worker processes (cores) for rendering and tokenizing [default: all cores].")
 @click.option("--force", is_flag=True, help="Replace a build folder that holds another recipe's build.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None, help="Packed rows per shard file.")
-def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_rows: int | None) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help=_SET_HELP + " Recorded in the plan.")
+def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_rows: int | None,
+                overrides: tuple[str, ...]) -> None:
     """Compile RECIPE into tokenized, packed shards and a run plan in OUT."""
     from .compiler.build import DEFAULT_SHARD_ROWS, Options, compile_recipe
 
@@ -73,7 +101,7 @@ def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_r
         progress=True,
     )
     try:
-        plan = compile_recipe(recipe, out, options)
+        plan = compile_recipe(recipe, out, options, overrides)
     except TunecError as exc:
         raise _fail(exc) from None
     for stage in plan.stages:
@@ -108,11 +136,15 @@ def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
     if show:
         from .compiler.tokens import load_local_tokenizer
 
-        tok = load_local_tokenizer(Path(out) / plan.tokenizer.path)
         use_color = sys.stdout.isatty() if color is None else color
-        for name in stages:
+        try:
+            tok = load_local_tokenizer(insp.tokenizer_folder(plan, Path(out)))
+            decoded = [insp.decode_rows(plan, Path(out), name, show, tok, use_color) for name in stages]
+        except TunecError as exc:
+            raise _fail(exc) from None
+        for lines in decoded:
             click.echo("")
-            for line in insp.decode_rows(plan, Path(out), name, show, tok, use_color):
+            for line in lines:
                 click.echo(line)
 
 
@@ -134,18 +166,30 @@ def schema() -> None:
 @click.option("--verify", is_flag=True, help="Also check every shard's sha256 against the plan (sizes and headers "
               "are always checked).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar [default: on a terminal].")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="At most N optimizer steps in every stage this command runs (recorded in the result; "
+              "--resume needs the same value).")
+@click.option("--set", "settings", multiple=True, metavar="[stages.STAGE.]SETTING=VALUE",
+              help="Change a training setting of a stage for this run (lr, epochs, max_steps, warmup_steps, "
+              "batch_tokens, micro_batch_rows, ...); SETTING alone means the --stage one. Repeat as needed.")
+@click.option("--log", "trackers", multiple=True, type=click.Choice(list(TRACKERS)),
+              help="Also send the metrics to this tracker; repeat for several (or TUNEC_LOG=a,b). "
+              "metrics.jsonl is always written.")
 def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str, verify: bool,
-            progress: bool | None) -> None:
+            progress: bool | None, max_steps: int | None, settings: tuple[str, ...],
+            trackers: tuple[str, ...]) -> None:
     """Train the stages of the build in OUT; results go to OUT/runs/<stage>/.
 
     Several processes or GPUs: `torchrun --nproc_per_node N -m tunec run OUT`.
     """
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
+    _need_training_extra("run")
     from .runtime.run import RunOptions, run
 
     show = sys.stderr.isatty() if progress is None else progress
-    options = RunOptions(stage=stage, resume=resume, force=force, device=device, verify=verify, progress=show)
+    options = RunOptions(stage=stage, resume=resume, force=force, device=device, verify=verify, progress=show,
+                         max_steps=max_steps, overrides=settings, log=trackers)
     try:
         run(out, options)
     except TunecError as exc:
@@ -182,6 +226,7 @@ def generate(out: str, stage: str | None, prompt: str | None, task: str | None, 
         if not sep or not name:
             raise click.BadParameter(f"'{item}' is not COLUMN=VALUE", param_hint="--set")
         pairs[name] = value
+    _need_training_extra("generate")
     from .runtime.generate import generate as run_generate
 
     try:
