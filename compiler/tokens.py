@@ -70,14 +70,16 @@ def load_tokenizer(loaded: LoadedRecipe):
         except Exception as exc:
             raise TunecError(loaded.problem(loc, f"cannot load tokenizer '{target}': {exc}")) from None
     if getattr(tok, "backend_tokenizer", None) is None:
-        raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no fast (Rust) tokenizer; tunec needs one for character offsets"))
+        raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no fast (Rust) tokenizer; "
+                                             "tunec needs one for character offsets"))
     if spec.chat_template:
         tpath = loaded.resolve(spec.chat_template)
         if not tpath.is_file():
             raise TunecError(loaded.problem(loc + ("chat_template",), f"chat template file not found: {tpath}"))
         tok.chat_template = tpath.read_text(encoding="utf-8")
     if tok.eos_token_id is None:
-        raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no EOS token; tunec ends every completion with one"))
+        raise TunecError(loaded.problem(loc, f"tokenizer '{target}' has no EOS token; "
+                                             "tunec ends every completion with one"))
     return tok
 
 
@@ -94,11 +96,13 @@ def load_local_tokenizer(path: Path):
         name = json.loads(config.read_text(encoding="utf-8")).get("tokenizer_class") if config.is_file() else None
     except (OSError, ValueError, AttributeError) as exc:
         raise TunecError(f"{config}: unreadable tokenizer config ({exc})") from None
-    cls = getattr(transformers, name, None) if isinstance(name, str) else None
-    if cls is None and isinstance(name, str) and name.endswith("Fast"):
-        cls = getattr(transformers, name[: -len("Fast")], None)
+    cls = None
+    if isinstance(name, str):
+        # The fast (Rust) class first: transformers 4.x maps the plain name to a slow Python class.
+        base = name[: -len("Fast")] if name.endswith("Fast") else name
+        cls = getattr(transformers, base + "Fast", None) or getattr(transformers, base, None)
     if cls is None:
-        from transformers import AutoTokenizer as cls  # unknown class name: let transformers resolve it
+        cls = transformers.AutoTokenizer  # unknown class name: let transformers resolve it
     try:
         return cls.from_pretrained(str(path), local_files_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever a damaged folder raises, the user gets one line
