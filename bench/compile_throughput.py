@@ -356,8 +356,10 @@ PHASE_HOOKS = [
     ("tunec.compiler.build", "_leakage", "_leakage"),
     ("tunec.compiler.build", "_check_out", "_check_out"),
     ("tunec.compiler.build", "_prepare_out", "_prepare_out"),
+    ("tunec.compiler.build", "_swap_in", "_swap_in (staging folder into place)"),
     ("tunec.compiler.build", "_save_tokenizer", "_save_tokenizer"),
     ("tunec.compiler.build", "hash_folder", "hash_folder (tokenizer)"),
+    ("tunec.compiler.build", "sha256_folder", "sha256_folder (tokenizer)"),
     ("tunec.compiler.build", "_write_manifest", "_write_manifest (re-hashes every file)"),
     # linking, first layout: functions of build.py
     ("tunec.compiler.build", "_link_stage", "_link_stage"),
@@ -379,13 +381,15 @@ PHASE_HOOKS = [
     ("tunec.compiler.link", "write_shard", "write_shard (save, sha256, fsync)"),
 ]
 # In-process only (--workers 1): a pool pickles its functions by name.
+# Older layouts had module functions (encode_pairs, _encode, _collect); the
+# current one has methods of units._Unit, one per unit in the worker.
 WORKER_HOOKS = [
     ("tunec.compiler.units", "compile_chunk", "compile_chunk"),
+    ("tunec.compiler.units", "_Unit.row_docs", "_Unit.row_docs (render, few-shot)"),
     ("tunec.compiler.templates", "Renderer.render", "Renderer.render (Jinja)"),
-    ("tunec.compiler.units", "encode_pairs", "encode_pairs"),
-    ("tunec.compiler.units", "_encode", "_encode"),
+    ("tunec.compiler.units", "_Unit.encode", "_Unit.encode"),
     ("tunec.compiler.units", "encode_texts", "encode_texts"),
-    ("tunec.compiler.units", "_collect", "_collect (truncate, flatten)"),
+    ("tunec.compiler.units", "_Unit.collect", "_Unit.collect (truncate, flatten)"),
 ]
 
 
@@ -443,7 +447,7 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
     path = enter("import tunec.compiler.build (numpy, pydantic, ...)")
     import tunec.compiler.build as b
     import tunec.compiler.units as un
-    from tunec.compiler import cli
+    from tunec import cli
 
     leave(path, perf_counter() - t0)
     workers = int(cli_args[cli_args.index("--workers") + 1]) if "--workers" in cli_args else 0
@@ -505,8 +509,12 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
                     return getattr(self._inner, attr)
 
             def swap_backend():
-                if "backend" in getattr(un, "_STATE", {}):
-                    un._STATE["backend"] = TimedBackend(un._STATE["backend"])
+                # The process's Worker holds the tokenizer; the units it builds later take it from there.
+                worker = getattr(un, "_worker", None)
+                if worker is None:
+                    missing.append("tunec.compiler.units._worker.backend")
+                elif not isinstance(worker.backend, TimedBackend):
+                    worker.backend = TimedBackend(worker.backend)
 
             wrap("tunec.compiler.build", "init_worker", "init_worker", after=swap_backend)
 
@@ -781,7 +789,8 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
             where = f"; plan.json differs at {c['plan_json_differs_at']}" if c.get("plan_json_differs_at") else ""
             print(f"  {c['build']}: differ {c['differ']}, only in one {c['only_in_one']}{where}")
     hashes = {run["compiler_sources_sha256"] for w in WORKER_COUNTS for run in runs[w]}
-    changed = [Path(run["out"]).name for w in WORKER_COUNTS for run in runs[w] if run.get("compiler_changed_during_run")]
+    changed = [Path(run["out"]).name for w in WORKER_COUNTS for run in runs[w]
+               if run.get("compiler_changed_during_run")]
     if len(hashes) > 1 or changed:
         print(f"warning: compiler/ or templates/ changed while the benchmark ran ({len(hashes)} versions"
               f"{'; during ' + ', '.join(changed) if changed else ''}): builds and timings are of different code")
@@ -810,7 +819,8 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
                             "documents dropped by `truncation: drop` are tokenized but not counted",
             **{k: v for k, v in counts.items() if k != "tokens"},
             "raw": raw["call"]["tokens"],
-            "raw_note": "tokens of every rendered prompt+completion, special tokens as the tokenizer adds them (no EOS)",
+            "raw_note": ("tokens of every rendered prompt+completion, special tokens as the tokenizer adds them"
+                         " (no EOS)"),
         },
         "datasets_cache_prime_seconds": prime,
         "raw": {"batch": args.batch, **raw},

@@ -1,13 +1,20 @@
 """``tunec compile``: link compile units into packed shards and write the plan last.
 
-Order of writes, so an interrupted build is never mistaken for a finished one:
-the old ``plan.json`` is removed first; the tokenizer and shards are written
-(each to a temporary name, then renamed); then ``manifest.json``; then
-``plan.json``, the commit marker.
+A compile never loses a finished build: the new build is written whole into a
+staging folder beside ``OUT`` (``.OUT.tunec-new-PID``, same filesystem), the
+tokenizer and shards each to a temporary name then renamed, then
+``manifest.json``, then ``plan.json``. What ``OUT`` holds besides the compiled
+files (``runs/``, the lock) is hard-linked into it, and one atomic exchange of
+the two folders swaps it in. Until that exchange the previous build is
+untouched, whatever fails or kills the compile; after it, the staging path
+holds the old build and is removed. The next compile removes staging folders
+a killed one left behind.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import logging
 import multiprocessing
@@ -21,18 +28,18 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from . import FORMAT_VERSION, __version__
+from . import FORMAT_VERSION, __version__, leakage, lock
 from .check import Checked, check
 from .errors import Problem, TunecError
-from .load import LoadedRecipe
-from . import leakage, lock
-from .lock import BuildLock
+from .fileio import atomic_dir, atomic_write_text, canonical_json, sha256_file, sha256_folder, sha256_text
 from .link import Linker, leak_reports
+from .load import LoadedRecipe
+from .lock import BuildLock
 from .plan import (
     MANIFEST_FILE,
     MARKER_FILE,
-    LeakReport,
     PLAN_FILE,
+    LeakReport,
     Plan,
     RecipeInfo,
     StagePlan,
@@ -41,7 +48,6 @@ from .plan import (
     TokenizerPlan,
 )
 from .recipe import LocalModel, StageModel
-from .fileio import atomic_dir, atomic_write_text, canonical_json, sha256_file, sha256_folder, sha256_text
 from .sources import fingerprint, load_part
 from .tokens import load_tokenizer, tokenizer_info
 from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join, plan_docs
@@ -64,18 +70,29 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
                    overrides: tuple[str, ...] = ()) -> Plan:
     from .load import load_recipe
 
+    check_output(Path(out))  # before any work: the recipe may take a while to check
     checked = check(load_recipe(recipe_path, overrides))
     return build(checked, Path(out), options)
 
 
 def build(checked: Checked, out: Path, options: Options) -> Plan:
-    # Held from the first look at `out` to the plan: a second compile, or a run training
-    # on the shards this one would delete, is refused instead (see compiler/lock.py).
+    check_output(out)
+    # Held from the first look at `out` to the swap: a second compile, or a run training
+    # on the shards this one replaces, is refused instead (see compiler/lock.py).
     with BuildLock(out, "compile"):
-        return _build(checked, out, options)
+        # A symlinked OUT: build beside its target, on the target's filesystem.
+        real = out.resolve()
+        _remove_leftovers(real)
+        staging = real.with_name(f"{STAGING_PREFIX % real.name}{os.getpid()}")
+        try:
+            plan = _build(checked, out, staging, options)
+            _swap_in(real, staging, checked.loaded, options.force)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # the unfinished new build, or the old one
+        return plan
 
 
-def _build(checked: Checked, out: Path, options: Options) -> Plan:
+def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
     tok = load_tokenizer(loaded)
@@ -111,10 +128,11 @@ def _build(checked: Checked, out: Path, options: Options) -> Plan:
 
     _check_out(out, loaded, options.force)  # refuse early, before the long work
 
-    chunks = []
+    chunks: list[Chunk] = []
     for i, spec in enumerate(specs):
         rows = parts[(spec.task, spec.part)]
-        docs = plan_docs(spec, rows.count, len(pools[spec.task][next(iter(pools[spec.task]))]) if spec.task in pools else 0)
+        pool_size = len(pools[spec.task][next(iter(pools[spec.task]))]) if spec.task in pools else 0
+        docs = plan_docs(spec, rows.count, pool_size)
         chunks.extend(chunks_of(i, rows.columns, rows.index.tolist(), docs))
     total_rows = sum(p.count for p in parts.values())
     results: list[list[UnitResult]] = [[] for _ in specs]
@@ -123,16 +141,16 @@ def _build(checked: Checked, out: Path, options: Options) -> Plan:
             results[chunk.unit].append(result)
             bar(len(chunk.rows))
     units = {(s.task, s.part): join(r, len(s.templates)) for s, r in zip(specs, results)}
+    _warn_double_spaces(units, checked.templates)
 
-    linker = Linker(out=out, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
+    staging.mkdir()
+    linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
     mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
     leaks = _leakage(recipe, units, parts, mixes)
 
-    # Every user error in the data has surfaced by now: only here is a previous
-    # build in `out` replaced.
-    _prepare_out(out, loaded, options.force)
-    tok_dir = out / "tokenizer"
+    atomic_write_text(staging / MARKER_FILE, json.dumps({"recipe": str(loaded.path)}) + "\n")
+    tok_dir = staging / "tokenizer"
     _save_tokenizer(tok, tok_dir)
     tok_plan = TokenizerPlan(
         path="tokenizer", sha256=sha256_folder(tok_dir), vocab_size=info.vocab_size,
@@ -149,7 +167,8 @@ def _build(checked: Checked, out: Path, options: Options) -> Plan:
                 evals[t] = linker.eval(stage, t, unit, held_out=t in stage.held_out)
         settings = stage
         if isinstance(stage.model, LocalModel):
-            settings = stage.model_copy(update={"model": LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))})
+            local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
+            settings = stage.model_copy(update={"model": local})
         stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
                                 leakage=leaks.get(stage.name, {})))
 
@@ -172,8 +191,8 @@ def _build(checked: Checked, out: Path, options: Options) -> Plan:
         tasks={n: _task_plan(checked, n) for n in checked.used_tasks()},
         stages=stages,
     )
-    _write_manifest(out)
-    atomic_write_text(out / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
+    _write_manifest(staging)
+    atomic_write_text(staging / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
 
 
@@ -198,6 +217,19 @@ def _check_chat(checked: Checked, info) -> None:
             "template; give one with `tokenizer.chat_template: FILE`"))
 
 
+def _warn_double_spaces(units, templates) -> None:
+    """A prompt ending in a space before a completion starting with one: the model learns to write a
+    second space after the prompt, which inference never asks for; say which template does it."""
+    per: dict[tuple[str, int], int] = {}
+    for (task, _), unit in units.items():
+        for t, n in unit.spaced.items():
+            per[(task, t)] = per.get((task, t), 0) + n
+    for (task, t), n in sorted(per.items()):
+        logger.warning(f"task '{task}', template '{templates[task][t].name}': {n} example(s) have a prompt "
+                       "ending in a space and a completion starting with one (two spaces at the boundary, the "
+                       "second one trained); end the prompt without the space")
+
+
 def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
     """Per stage, eval and held-out examples whose text the model has trained on by then.
 
@@ -205,14 +237,15 @@ def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
     from (``model: {kind: stage}``, transitively): a task held out of a first
     stage and fine-tuned on in a second one leaks only into the second stage's eval.
     """
-    def texts_of(task: str, part: str, rows: np.ndarray) -> list[set[str]]:
-        src = parts[(task, part)]
+    def texts_of(task: str, part: str, rows: np.ndarray) -> list[leakage.Keys]:
+        src, how = parts[(task, part)], recipe.tasks[task].leakage
         pos = {int(r): i for i, r in enumerate(src.index.tolist())}
-        return [leakage.texts({k: v[pos[int(r)]] for k, v in src.columns.items()}) for r in np.unique(rows)]
+        return [leakage.keys({k: v[pos[int(r)]] for k, v in src.columns.items()}, how.key, how.context)
+                for r in np.unique(rows)]
 
     if not any((t, "eval") in units or t in s.held_out for s in recipe.stages for t in [*s.tasks, *s.held_out]):
         return {}  # nothing is evaluated: nothing can leak
-    own: dict[str, dict[str, list[set[str]]]] = {
+    own: dict[str, dict[str, list[leakage.Keys]]] = {
         stage.name: {t: texts_of(t, "train", units[(t, "train")].row[mixes[stage.name].docs[t]]) for t in stage.tasks}
         for stage in recipe.stages
     }
@@ -220,7 +253,7 @@ def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
     reports: dict[str, dict[str, LeakReport]] = {}
     problems = []
     for stage in recipe.stages:
-        seen: dict[str, list[set[str]]] = {}
+        seen: dict[str, list[leakage.Keys]] = {}
         name: str | None = stage.name
         while name is not None:  # this stage and the stages its model comes from
             for t, rows in own[name].items():
@@ -237,8 +270,9 @@ def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
             reports[stage.name] = found
             for t, r in found.items():
                 with_ = ", ".join(f"{k} ({v})" for k, v in r.by_task.items())
+                kinds = ", ".join(f"{v} {leakage.KIND_WORDS[k]}" for k, v in r.by_kind.items())
                 problems.append(f"stage '{stage.name}': {r.leaked} of {r.examples} eval examples of task '{t}' "
-                                f"also appear in the training mixture: {with_}")
+                                f"also appear in the training mixture: {with_} ({kinds})")
     if problems and recipe.leakage == "error":
         raise TunecError([Problem(p + "; remove them, or set `leakage: warn` to train anyway") for p in problems])
     if problems and recipe.leakage == "warn":
@@ -274,23 +308,110 @@ def _check_out(out: Path, loaded: LoadedRecipe, force: bool) -> str | None:
     return previous
 
 
-def _prepare_out(out: Path, loaded: LoadedRecipe, force: bool) -> None:
-    """Clear a previous build of ours (its `runs/` stay when the recipe is the same)."""
-    marker = out / MARKER_FILE
+STAGING_PREFIX = ".%s.tunec-new-"  # + pid; beside OUT, hidden
+OLD_PREFIX = ".%s.tunec-old-"  # + pid: the previous build, while three renames stand in for an exchange
+
+
+def check_output(out: Path) -> None:
+    """Refuse, in one line and before any work, an output path no build can be written at.
+
+    The build is staged beside ``out``, so its parent folder must be writable as well.
+    """
+    if out.exists() and not out.is_dir():
+        raise TunecError(f"output {out} exists and is not a folder")
+    if out.is_dir() and os.path.ismount(out):
+        raise TunecError(f"output {out} is a mount point; tunec builds beside the output folder and swaps it "
+                         "in, so choose a folder inside it")
+    parent = out.resolve().parent  # a symlinked OUT is staged beside its target
+    folder = parent
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        folder = folder.parent  # the folders that do not exist yet are made in the nearest that does
+    if not folder.is_dir():
+        raise TunecError(f"output {out}: {folder} is a file, not a folder")
+    for where in ([out] if out.is_dir() else []) + [folder]:
+        if _read_only(where):
+            raise TunecError(f"output {out}: {where} is on a read-only filesystem")
+        if not os.access(where, os.W_OK | os.X_OK):
+            what = ("the output folder" if where == out else "its parent folder, where the build is staged"
+                    if where == parent else "the folder it would be made in")
+            raise TunecError(f"output {out}: cannot write in {where} ({what}); permission denied")
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Staging folders of compiles killed before they finished (none runs now: we hold the lock)."""
+    for path in out.parent.glob(f"{STAGING_PREFIX % out.name}*"):
+        if path.name.removeprefix(STAGING_PREFIX % out.name).isdigit():
+            shutil.rmtree(path, ignore_errors=True)
+    if (out / PLAN_FILE).is_file():  # a finished build is in place: an old one set aside is not needed
+        for path in out.parent.glob(f"{OLD_PREFIX % out.name}*"):
+            if path.name.removeprefix(OLD_PREFIX % out.name).isdigit():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _swap_in(out: Path, staging: Path, loaded: LoadedRecipe, force: bool) -> None:
+    """Carry over what ``out`` holds besides the compiled files, then exchange the two folders."""
     previous = _check_out(out, loaded, force)
-    if out.is_dir():
-        # Commit marker first: from here on the folder is an unfinished build.
-        (out / PLAN_FILE).unlink(missing_ok=True)
-        for name in COMPILED:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-        if force and previous != str(loaded.path):
-            shutil.rmtree(out / "runs", ignore_errors=True)  # trained on another recipe's data
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(marker, json.dumps({"recipe": str(loaded.path)}) + "\n")  # a kill never leaves half of it
+    keep_runs = not (force and previous != str(loaded.path))  # runs/ trained on another recipe's data go
+    replaced = {*COMPILED, PLAN_FILE, MARKER_FILE, *lock.FILES}
+    try:
+        for entry in sorted(out.iterdir()):
+            temporary = entry.name.endswith((".tmp", ".old"))  # of a write a kill cut short
+            if entry.name in replaced or (entry.name == "runs" and not keep_runs) or temporary:
+                continue
+            _link_tree(entry, staging / entry.name)
+        # The lock file by hard link: the same inode, so the lock this process holds on it
+        # holds the new folder too, from the exchange until release (compiler/lock.py).
+        for name in lock.FILES:
+            if (out / name).exists():
+                os.link(out / name, staging / name)
+        _exchange(staging, out)
+    except OSError as exc:
+        raise TunecError(f"output {out}: cannot put the new build in place ({exc}); the previous build is "
+                         "unchanged") from None
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """``src`` at ``dst`` by hard links: instant, no extra space, whatever ``runs/`` holds."""
+    if src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    elif src.is_dir():
+        shutil.copytree(src, dst, symlinks=True, copy_function=os.link)
+    else:
+        os.link(src, dst)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """Swap two folders in one step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Where the kernel or filesystem lacks it (NFS), three renames: a kill between
+    the first two leaves no ``b`` and the previous build at ``.OUT.tunec-old-PID``
+    (rename it back; tunec removes it only once a finished build is at ``b``).
+    """
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is not None:
+        if rename(-100, os.fsencode(a), -100, os.fsencode(b), _RENAME_EXCHANGE) == 0:  # -100: AT_FDCWD
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+            raise OSError(code, os.strerror(code))
+    aside = b.with_name(f"{OLD_PREFIX % b.name}{os.getpid()}")
+    os.replace(b, aside)
+    try:
+        os.replace(a, b)
+    except OSError:
+        os.replace(aside, b)
+        raise
+    os.replace(aside, a)
 
 
 def _save_tokenizer(tok, folder: Path) -> None:

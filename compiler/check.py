@@ -10,9 +10,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .errors import Problem, TunecError, did_you_mean
-from .load import LoadedRecipe, display_path
 from . import promptsource
+from .errors import Problem, TunecError, did_you_mean
+from .hubmeta import hub_columns
+from .load import LoadedRecipe, display_path
+from .modelconfig import config_findings
 from .recipe import (
     ChatFormat,
     ColumnChoices,
@@ -28,11 +30,10 @@ from .recipe import (
     StageModel,
     Task,
     WeightsMixture,
+    field_column,
 )
-from .sources import check_files, peek_columns, read_utf8
 from .refs import reference_problems, template_dirs
-from .hubmeta import hub_columns
-from .modelconfig import config_findings
+from .sources import check_files, peek_columns, read_utf8
 from .templates import TemplateSource, analyse, find_library_template, string_problems
 from .yamltext import value_lines
 
@@ -72,9 +73,11 @@ def check(loaded: LoadedRecipe) -> Checked:
 
     tok = recipe.tokenizer
     if isinstance(tok, LocalTokenizer) and not loaded.resolve(tok.path).is_dir():
-        problems.append(loaded.problem(("tokenizer", "path"), f"tokenizer folder not found: {loaded.resolve(tok.path)}"))
+        problems.append(loaded.problem(("tokenizer", "path"),
+                                       f"tokenizer folder not found: {loaded.resolve(tok.path)}"))
     if tok.chat_template and not loaded.resolve(tok.chat_template).is_file():
-        problems.append(loaded.problem(("tokenizer", "chat_template"), f"file not found: {loaded.resolve(tok.chat_template)}"))
+        problems.append(loaded.problem(("tokenizer", "chat_template"),
+                                       f"file not found: {loaded.resolve(tok.chat_template)}"))
 
     templates: dict[str, tuple[TemplateSource, ...]] = {}
     columns: dict[str, list[str] | None] = {}
@@ -90,6 +93,7 @@ def check(loaded: LoadedRecipe) -> Checked:
                 problems.extend(_template_problems(loaded, source, cols, loc))
         templates[name] = tuple(sources)
         problems.extend(_format_problems(loaded, name, task, cols))
+        problems.extend(_leakage_problems(loaded, name, task, cols))
 
     problems.extend(_check_stages(loaded, warnings))
     for w in warnings:  # the command line shows them (tunec/console.py); callers also get them in Checked
@@ -150,7 +154,8 @@ def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Pr
     if task.fields is None:
         return source_cols
     if source_cols is not None:
-        for new, old in task.fields.items():
+        for new, spec in task.fields.items():
+            old = field_column(spec)
             if old not in source_cols:
                 problems.append(
                     loaded.problem(
@@ -160,6 +165,20 @@ def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Pr
                     )
                 )
     return list(task.fields)
+
+
+def _leakage_problems(loaded: LoadedRecipe, name: str, task: Task, cols: list[str] | None) -> list[Problem]:
+    """`leakage.key` and `leakage.context` name the task's columns (after its field map)."""
+    if cols is None:
+        return []
+    out = []
+    for what, names in (("key", task.leakage.key or []), ("context", task.leakage.context)):
+        for i, col in enumerate(names):
+            if col not in cols:
+                out.append(loaded.problem(("tasks", name, "leakage", what, i),
+                                          f"`{col}` is not a column of task `{name}`{did_you_mean(col, cols)}; "
+                                          f"columns: {', '.join(cols)}"))
+    return out
 
 
 def _resolve_template(loaded, ref, loc, dirs, problems) -> list[TemplateSource]:
@@ -217,7 +236,8 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
             for t in weights:
                 if t not in stage.tasks:
                     problems.append(loaded.problem(("stages", i, "mixture", "weights", t),
-                                                   f"task '{t}' is not trained in this stage{did_you_mean(t, stage.tasks)}"))
+                                                   f"task '{t}' is not trained in this stage"
+                                                   f"{did_you_mean(t, stage.tasks)}"))
             for t in stage.tasks:
                 if t not in weights:
                     problems.append(loaded.problem(("stages", i, "mixture", "weights"), f"no weight for task '{t}'"))
@@ -239,6 +259,7 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
                 found = loaded.problem(("stages", i, "model", "config") + ((key,) if key else ()), message)
                 (problems if level == "error" else warnings).append(found)
         if isinstance(model, LocalModel) and not loaded.resolve(model.path).is_dir():
-            problems.append(loaded.problem(("stages", i, "model", "path"), f"model folder not found: {loaded.resolve(model.path)}"))
+            problems.append(loaded.problem(("stages", i, "model", "path"),
+                                           f"model folder not found: {loaded.resolve(model.path)}"))
         seen.add(stage.name)
     return problems

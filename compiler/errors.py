@@ -40,12 +40,10 @@ class TunecError(Exception):
     The CLI prints one line per problem and exits 1, without a traceback.
     """
 
-    def __init__(self, problems: Problem | str | Sequence[Problem]):
-        if isinstance(problems, str):
-            problems = [Problem(problems)]
-        elif isinstance(problems, Problem):
-            problems = [problems]
-        self.problems: list[Problem] = list(problems)
+    def __init__(self, problems: Problem | str | Sequence[Problem] | Sequence[str]):
+        items: Sequence[Problem | str] = [problems] if isinstance(problems, (str, Problem)) else problems
+        # A bare message is a problem without a place.
+        self.problems: list[Problem] = [p if isinstance(p, Problem) else Problem(p) for p in items]
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import leakage
 from .errors import TunecError
 from .pack import IGNORE
 from .plan import Plan
@@ -27,7 +28,9 @@ def summary_lines(plan: Plan) -> list[str]:
             f"stage {stage.name} ({stage.settings.objective.kind}): {t.rows} rows in {len(t.shards)} shard(s), "
             f"{t.tokens} tokens, {t.trained_tokens} trained, fill {t.fill_rate:.1%}"
         )
-        lines.extend(_table(stage.tasks, t.trained_tokens))
+        budget = stage.settings.budget
+        lines.extend(_table(stage.tasks, t.trained_tokens,
+                            "tokens" if budget is not None and budget.kind == "tokens" else "examples"))
         for task, ev in stage.eval.items():
             kind = "held-out" if ev.held_out else "eval"
             choices = f", {ev.choices.count} with answer choices" if ev.choices else ""
@@ -35,15 +38,22 @@ def summary_lines(plan: Plan) -> list[str]:
                          f"{ev.counts.trained_tokens} trained tokens, {ev.counts.dropped} dropped{choices}")
         for task, leak in stage.leakage.items():
             by = ", ".join(f"{k} {v}" for k, v in leak.by_task.items())
-            lines.append(f"  LEAK {task}: {leak.leaked} of {leak.examples} eval examples appear in training ({by})")
+            kinds = "".join(f"; {v} {leakage.KIND_WORDS.get(k, k)}" for k, v in leak.by_kind.items())
+            lines.append(f"  LEAK {task}: {leak.leaked} of {leak.examples} eval examples appear in training "
+                         f"({by}{kinds})")
     return lines
 
 
-def _table(tasks, stage_trained: int) -> list[str]:
-    head = ("task", "examples", "tokens", "trained", "share", "asked", "few-shot", "truncated", "dropped", "merges")
+def _table(tasks, stage_trained: int, asked_in: str = "examples") -> list[str]:
+    """One row per task. Two shares in different units, so both headers say which: the share of
+    trained tokens the task got after packing, and the share of examples (or of tokens, under a
+    token budget) the mixture asked for."""
+    head = ("task", "examples", "tokens", "trained", "% trained tokens", f"% {asked_in} asked", "few-shot",
+            "truncated", "dropped", "merges")
     rows = [head]
     for name, c in tasks.items():
-        share = c.trained_share if c.trained_share is not None else (c.trained_tokens / stage_trained if stage_trained else 0.0)
+        share = (c.trained_share if c.trained_share is not None
+                 else (c.trained_tokens / stage_trained if stage_trained else 0.0))
         asked = "-" if c.requested_share is None else f"{c.requested_share:.1%}"
         rows.append((name, c.examples, c.tokens, c.trained_tokens, f"{share:.1%}", asked, c.fewshot,
                      c.truncated, c.dropped, c.boundary_merges))
@@ -52,7 +62,8 @@ def _table(tasks, stage_trained: int) -> list[str]:
     for r in rows:
         cells = [str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))]
         out.append("  " + "  ".join(cells))
-    out.append("  (share: of the stage's trained tokens after packing; asked: the mixture's rate)")
+    out.append(f"  (% trained tokens: the task's share of the stage's trained tokens, after packing; "
+               f"% {asked_in} asked: the share of the mixture's {asked_in} the mixture asked for)")
     for name, c in tasks.items():
         per = ", ".join(f"{k} {v}" for k, v in c.templates.items())
         skipped = ", ".join(f"{k} {v}" for k, v in c.skipped.items())

@@ -88,7 +88,8 @@ class Linker:
             examples=len(docs_idx),
             tokens=int(unit.lengths[docs_idx].sum()),
             trained_tokens=int(trained[docs_idx].sum()),
-            truncated=unit.truncated,
+            # a doc cut down to its prompt alone has nothing to train: dropped, not also truncated
+            truncated=unit.truncated - (int((unit.cut & ~keep).sum()) if unit.cut is not None else 0),
             dropped=unit.dropped + int((~keep).sum()),
             boundary_merges=unit.straddles,
             templates=_named(names, np.bincount(template, minlength=len(names))),
@@ -171,7 +172,9 @@ def _write_choices(out: Path, rel: Path, records: list[dict]) -> ChoicesFile:
     return ChoicesFile(path=rel.as_posix(), sha256=sha256_text(text), count=len(records))
 
 
-def leak_reports(train_texts: dict[str, list[set[str]]], eval_texts: dict[str, list[set[str]]]) -> dict[str, LeakReport]:
-    found = leakage.find(train_texts, eval_texts)
-    return {t: LeakReport(examples=l.examples, leaked=l.leaked, by_task=dict(sorted(l.by_task.items())))
+def leak_reports(train: dict[str, list[leakage.Keys]],
+                 evals: dict[str, list[leakage.Keys]]) -> dict[str, LeakReport]:
+    found = leakage.find(train, evals)
+    return {t: LeakReport(examples=l.examples, leaked=l.leaked, by_task=dict(sorted(l.by_task.items())),
+                          by_kind=dict(sorted(l.by_kind.items())))
             for t, l in found.items() if l.leaked}

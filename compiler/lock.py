@@ -1,7 +1,7 @@
 """One command at a time per build folder: the lock that ``tunec compile`` and ``tunec run`` share.
 
-A compile deletes and rewrites the compiled files (and, forced onto another
-recipe, ``runs/``); a training run reads the shards and writes ``runs/``. Two
+A compile replaces the compiled files (and, forced onto another recipe,
+``runs/``); a training run reads the shards and writes ``runs/``. Two
 of them on one folder at once would corrupt each other's work, so both take an
 advisory lock on ``OUT/.tunec.lock`` (``fcntl.flock`` through ``filelock``) for
 as long as they use the folder. The operating system releases it when the
@@ -11,6 +11,10 @@ the next command prints::
 
     error: build/demo is in use by `tunec run build/demo` (pid 4242 on gpu-3, since 2026-11-25 21:02:13 UTC);
     wait for it to finish or stop it
+
+A compile swaps a whole new folder in at ``OUT`` (:mod:`.build`); the new
+folder holds a hard link to this same lock file, so the lock stays held on
+``OUT`` across the swap and the path of the lock never changes.
 
 Readers (``tunec inspect``, ``tunec generate``) do not lock. Under ``torchrun``
 rank 0 alone holds the lock for the whole job (see :mod:`tunec.runtime.run`).

@@ -61,7 +61,8 @@ def select(mixture: Mixture, budget: Budget | None, sizes: dict[str, int], lengt
     for t, n in sizes.items():
         want = rates[t] * budget.count
         rng = _rng(seed, stage, t)
-        order = np.concatenate([rng.permutation(n) for _ in range(_passes(lengths[t], want))]) if n else np.zeros(0, np.int64)
+        order = (np.concatenate([rng.permutation(n) for _ in range(_passes(lengths[t], want))]) if n
+                 else np.zeros(0, np.int64))
         cum = np.cumsum(lengths[t][order]) if n else np.zeros(0)
         k = int(np.searchsorted(cum, want, side="left") + 1) if want > 0 else 0
         out[t] = np.sort(order[: min(k, len(order))])

@@ -88,6 +88,10 @@ class LeakReport(Strict):
     examples: int
     leaked: int
     by_task: dict[str, int] = Field(description="Training task -> leaked examples found in it.")
+    by_kind: dict[str, int] = Field(
+        default_factory=dict,
+        description="`example` (the whole example is a training example) or `text` (one long text is "
+        "a training text) -> leaked examples.")
 
 
 class StagePlan(Strict):

@@ -8,6 +8,14 @@ promptsource's extra filters (``choice``, ``most_frequent``) and globals
 (``zip``), so community templates work unchanged. ``choice`` draws from a
 generator seeded per row and template, so a build stays deterministic.
 
+A ``|||`` inside a data value is not a separator: values are rendered with it
+replaced by :data:`PIPES` (as promptsource itself does) and it is restored in
+each part after the split, so ``12 ||| 3`` in a premise stays in the prompt.
+
+>>> parts = split(protect({"q": "a ||| b"})["q"] + " ||| yes")
+>>> parts
+['a ||| b', 'yes']
+
 >>> rows = parse_templates('''
 ... dataset: demo
 ... templates:
@@ -113,6 +121,32 @@ def load_file(path: Path, shown: str | None = None) -> list[PromptsourceTemplate
     from .sources import read_utf8  # (sources loads recipes: imported when a file is read)
 
     return parse_templates(read_utf8(path, shown or str(path)), shown or str(path))
+
+
+# ----------------------------------------------------------------- the separator
+
+SEPARATOR = "|||"
+# Private-use characters: no filter changes them (case, trim, title) and no data
+# written by people holds them, so they come back as the `|||` they stand for.
+PIPES = "\ue000\ue001\ue002"
+
+
+def protect(value):
+    """``value`` with every ``|||`` in its strings (nested in lists and dicts too) replaced by :data:`PIPES`."""
+    if isinstance(value, str):
+        return value.replace(SEPARATOR, PIPES)
+    if isinstance(value, list):
+        return [protect(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(protect(v) for v in value)
+    if isinstance(value, dict):
+        return {k: protect(v) for k, v in value.items()}
+    return value
+
+
+def split(text: str) -> list[str]:
+    """The stripped parts of rendered text between the template's own ``|||``, data's ``|||`` restored."""
+    return [p.strip().replace(PIPES, SEPARATOR) for p in text.split(SEPARATOR)]
 
 
 # ----------------------------------------------------------------- Jinja extras

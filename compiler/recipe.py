@@ -250,6 +250,43 @@ class JinjaChoices(Strict):
 AnswerChoices = Union[list[str], Annotated[Union[ColumnChoices, JinjaChoices], Field(discriminator="kind")]]
 
 
+class FieldMap(Strict):
+    """A column read through a value map: ``{column: label, map: {entailment: 0, not_entailment: 1}}``."""
+
+    column: str
+    map: dict[Union[str, int], Union[str, int, float, bool]] = Field(
+        min_length=1,
+        description="Each value of the column -> what the task sees (e.g. a string label -> the index "
+        "`answer_choices[label]` needs); a value that is not in the map is an error naming the row.",
+    )
+
+
+def field_column(spec: "str | FieldMap") -> str:
+    """The source column a `fields:` entry reads."""
+    return spec if isinstance(spec, str) else spec.column
+
+
+class TaskLeakage(Strict):
+    """Which fields identify an example for the leakage check, and which are shared context."""
+
+    key: list[str] | None = Field(
+        default=None, min_length=1,
+        description="Fields that together identify an example (default: every field not in `context`).",
+    )
+    context: list[str] = Field(
+        default_factory=list,
+        description="Fields shared by several examples (a story several questions ask about): "
+        "never compared, alone or as part of an example.",
+    )
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "TaskLeakage":
+        both = sorted(set(self.key or ()) & set(self.context))
+        if both:
+            raise ValueError(f"field(s) {', '.join(both)} cannot be both `key` and `context`")
+        return self
+
+
 class CompletionFormat(Strict):
     """Plain text: prompt + completion + EOS."""
 
@@ -300,10 +337,10 @@ TemplateRef = Annotated[_TemplateUnion, BeforeValidator(_template_shorthand), _O
 
 class Task(Strict):
     source: Source
-    fields: dict[Name, str] | None = Field(
+    fields: dict[Name, Union[str, FieldMap]] | None = Field(
         default=None,
-        description="Column map `new_name: source_column`. When given, the task sees exactly these "
-        "columns (rename and select).",
+        description="Column map `new_name: source_column` (or `new_name: {column: c, map: {value: new}}`). "
+        "When given, the task sees exactly these columns (rename and select).",
     )
     format: Format = CompletionFormat(kind="completion")
     templates: list[TemplateRef] = Field(default_factory=list)
@@ -318,6 +355,11 @@ class Task(Strict):
     )
     train: Selection = Selection()
     eval: EvalSelection | None = None
+    leakage: TaskLeakage = Field(
+        default_factory=TaskLeakage,
+        description="How the leakage check reads this task's examples: `key` fields identify one, "
+        "`context` fields are shared and never compared.",
+    )
     truncation: Literal["drop", "truncate", "error"] = Field(
         default="drop",
         description="What to do with an example longer than `seq_len`: drop it (counted), keep its "

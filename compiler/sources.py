@@ -20,7 +20,7 @@ import numpy as np
 from .errors import Problem, TunecError, did_you_mean
 from .fileio import sha256_file
 from .load import LoadedRecipe
-from .recipe import FILE_KINDS, FileEval, FractionEval, HubSource, Selection, Task
+from .recipe import FieldMap, FileEval, FractionEval, HubSource, Selection, Task, field_column
 
 PEEK_ROWS = 100  # rows read by `tunec validate` to learn a file's columns
 
@@ -38,9 +38,10 @@ class Rows:
 
 
 def source_files(loaded: LoadedRecipe, task: Task) -> dict[str, Path]:
-    if task.source.kind not in FILE_KINDS:
+    source = task.source
+    if isinstance(source, HubSource):
         return {}
-    return {split: loaded.resolve(p) for split, p in task.source.files().items()}
+    return {split: loaded.resolve(p) for split, p in source.files().items()}
 
 
 def check_files(loaded: LoadedRecipe, name: str, task: Task) -> list[Problem]:
@@ -48,8 +49,9 @@ def check_files(loaded: LoadedRecipe, name: str, task: Task) -> list[Problem]:
     problems = []
     files = source_files(loaded, task)
     loc = ("tasks", name, "source", "path")
+    single = not isinstance(task.source, HubSource) and isinstance(task.source.path, str)
     for split, path in files.items():
-        where = loc if isinstance(task.source.path, str) else loc + (split,)
+        where = loc if single else loc + (split,)
         if not path.is_file():
             problems.append(loaded.problem(where, f"file not found: {path}"))
         elif path.stat().st_size == 0:
@@ -296,13 +298,18 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
         index = np.arange(len(ds))
         where, what = ("tasks", name, "eval"), f"eval file {path}"
     else:
-        sel: Selection = task.train if part == "train" or isinstance(ev, FractionEval) else ev
+        if part == "train" or isinstance(ev, FractionEval):
+            sel = task.train
+        else:
+            assert isinstance(ev, Selection), f"task {name} has no eval part to load"  # build asks only for parts
+            sel = ev
         ds = _load(loaded, name, task, sel.split)
         total = len(ds)
         stop = total if sel.stop is None else min(sel.stop, total)
         index = np.arange(sel.start, max(stop, sel.start))
         where = ("tasks", name, part)
-        what = f"split '{sel.split}' has {total} rows, selected rows {sel.start}..{'end' if sel.stop is None else sel.stop}"
+        upto = "end" if sel.stop is None else sel.stop
+        what = f"split '{sel.split}' has {total} rows, selected rows {sel.start}..{upto}"
         if isinstance(ev, FractionEval) and len(index):
             held = holdout(loaded.recipe.seed, name, len(index), ev.fraction)
             keep = np.zeros(len(index), dtype=bool)
@@ -311,7 +318,8 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
     if len(index) == 0:
         raise TunecError(loaded.problem(where, f"the {part} selection is empty: {what}"))
 
-    mapping = task.fields if task.fields is not None else {c: c for c in ds.column_names}
+    fields = task.fields if task.fields is not None else {c: c for c in ds.column_names}
+    mapping = {new: field_column(spec) for new, spec in fields.items()}
     missing = [(new, old) for new, old in mapping.items() if old not in ds.column_names]
     if missing:
         raise TunecError(
@@ -330,4 +338,29 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
         subset = subset.select(index.tolist())
     raw = subset.to_dict()
     columns = {new: raw[old] for new, old in mapping.items()}
+    for new, spec in fields.items():
+        if isinstance(spec, FieldMap):
+            columns[new] = _mapped(loaded, name, part, new, spec, columns[new], index)
     return Rows(columns=columns, index=index.astype(np.int64))
+
+
+def _mapped(loaded: LoadedRecipe, name: str, part: str, new: str, spec: FieldMap, values: list,
+            index: np.ndarray) -> list:
+    """A column's values through the field's value map; a value the map lacks is an error naming its row.
+
+    Missing values (null) stay missing, so a template that uses one still fails loudly.
+    """
+    out: list[Any] = []
+    for i, v in enumerate(values):
+        if v is None:
+            out.append(None)
+            continue
+        key = v if isinstance(v, (str, int)) and not isinstance(v, bool) else None
+        if key is None or key not in spec.map:
+            known = ", ".join(repr(k) for k in list(spec.map)[:10])
+            raise TunecError(loaded.problem(
+                ("tasks", name, "fields", new, "map"),
+                f"{part} row {int(index[i])}: value {v!r} of column `{spec.column}` is not in the map "
+                f"(it maps {known}); add it to `map`"))
+        out.append(spec.map[key])
+    return out

@@ -13,11 +13,12 @@ sees is ``prompt + completion``; only the completion carries loss under the
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jinja2
 from jinja2 import meta, nodes
@@ -88,6 +89,22 @@ def _fill(given: Sequence[int] | None, count: int, start: int) -> list[int]:
     return out
 
 
+def as_text(value: Any) -> Any:
+    """What ``{{ value }}`` prints: JSON for booleans, objects and lists, never Python's repr.
+
+    Rows hold what the source held (a JSONL object, a parquet list): ``{"a": 1}``
+    and ``true`` are what a model should learn, not ``{'a': 1}`` and ``True``.
+    Templates still index and loop over such values; only printing changes.
+    Strings and numbers print as they are; None too (a missing column is undefined).
+
+    >>> make_env().from_string("{{ a }} {{ b }} {{ c }} {{ a.k }} {{ b[0] }}").render(a={"k": 1}, b=[True, "é"], c=2.5)
+    '{"k": 1} [true, "é"] 2.5 1 true'
+    """
+    if isinstance(value, (bool, dict, list, tuple)):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return value
+
+
 class _FixedRng:
     rng = random.Random(0)
 
@@ -99,6 +116,7 @@ def make_env(rng_holder=_FixedRng) -> BoundedSandbox:
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
+        finalize=as_text,
     )
     promptsource.install(env, rng_holder)
     env.bound_filters()  # promptsource's too
@@ -301,8 +319,8 @@ class Renderer:
     def choices(self, index: int, row: dict, seed: int = 0) -> list[str]:
         """A promptsource template's own answer choices for ``row``."""
         self._reseed(seed)
-        text = self._call(index, self._choices[index], _whole, row)
-        return [c.strip() for c in text.split("|||")]
+        text = self._call(index, self._choices[index], _whole, promptsource.protect(row))
+        return promptsource.split(text)
 
     def render(self, index: int, row: dict, seed: int = 0) -> tuple[str, str] | None:
         """``(prompt, completion)`` of ``row`` under template ``index``.
@@ -314,8 +332,8 @@ class Renderer:
         tmpl = self._templates[index]
         self._reseed(seed)
         if source.kind == "promptsource":
-            text = self._call(index, tmpl, _whole, row)
-            parts = [p.strip() for p in text.split("|||")]
+            text = self._call(index, tmpl, _whole, promptsource.protect(row))
+            parts = promptsource.split(text)
             if len(parts) < 2 or not parts[1]:
                 return None
             return parts[0], source.separator + parts[1]

@@ -181,5 +181,10 @@ def _last_token_before(enc, start: int, end: int) -> int:
     for c in range(end - 1, start - 1, -1):
         tok = enc.char_to_token(c)
         if tok is not None:
+            # `char_to_token` names the first token of a character; a character split over several
+            # tokens (bytes of `«` without a token of their own) must be trained up to its last one.
+            offsets = enc.offsets
+            while tok + 1 < len(offsets) and offsets[tok + 1][0] <= c < offsets[tok + 1][1]:
+                tok += 1
             return tok
     raise AssertionError("unreachable: a first token was found in the same range")

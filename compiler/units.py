@@ -18,7 +18,9 @@ from typing import Any, Iterator
 import jinja2
 import numpy as np
 
-from .chat import ChatError, assistant_spans, to_messages
+from . import promptsource
+from .audit import Intended, audit
+from .chat import ChatError, assistant_spans, end_tokens, exchange, prompt_before_reply, to_messages, with_system
 from .pack import IGNORE, doc_labels
 from .recipe import AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
 from .sandbox import OutOfTime, RenderLimit, watchdog
@@ -100,7 +102,10 @@ class UnitResult:
     truncated: int = 0
     dropped: int = 0
     straddles: int = 0
-    choices: list[dict] | None = None
+    cut: np.ndarray | None = None  # bool per doc: truncated to seq_len (None: none was)
+    choices: list[dict | None] | None = None  # per doc; None for a doc whose row has no answer choices
+    # template -> docs whose prompt ends, and completion starts, with a space
+    spaced: dict[int, int] = field(default_factory=dict)
 
     @property
     def docs(self) -> int:
@@ -270,8 +275,8 @@ def answer_choices(spec_choices: AnswerChoices | None, compiled: jinja2.Template
         return list(value)
     template = compiled if compiled is not None else choices_template(spec_choices)
     assert template is not None  # the one kind left: `kind: jinja`
-    text = _render_string(template, row, "answer_choices")
-    return [c.strip() for c in text.split("|||")]
+    text = _render_string(template, promptsource.protect(row), "answer_choices")
+    return promptsource.split(text)
 
 
 def template_context(spec_choices: AnswerChoices | None, compiled: jinja2.Template | None,
@@ -328,6 +333,11 @@ class _Unit:
     info: TokenizerInfo
     backend: Any  # tokenizers.Tokenizer
     pool: dict[str, list] | None
+
+    @property
+    def eos_text(self) -> str:
+        """The EOS as text (what the mask audit expects after a completion)."""
+        return self.backend.decode([self.info.eos_id], skip_special_tokens=False)
 
     def compile(self, chunk: Chunk) -> UnitResult:
         spec = self.spec
@@ -387,27 +397,34 @@ class _Unit:
         """A conversation read from the task's `messages` column."""
         fmt = self.spec.format
         assert isinstance(fmt, ChatFormat) and fmt.messages is not None  # MESSAGES is planned for those only
-        messages = to_messages(row.get(fmt.messages), fmt.roles)
-        if self.system is not None:
-            messages = [{"role": "system", "content": self.system_prompt(row)}] + messages
+        messages = with_system(self.system_prompt(row) if self.system is not None else None,
+                               to_messages(row.get(fmt.messages), fmt.roles))
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         trained = [m["role"] == "assistant" and (fmt.train_on == "all" or i == last) for i, m in enumerate(messages)]
-        text, spans = assistant_spans(_chat_template(self.info), messages, dict(self.info.special_tokens), trained)
-        return _Doc(text, spans, MESSAGES, row_index, True, [])
+        text, spans = _chat_spans(self.info, messages, trained)
+        record = None
+        if self.spec.record_choices and self.spec.answer_choices is not None:
+            choices = answer_choices(self.spec.answer_choices, self.choices_template, self.renderer, MESSAGES, row,
+                                     _seed(self.spec.seed, row_index, MESSAGES))
+            if choices is not None:
+                record = _chat_choice(self.info, messages[:last], messages[last]["content"], choices, row_index,
+                                      "messages")
+        return _Doc(text, spans, MESSAGES, row_index, True, [], record)
 
     def make_doc(self, r: _Rendered) -> _Doc:
         spec = self.spec
         if isinstance(spec.format, ChatFormat):
-            messages = []
-            if self.system is not None:
-                messages.append({"role": "system", "content": self.system_prompt(r.row)})
-            for p, c in r.shots:
-                messages += [{"role": "user", "content": p.strip()}, {"role": "assistant", "content": c.strip()}]
-            messages += [{"role": "user", "content": r.prompt.strip()},
-                         {"role": "assistant", "content": r.completion.strip()}]
+            # the one function `tunec generate` builds its conversation with
+            asked = exchange(self.system_prompt(r.row) if self.system is not None else None, r.shots, r.prompt)
+            messages = asked + [{"role": "assistant", "content": r.completion.strip()}]
             trained = [False] * (len(messages) - 1) + [True]
-            text, spans = assistant_spans(_chat_template(self.info), messages, dict(self.info.special_tokens), trained)
-            return _Doc(text, spans, r.template, r.row_index, True, [], messages=messages, chat_shots=len(r.shots))
+            text, spans = _chat_spans(self.info, messages, trained)
+            record = None
+            if spec.record_choices and r.choices is not None:
+                record = _chat_choice(self.info, asked, r.completion, r.choices, r.row_index,
+                                      spec.templates[r.template].name)
+            return _Doc(text, spans, r.template, r.row_index, True, [], record, messages=messages,
+                        chat_shots=len(r.shots))
         sep = spec.few_shot.separator if spec.few_shot else ""
         prefix, cuts = "", []
         for p, c in r.shots:
@@ -446,8 +463,12 @@ class _Unit:
                 first = 1 if doc.messages[0]["role"] == "system" else 0
                 messages = doc.messages[:first] + doc.messages[first + 2 :]  # one user/assistant exchange less
                 trained = [False] * (len(messages) - 1) + [True]
-                text, spans = assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained)
-                doc = _Doc(text, spans, doc.template, doc.row, True, [], messages=messages,
+                text, spans = _chat_spans(info, messages, trained)
+                choice = doc.choice
+                if choice is not None:  # its prompt loses the exchange too
+                    choice = _chat_choice(info, messages[:-1], messages[-1]["content"], choice["choices"],
+                                          choice["row"], choice["template"])
+                doc = _Doc(text, spans, doc.template, doc.row, True, [], choice, messages=messages,
                            chat_shots=doc.chat_shots - 1)
                 (enc,) = encode_texts(self.backend, info, [text], [spans], add_special=False, append_eos=False)
                 continue
@@ -465,7 +486,10 @@ class _Unit:
         offsets = [0]
         spans: list[tuple[int, int, int]] = []
         keep_t, keep_r, choices = [], [], []
-        keep_s = []
+        keep_s, keep_cut = [], []
+        intended: list[Intended] = []  # what each kept doc's trained tokens must decode to (the mask audit)
+        eos_text = self.eos_text
+        spaced: dict[int, int] = {}
         truncated = dropped = straddles = 0
         limit = spec.seq_len
         for doc, enc in zip(docs, encoded):
@@ -484,6 +508,7 @@ class _Unit:
                 ids = ids[:limit]
                 doc_spans = [(s, min(e, limit)) for s, e in doc_spans if s < limit]
                 truncated += 1
+            keep_cut.append(len(enc.ids) > limit)
             d = len(offsets) - 1
             spans.extend((d, s, e) for s, e in doc_spans)
             straddles += enc.straddles
@@ -492,6 +517,9 @@ class _Unit:
             offsets.append(len(flat))
             keep_t.append(doc.template)
             keep_r.append(doc.row)
+            intended.append(_intended(doc, doc_spans, enc.straddles > 0, len(enc.ids) > limit, eos_text))
+            if not doc.chat and doc.spans and doc.text[doc.spans[0][0] - 1 : doc.spans[0][0] + 1] == "  ":
+                spaced[doc.template] = spaced.get(doc.template, 0) + 1
             if spec.record_choices:
                 choices.append(doc.choice)
         ids_arr = np.asarray(flat, dtype=np.int32)
@@ -499,6 +527,13 @@ class _Unit:
         spans_arr = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
         sft_labels = doc_labels(ids_arr, offsets_arr, spans_arr, "sft")
         sft_trained = _per_doc(sft_labels != IGNORE, offsets_arr)
+        wrong = audit(self.backend, ids_arr, offsets_arr, sft_labels, intended)
+        if wrong is not None:
+            d, got, want = wrong
+            name = spec.templates[keep_t[d]].name if keep_t[d] >= 0 else "messages"
+            raise RowError(spec.task, spec.part, keep_r[d],
+                           f"template '{name}': mask audit: the trained tokens decode to {_clip(got)}, not to the "
+                           f"intended {_clip(want)}; please report this as a tunec bug")
         return UnitResult(
             ids=ids_arr,
             offsets=offsets_arr,
@@ -512,14 +547,46 @@ class _Unit:
             truncated=truncated,
             dropped=dropped,
             straddles=straddles,
+            cut=np.asarray(keep_cut, dtype=bool),
             choices=choices if spec.record_choices else None,
+            spaced=spaced,
         )
+
+
+def _intended(doc: _Doc, token_spans: list[tuple[int, int]], merged: bool, cut: bool, eos_text: str) -> Intended:
+    """The mask audit's intended text of a doc: each trained span's characters; a template doc's
+    last span also ends with the EOS the tokenizer step appends."""
+    spans = [(s, e) for s, e in doc.spans if e > s]
+    pieces = [doc.text[s:e] for s, e in spans]
+    if not doc.chat and pieces and not pieces[-1].endswith(eos_text):
+        pieces[-1] += eos_text
+    before = [doc.text[max(0, s - 64):s] for s, _ in spans]
+    return Intended(pieces, before, merged, cut, bool(token_spans) and token_spans[0][0] == 0)
+
+
+def _clip(text: str, n: int = 120) -> str:
+    return repr(text if len(text) <= n else text[: n // 2] + "…" + text[-n // 2 :])
 
 
 def _chat_template(info: TokenizerInfo) -> str:
     if not info.chat_template:
         raise ChatError("the tokenizer has no chat template; set `tokenizer.chat_template` to a Jinja file")
     return info.chat_template
+
+
+def _chat_spans(info: TokenizerInfo, messages: list[dict], trained: list[bool]) -> tuple[str, list[tuple[int, int]]]:
+    return assistant_spans(_chat_template(info), messages, dict(info.special_tokens), trained,
+                           end_tokens(info.json, info.special_tokens))
+
+
+def _chat_choice(info: TokenizerInfo, asked: list[dict], reply: str, choices: list[str], row: int,
+                 template: str) -> dict:
+    """A chat eval document's answer choices: the conversation up to the reply, rendered as training
+    rendered it, and the reply as the target (the same record as a completion task's)."""
+    prompt, space = prompt_before_reply(_chat_template(info), asked, dict(info.special_tokens))
+    target = reply.strip()
+    return {"row": row, "template": template, "prompt": prompt, "target": target, "choices": choices,
+            "answer": choices.index(target) if target in choices else -1, "choice_prefix": space}
 
 
 def _per_doc(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -553,7 +620,12 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
         spans.append(s)
         base_tok += int(r.offsets[-1])
         base_doc += r.docs
-    has_choices = results[0].choices is not None
+    choices: list[dict | None] | None = None
+    if results[0].choices is not None:
+        choices = []
+        for r in results:
+            assert r.choices is not None, "every chunk of a unit records choices, or none does"
+            choices.extend(r.choices)
     return UnitResult(
         ids=ids,
         offsets=np.concatenate(offsets),
@@ -567,5 +639,15 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
         truncated=sum(r.truncated for r in results),
         dropped=sum(r.dropped for r in results),
         straddles=sum(r.straddles for r in results),
-        choices=[c for r in results for c in r.choices] if has_choices else None,
+        cut=np.concatenate([r.cut if r.cut is not None else np.zeros(r.docs, bool) for r in results]),
+        choices=choices,
+        spaced=_summed([r.spaced for r in results]),
     )
+
+
+def _summed(counts: list[dict[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))

@@ -53,7 +53,7 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
+    state: dict[str, object] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -130,7 +130,9 @@ def problem(path: Path) -> str | None:
         state = read_state(path)
     except (ValueError, UnicodeDecodeError) as exc:
         return f"state.json does not parse ({exc})"
-    step = int(_NAME.match(path.name).group(1))
+    named = _NAME.match(path.name)
+    assert named is not None, f"{path} is not a checkpoint folder"  # callers pass folders from all_checkpoints()
+    step = int(named.group(1))
     if not isinstance(state, dict) or state.get("step") != step:
         return f"state.json names step {state.get('step') if isinstance(state, dict) else None}, not {step}"
     if not any(path.glob("rng-*.pt")):
@@ -153,7 +155,7 @@ def problem(path: Path) -> str | None:
 
 def usable(folder: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint under ``folder`` that is whole, and one warning per damaged newer one."""
-    warnings = []
+    warnings: list[str] = []
     for path in reversed(all_checkpoints(folder)):
         why = problem(path)
         if why is None:

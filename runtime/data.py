@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from tunec.compiler.errors import TunecError
-from tunec.compiler.plan import PackedSet
 from tunec.compiler.fileio import sha256_file
+from tunec.compiler.plan import PackedSet
 from tunec.compiler.shards import ShardError, check_values, open_shard
 
 IGNORE = -100
@@ -51,7 +51,8 @@ class ShardSet:
                 problems.append(f"{path}: shape {shape}, the plan says ({entry.rows}, {packed.seq_len})")
                 continue
             if verify and sha256_file(path) != entry.sha256:
-                problems.append(f"{path}: sha256 differs from the plan (corrupted or replaced); compile the recipe again")
+                problems.append(f"{path}: sha256 differs from the plan (corrupted or replaced); "
+                                "compile the recipe again")
                 continue
             self._arrays.append(arrays)
         if problems:

@@ -9,6 +9,7 @@ touches no process group at all.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,7 @@ class Dist:
         if self.active:
             td.barrier()
 
-    def sum(self, values: list[float], device: torch.device) -> list[float]:
+    def sum(self, values: Sequence[float], device: torch.device) -> list[float]:
         """Element-wise sum over ranks (float64, so token counts stay exact)."""
         if not self.active:
             return list(values)

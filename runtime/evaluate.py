@@ -34,11 +34,11 @@ def evaluate(module, sets: dict[str, ShardSet], micro_batch_rows: int, dist: Dis
                 batch = {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
                 with autocast():
                     loss += float(module(batch["input_ids"], batch["position_ids"], batch["labels"]))
-            loss, count = dist.sum([loss, count], device)
-            losses[task] = loss / max(count, 1)
-            counts[task] = int(count)
+            loss, summed = dist.sum([loss, count], device)
+            losses[task] = loss / max(summed, 1)
+            counts[task] = int(summed)
             total_loss += loss
-            total_count += int(count)
+            total_count += int(summed)
     finally:
         module.train(was_training)
     if sets:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from tunec.compiler.fileio import atomic_write_text, compact_json
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None, total_steps: int,
-                 start_step: int, desc: str, progress: bool, trackers: list[str] = (), config: dict | None = None):
+                 start_step: int, desc: str, progress: bool, trackers: Sequence[str] = (), config: dict | None = None):
         """``trackers``: names from :func:`tunec.runtime.loggers.requested`; ``config``: the
         stage's settings, recorded by the trackers that keep parameters (W&B, MLflow)."""
         self.enabled = enabled
@@ -75,7 +76,8 @@ class MetricsLog:
                 tracker.log(values, record["step"])
         if "loss" in record:
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                self._bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                      refresh=False)
             step = record["step"]
             if step == 1 or step * 10 // self.total_steps > (step - 1) * 10 // self.total_steps:
                 self.note(f"step {step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "

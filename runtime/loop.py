@@ -22,9 +22,11 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tunec.compiler.recipe import Stage
 
@@ -122,7 +124,8 @@ class Loop:
         for i, part in enumerate(parts):
             tensors = {k: torch.from_numpy(v[part]).to(self.device, non_blocking=True) for k, v in batch.items()}
             last = i == len(parts) - 1
-            sync = nullcontext() if last or not self.dist.active else self.module.no_sync()
+            # distributed: the module is a DistributedDataParallel
+            sync = nullcontext() if last or not self.dist.active else cast(DDP, self.module).no_sync()
             with sync:
                 with self.autocast():
                     summed = self.module(tensors["input_ids"], tensors["position_ids"], tensors["labels"])

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -163,7 +164,7 @@ def stop_ids(eos_id: int, own: int | list[int] | None, end_of_turn: list[int]) -
     return list(dict.fromkeys([eos_id, *own, *end_of_turn]))
 
 
-def set_special_tokens(model, bos_id: int | None, eos_id: int, pad_id: int, end_of_turn: list[int] = (),
+def set_special_tokens(model, bos_id: int | None, eos_id: int, pad_id: int, end_of_turn: Sequence[int] = (),
                        keep_own: bool = True) -> None:
     """Record the tokenizer's special ids in the model's config, so saved models generate correctly.
 
@@ -185,7 +186,7 @@ def add_lora(model, peft: LoraPeft, seed: int):
 
     config = LoraConfig(
         r=peft.r,
-        lora_alpha=peft.alpha,
+        lora_alpha=peft.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales as well
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules,
         task_type="CAUSAL_LM",

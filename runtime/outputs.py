@@ -116,6 +116,23 @@ def _finished(out: Path, stage: str, needed_by: str) -> StageResult:
     return result
 
 
+def _saved(out: Path, result: StageResult, part: Literal["model", "adapter", "merged"]) -> str:
+    """The folder ``part`` of a finished stage, which its kind says was saved (result.json may be damaged)."""
+    folder: str | None = getattr(result, part)
+    if folder is None:
+        raise TunecError(f"{run_dir(out, result.stage) / RESULT}: the {result.kind} stage names no `{part}` folder; "
+                         f"train it again (`tunec run {out} --stage {result.stage} --force`)")
+    return folder
+
+
+def _base_of(out: Path, result: StageResult) -> LocalModel | HubModel:
+    """The model a finished LoRA stage's adapter applies to."""
+    if result.base is None:
+        raise TunecError(f"{run_dir(out, result.stage) / RESULT}: the {result.kind} stage names no `base` model; "
+                         f"train it again (`tunec run {out} --stage {result.stage} --force`)")
+    return result.base
+
+
 def start_from_stage(out: Path, spec: StageModel, stage: str, lora: bool, attn: str):
     """Load an earlier stage's output to train on: ``(model, attn, base, continued)``.
 
@@ -124,19 +141,23 @@ def start_from_stage(out: Path, spec: StageModel, stage: str, lora: bool, attn: 
     """
     prev = _finished(out, spec.stage, stage)
     if prev.kind == "full":
-        model, attn = models.load_pretrained(str(resolve(out, prev.model)), attn, what=f"stage {prev.stage} model")
-        return model, attn, LocalModel(kind="local", path=prev.model), False
+        folder = _saved(out, prev, "model")
+        model, attn = models.load_pretrained(str(resolve(out, folder)), attn, what=f"stage {prev.stage} model")
+        return model, attn, LocalModel(kind="local", path=folder), False
     if spec.adapter == "continue":
         if not lora:
             raise TunecError(f"stage `{stage}`: `model.adapter: continue` keeps training stage `{spec.stage}`'s "
                              "LoRA adapter, so the stage needs `peft: {kind: lora}`")
-        base, attn = load_base(out, prev.base, attn)
-        return models.load_adapter(base, resolve(out, prev.adapter), trainable=True), attn, prev.base, True
+        base_spec = _base_of(out, prev)
+        base, attn = load_base(out, base_spec, attn)
+        adapter = models.load_adapter(base, resolve(out, _saved(out, prev, "adapter")), trainable=True)
+        return adapter, attn, base_spec, True
     if prev.merged is not None:
-        model, attn = models.load_pretrained(str(resolve(out, prev.merged)), attn, what=f"stage {prev.stage} merged model")
+        model, attn = models.load_pretrained(str(resolve(out, prev.merged)), attn,
+                                             what=f"stage {prev.stage} merged model")
         return model, attn, LocalModel(kind="local", path=prev.merged), False
-    base, attn = load_base(out, prev.base, attn)
-    merged = models.load_adapter(base, resolve(out, prev.adapter), trainable=False).merge_and_unload()
+    base, attn = load_base(out, _base_of(out, prev), attn)
+    merged = models.load_adapter(base, resolve(out, _saved(out, prev, "adapter")), trainable=False).merge_and_unload()
     return merged, attn, None, False
 
 
@@ -147,11 +168,12 @@ def load_for_inference(out: Path, stage: str, attn: str = "sdpa"):
         raise TunecError(f"stage `{stage}` has no trained model in {run_dir(out, stage)}; "
                          f"train it first (`tunec run {out} --stage {stage}`)")
     if result.kind == "full":
-        return models.load_pretrained(str(resolve(out, result.model)), attn, what=f"stage {stage} model")[0]
+        return models.load_pretrained(str(resolve(out, _saved(out, result, "model"))), attn,
+                                      what=f"stage {stage} model")[0]
     if result.merged is not None:
         return models.load_pretrained(str(resolve(out, result.merged)), attn, what=f"stage {stage} merged model")[0]
-    base, _ = load_base(out, result.base, attn)
-    return models.load_adapter(base, resolve(out, result.adapter), trainable=False).merge_and_unload()
+    base, _ = load_base(out, _base_of(out, result), attn)
+    return models.load_adapter(base, resolve(out, _saved(out, result, "adapter")), trainable=False).merge_and_unload()
 
 
 def end_of_turn(out: Path, plan: Plan, sp: StagePlan) -> list[int]:
@@ -260,7 +282,8 @@ def model_card(out: Path, plan: Plan, sp: StagePlan, result: StageResult, what: 
         front.append(f"base_model: {hub}")
     front += ["tags: [tunec]", "---", ""]
     contents = {"model": "the fine-tuned model (all weights)",
-                "adapter": f"a LoRA adapter (r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g})" if lora else "",
+                "adapter": (f"a LoRA adapter (r {lora.r}, alpha {lora.alpha:g}, dropout {lora.dropout:g})"
+                            if lora else ""),
                 "merged": "the model with the stage's LoRA adapter merged in"}[what]
     objective = settings.objective
     doc = (type(objective).__doc__ or "").strip().rstrip(".").lower()

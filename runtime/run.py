@@ -355,7 +355,10 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     if action == "skip":
         if dist.is_main:
             logger.info(f"stage {sp.name}: already trained ({rd / outputs.RESULT}), skipped")
-        return outputs.read_result(out, sp.name)
+        done = outputs.read_result(out, sp.name)
+        if done is None:
+            raise TunecError(f"{rd / outputs.RESULT}: removed while `tunec run` was starting; run it again")
+        return done
     if action == "fresh" and dist.is_main:
         _remove_run(rd)
     if action == "resume" and dist.is_main:
@@ -370,7 +373,7 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     if options.max_steps is not None:
         batching = replace(batching, total_steps=min(batching.total_steps, options.max_steps))
     module = models.PackedLM(model, attn)
-    wrapped = module
+    wrapped: torch.nn.Module = module
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -456,9 +459,11 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
         outputs.write_result(out, result)
         first = f"{log.first_loss[1]:.4f} (step {log.first_loss[0]}) -> " if log.first_loss else ""
         last_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "n/a"
-        evals = f", eval loss {result.eval_loss['all']:.4f}" if "all" in result.eval_loss else ""
-        logger.info(f"stage {sp.name}: done in {result.wall_s:.1f}s, loss {first}{last_loss} (step {result.steps}){evals}; "
-                    f"model in {out / (result.model or result.merged or result.adapter)}")
+        eval_note = f", eval loss {result.eval_loss['all']:.4f}" if "all" in result.eval_loss else ""
+        folder = result.model or result.merged or result.adapter
+        assert folder is not None, "save_model returns the folder it saved"
+        logger.info(f"stage {sp.name}: done in {result.wall_s:.1f}s, loss {first}{last_loss} (step {result.steps})"
+                    f"{eval_note}; model in {out / folder}")
     dist.barrier()
     return result
 

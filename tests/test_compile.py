@@ -237,8 +237,9 @@ def test_truncation_policies_are_counted(tmp_path, policy):
         assert counts.dropped == long_rows and counts.truncated == 0
         assert counts.examples == 50 - long_rows
     else:
-        # cut at the end: the long question fills the row, the answer is gone, nothing is left to train
-        assert counts.truncated == long_rows
+        # cut at the end: the long question fills the row, the answer is gone, nothing is left to train:
+        # dropped, and not counted as truncated too
+        assert counts.dropped == long_rows and counts.truncated == 0
         assert counts.examples + counts.dropped == 50
     arrays = rows_of(tmp_path / "out", plan.stages[0].train.shards)
     assert arrays["input_ids"].shape[1] == 48
@@ -288,7 +289,7 @@ def test_never_a_doubled_bos(tmp_path):
     arrays = rows_of(tmp_path / "out", plan.stages[0].train.shards)
     n_docs = 0
     for ids, labels, pos in zip(arrays["input_ids"], arrays["labels"], arrays["position_ids"]):
-        for doc_ids, doc_labels in documents(ids, labels, pos, plan.tokenizer.pad_id):
+        for doc_ids, _doc_labels in documents(ids, labels, pos, plan.tokenizer.pad_id):
             assert doc_ids[0] == bos and doc_ids[1] != bos
             assert doc_ids[-1] == plan.tokenizer.eos_id
             n_docs += 1
@@ -368,11 +369,14 @@ def test_output_folder_of_another_build_is_refused_unless_forced(tmp_path):
     assert (other / "mine.txt").read_text() == "keep me"
 
 
-def test_interrupted_compile_leaves_no_plan(tmp_path, monkeypatch):
+def test_interrupted_compile_keeps_the_previous_build(tmp_path, monkeypatch):
     recipe = qa_recipe(tmp_path)
     out = tmp_path / "out"
     compile_recipe(recipe, out, Options())
-    assert (out / "plan.json").exists()
+    def files():  # the lock file stays in a folder that existed before the lock (compiler/lock.py)
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".tunec.lock"}
+
+    before = files()
 
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
@@ -380,6 +384,6 @@ def test_interrupted_compile_leaves_no_plan(tmp_path, monkeypatch):
     monkeypatch.setattr(link_mod, "write_shard", crash)
     with pytest.raises(KeyboardInterrupt):
         compile_recipe(recipe, out, Options())
-    assert not (out / "plan.json").exists()
-    with pytest.raises(TunecError, match="did not finish"):
-        read_plan(out)
+    assert files() == before  # the new build was staged aside
+    assert read_plan(out).stages
+    assert not list(tmp_path.glob(".out.tunec-new-*"))  # nor left its staging folder behind

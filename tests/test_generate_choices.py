@@ -86,9 +86,9 @@ def test_generate_renders_list_choices_as_compiled(trained):
 def test_generate_renders_jinja_choices_from_the_given_values(trained):
     row = ROWS[5]
     plan = read_plan(trained)
-    text, chat, _ = build_prompt(plan, "s", None, "rendered", None, {"text": row["text"], "mood": row["mood"]})
-    assert text == f"{row['text']}\nPick one of: bad / good / cheerful\nLabel:" and not chat
-    assert text in compiled_prompts(trained)
+    asked = build_prompt(plan, "s", None, "rendered", None, {"text": row["text"], "mood": row["mood"]})
+    assert asked.text == f"{row['text']}\nPick one of: bad / good / cheerful\nLabel:" and asked.messages is None
+    assert asked.text in compiled_prompts(trained)
     with pytest.raises(TunecError, match="answer_choices: UndefinedError: 'mood' is undefined"):
         build_prompt(plan, "s", None, "rendered", None, {"text": row["text"]})
 

@@ -71,8 +71,10 @@ def test_a_held_folder_is_refused_with_its_holder(tmp_path, recipe):
     (tmp_path / "file").write_text("x")
     with pytest.raises(TunecError, match="exists and is not a folder"):
         compile_recipe(recipe, tmp_path / "file", Options(workers=1))
-    with pytest.raises(TunecError, match=r"file/build: cannot lock the folder for `tunec compile` \(\[Errno 20\]"):
-        compile_recipe(recipe, tmp_path / "file" / "build", Options(workers=1))
+    with pytest.raises(TunecError, match=r"output .*/file/build: .*/file is a file, not a folder$"):
+        compile_recipe(recipe, tmp_path / "file" / "build", Options(workers=1))  # said before any work
+    with pytest.raises(TunecError, match=r"file/build: cannot lock the folder for `tunec run` \(\[Errno 20\]"):
+        BuildLock(tmp_path / "file" / "build", "run").acquire()
 
 
 def test_a_folder_with_only_a_stale_holder_file_counts_as_empty(tmp_path, recipe):
@@ -154,3 +156,44 @@ def test_torchrun_ranks_all_stop_when_rank_0_cannot_lock(tmp_path, recipe):
     assert f"error: {out} is in use by " in output and f"(pid {os.getpid()} on " in output, output
     assert f"error: {out}: rank 0 could not lock the build folder" in output, output  # rank 1 did not hang
     assert not (out / "runs").exists()
+
+
+def test_the_lock_holds_the_new_folder_across_the_compile_swap(tmp_path, recipe, monkeypatch):
+    from tunec.compiler import build as build_mod
+
+    out = tmp_path / "build"
+    compile_recipe(recipe, out, Options(workers=1))
+    exchange = build_mod._exchange
+    seen = []
+
+    def exchange_then_try(a, b):
+        exchange(a, b)  # the new folder is at `out` now, the lock not yet released
+        holder = json.loads((out / HOLDER_FILE).read_text())
+        with pytest.raises(TunecError, match=r"is in use by `.* \(pid \d+ on "):
+            BuildLock(out, "run").acquire()
+        seen.append(holder["pid"])
+
+    monkeypatch.setattr(build_mod, "_exchange", exchange_then_try)
+    compile_recipe(recipe, out, Options(workers=1))
+    assert seen == [os.getpid()]
+    assert not (out / HOLDER_FILE).exists()  # released from the new folder
+    with BuildLock(out, "run"):  # and free again
+        pass
+
+
+def test_without_an_atomic_exchange_three_renames_swap_the_folders(tmp_path, recipe, monkeypatch):
+    from tunec.compiler import build as build_mod
+
+    class NoRenameat2:  # a C library or kernel without renameat2 (macOS, old glibc)
+        def __init__(self, *args, **kwargs):
+            pass
+
+    out = tmp_path / "build"
+    compile_recipe(recipe, out, Options(workers=1))
+    (out / "runs").mkdir()
+    (out / "runs" / "kept").write_text("x")
+    monkeypatch.setattr(build_mod.ctypes, "CDLL", NoRenameat2)
+    plan = compile_recipe(recipe, out, Options(workers=1), overrides=("seed=8",))
+    assert plan.seed == 8 and json.loads((out / "plan.json").read_text())["seed"] == 8
+    assert (out / "runs" / "kept").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "recipe.yaml"]

@@ -16,6 +16,7 @@ import torch
 
 from tunec import __version__
 from tunec.compiler.build import Options, compile_recipe
+from tunec.compiler.errors import TunecError
 from tunec.compiler.plan import read_plan
 from tunec.compiler.recipe import ConfigModel
 from tunec.runtime import model as models
@@ -242,3 +243,14 @@ def test_model_cards_say_what_the_plan_and_the_result_say(trained):
     assert "| adapter applies to | `runs/chat/model` |" in adapter_card
     assert "a LoRA adapter (r 4, alpha 8, dropout 0)" in adapter_card
     assert not (trained / "runs" / "lora" / "base").exists()  # chat's model/ is the base: nothing copied
+
+
+@pytest.mark.parametrize("kind, missing", [("full", "model"), ("lora", "base")])
+def test_a_result_without_its_folder_is_a_user_error(tmp_path, kind, missing):
+    # result.json is on disk: a damaged one names what is missing instead of failing inside Path / None
+    result = outputs.StageResult(stage="s", fingerprint="x", kind=kind, steps=1, rows_per_step=1, tokens=1,
+                                 trained_tokens=1, train_loss=None, eval_loss={}, wall_s=0.0)
+    outputs.run_dir(tmp_path, "s").mkdir(parents=True)
+    outputs.write_result(tmp_path, result)
+    with pytest.raises(TunecError, match=f"names no `{missing}`"):
+        outputs.load_for_inference(tmp_path, "s")

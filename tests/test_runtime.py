@@ -19,8 +19,8 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from tunec.compiler.build import Options, compile_recipe
 from tunec.cli import main
+from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.errors import TunecError
 from tunec.compiler.shards import open_shard
 from tunec.runtime.run import RunOptions, run

@@ -152,9 +152,10 @@ def test_generate_renders_chat_tasks_with_their_system_prompt_and_stops_at_end_o
 
     root = Path(__file__).resolve().parents[1]
     plan = compile_recipe(root / "recipes" / "demo" / "collection.yaml", tmp_path / "out", Options())
-    text, chat, system = build_prompt(plan, plan.stages[0].name, None, "reviews_chat", None,
-                                      {"text": "A fine lamp.", "label": "positive"})
-    assert chat and "A fine lamp." in text and text == text.strip()
-    assert system == plan.tasks["reviews_chat"].system  # a plain string renders to itself
+    asked = build_prompt(plan, plan.stages[0].name, None, "reviews_chat", None,
+                         {"text": "A fine lamp.", "label": "positive"})
+    system, user = asked.messages
+    assert user["role"] == "user" and "A fine lamp." in user["content"] and user["content"] == user["content"].strip()
+    assert system == {"role": "system", "content": plan.tasks["reviews_chat"].system}  # a plain string renders to itself
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "out" / "tokenizer"))
     assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]

@@ -101,7 +101,15 @@ def test_none_lets_is_defined_choose_the_branch():
 def test_falsy_values_other_than_none_are_rendered():
     r = Renderer([source(QA)])
     assert r.render(0, {"q": 0, "a": ""}) == ("Q: 0\nA:", " ")
-    assert r.render(0, {"q": False, "a": 0.5}) == ("Q: False\nA:", " 0.5")
+    assert r.render(0, {"q": False, "a": 0.5}) == ("Q: false\nA:", " 0.5")  # JSON, never Python's repr
+
+
+def test_objects_lists_and_booleans_render_as_json():
+    r = Renderer([source(QA)])
+    row = {"q": {"a": 1, "b": [True, None, "é"]}, "a": [1, 2.5, False]}
+    assert r.render(0, row) == ('Q: {"a": 1, "b": [true, null, "é"]}\nA:', " [1, 2.5, false]")
+    loop = "{% block prompt %}{% for x in xs %}{{ x }};{% endfor %}{{ d.k }}{% endblock %}{% block completion %}{% endblock %}"
+    assert Renderer([source(loop)]).render(0, {"xs": [True, {"n": 1}], "d": {"k": [1]}}) == ('true;{"n": 1};[1]', "")
 
 
 def test_sandbox_blocks_attribute_escapes_and_mutation():

@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import yaml
 
-from tunec.compiler.errors import TunecError
+from tunec.compiler.errors import Problem, TunecError
 from tunec.compiler.yamlpos import load_yaml_text, locate
 
 
@@ -268,3 +268,10 @@ def test_nan_is_a_float():
 def test_quoted_scalars_stay_strings():
     data, _ = load_yaml_text("a: ['1e-5', \"true\", '3']\n", "r.yaml")
     assert data["a"] == ["1e-5", "true", "3"]
+
+
+def test_tunec_error_makes_bare_messages_problems_without_a_place():
+    err = TunecError(["first", Problem("second", "r.yaml", 2, 1)])
+    assert all(isinstance(p, Problem) for p in err.problems)
+    assert [str(p) for p in err.problems] == ["first", "r.yaml:2:1: second"]
+    assert str(err) == "first\nr.yaml:2:1: second"

@@ -159,7 +159,8 @@ def schema() -> None:
 @main.command("run")
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--stage", default=None, help="Train only this stage (stages it starts from must have finished).")
-@click.option("--resume", is_flag=True, help="Continue interrupted stages from their last checkpoint; skip finished ones.")
+@click.option("--resume", is_flag=True,
+              help="Continue interrupted stages from their last checkpoint; skip finished ones.")
 @click.option("--force", is_flag=True, help="Train again from scratch, replacing the stages' results and checkpoints.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto: CUDA when available, else CPU.")
@@ -205,7 +206,13 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
 @click.option("--task", default=None, help="Render this task's template [default: the stage's first task].")
 @click.option("--template", default=None, help="Which of the task's templates [default: its first].")
 @click.option("--set", "values", multiple=True, metavar="COLUMN=VALUE", help="A template variable; repeat as needed.")
-@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template, as a user turn.")
+@click.option("--messages", "messages_file", type=click.Path(dir_okay=False), default=None,
+              help="A chat task's conversation: a JSON list of turns (role/content or from/value), "
+                   "ending with a user turn.")
+@click.option("--message", "message_items", multiple=True, metavar="ROLE=TEXT",
+              help="A turn of a chat task's conversation (user, assistant, system); repeat, ending with a user turn.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template, as a user turn "
+              "(after the system prompt of --task or the stage's first chat task, as trained).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True, help="0: greedy.")
 @click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True)
@@ -214,8 +221,9 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
 @click.option("--raw", is_flag=True, help="Print only the continuation.")
 @click.option("--color/--no-color", default=None, help="Highlight the continuation [default: on a terminal].")
 def generate(out: str, stage: str | None, prompt: str | None, task: str | None, template: str | None,
-             values: tuple[str, ...], chat: bool, max_new_tokens: int, temperature: float, top_p: float,
-             seed: int, device: str, raw: bool, color: bool | None) -> None:
+             values: tuple[str, ...], messages_file: str | None, message_items: tuple[str, ...], chat: bool,
+             max_new_tokens: int, temperature: float, top_p: float, seed: int, device: str, raw: bool,
+             color: bool | None) -> None:
     """Continue a prompt with a trained stage's model; the prompt is rendered as the stage's data was.
 
     The output is the prompt followed by the continuation, marked «like this» (green on a terminal).
@@ -226,13 +234,14 @@ def generate(out: str, stage: str | None, prompt: str | None, task: str | None, 
         if not sep or not name:
             raise click.BadParameter(f"'{item}' is not COLUMN=VALUE", param_hint="--set")
         pairs[name] = value
+    conversation = _conversation(messages_file, message_items)
     _need_training_extra("generate")
     from .runtime.generate import generate as run_generate
 
     try:
         g = run_generate(out, stage=stage, prompt=prompt, task=task, template=template, values=pairs, chat=chat,
                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         device=device)
+                         device=device, conversation=conversation)
     except TunecError as exc:
         raise _fail(exc) from None
     if raw:
@@ -241,6 +250,28 @@ def generate(out: str, stage: str | None, prompt: str | None, task: str | None, 
         click.echo(g.prompt + click.style(g.completion, fg="green", bold=True))
     else:
         click.echo(f"{g.prompt}«{g.completion}»")
+
+
+def _conversation(path: str | None, items: tuple[str, ...]) -> list[dict] | None:
+    """``--messages FILE`` or the ``--message ROLE=TEXT`` turns, as a list of turns (checked by generate)."""
+    if path is not None and items:
+        raise click.UsageError("give the conversation either with --messages FILE or with --message, not both")
+    if items:
+        turns = []
+        for item in items:
+            role, sep, text = item.partition("=")
+            if not sep or not role:
+                raise click.BadParameter(f"'{item}' is not ROLE=TEXT", param_hint="--message")
+            turns.append({"role": role, "content": text})
+        return turns
+    if path is None:
+        return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"error: --messages {path}: cannot read it ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"error: --messages {path}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
 
 
 @main.group()

@@ -268,7 +268,8 @@ ONSETS = [
     "t", "tr", "v", "w", "z",
 ]
 VOWELS = ["a", "e", "i", "o", "u"]
-CODAS_S = ["b", "d", "g", "k", "l", "m", "n", "p", "t", "ck", "mp", "nd", "nt", "lk", "rk", "rt", "st", "ft", "ng", "rn"]
+CODAS_S = ["b", "d", "g", "k", "l", "m", "n", "p", "t", "ck",
+           "mp", "nd", "nt", "lk", "rk", "rt", "st", "ft", "ng", "rn"]
 CODAS_ES = ["ss", "x", "zz", "ch", "sh", "tch"]
 MIDDLE_CONSONANTS = ["b", "d", "g", "k", "l", "m", "n", "p", "r", "t", "nd", "mp", "st", "rl"]
 VOWEL_Y = ["ay", "ey", "oy"]

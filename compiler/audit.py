@@ -1,0 +1,126 @@
+"""The mask audit: the trained tokens of every compiled document, decoded, are the intended text.
+
+Masks come from character spans (``tokens.py``); this module checks the
+result from the other end, after the labels are made: per document, each run
+of label-carrying tokens is decoded and compared with the text it must be.
+A wrong trained token nobody notices is the worst thing a compiler of
+training data can produce, so a mismatch stops the compile.
+
+For a template document the intended text is its completion and the EOS;
+for a chat document, each trained assistant turn's text (content and
+end-of-turn), one piece per run::
+
+    text     "Q: 2+2?\\nA:" + " 4"            + EOS
+    labels    -   -  -  -  -  ␣4  <eos>
+    decoded                  " 4<|endoftext|>"   == completion + EOS text
+
+Allowed, because they are counted and shown elsewhere: a first trained token
+that also holds the end of the text before it (a boundary merge, when the
+document has one), a document cut short by ``truncation: truncate`` (its
+runs are a prefix of the intended text), and a document whose first token is
+trained (a first token is never a label: nothing predicts it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+IGNORE = -100
+_MAX_MERGE = 64  # characters of the text before a span a boundary-merged token may hold
+_PROBE = "Q: caf\u00e9 12+3?\n  A:\tyes <x> \u00ab\u00bb end"
+_faithful: dict[int, bool] = {}
+
+
+@dataclass(frozen=True)
+class Intended:
+    """What one document's trained tokens must decode to: one piece per trained span, in order."""
+
+    pieces: Sequence[str]
+    before: Sequence[str] = field(default_factory=tuple)  # the text before each piece (for boundary merges)
+    merged: bool = False  # the tokenizer merged text before a span into its first token (counted)
+    truncated: bool = False  # cut to `seq_len`: runs may stop early
+    first_token: bool = False  # the first trained span starts at the document's first token
+
+
+def faithful(backend: Any) -> bool:
+    """Whether the tokenizer decodes what it encodes (byte-level BPE does; normalising ones do not)."""
+    key = id(backend)
+    if key not in _faithful:
+        ids = backend.encode(_PROBE, add_special_tokens=False).ids
+        _faithful[key] = backend.decode(ids, skip_special_tokens=False) == _PROBE
+    return _faithful[key]
+
+
+def audit(backend: Any, ids: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray,
+          labels: Sequence[int] | np.ndarray, intended: Sequence[Intended]) -> tuple[int, str, str] | None:
+    """``None`` when every document's trained tokens decode to its intended text; else the first
+    document that does not: ``(index, decoded, intended)``.
+
+    ``ids``/``labels`` are flat, document ``i`` is ``[offsets[i], offsets[i+1])``; ``labels`` is
+    ``IGNORE`` or the token (as the shards hold them). A tokenizer that does not decode what it
+    encodes (one with a normaliser) is compared without whitespace, against its own round trip.
+    """
+    ids = np.asarray(ids)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    trained = np.asarray(labels) != IGNORE
+    # Runs of trained tokens, found for all documents at once: a run starts at a trained token whose
+    # predecessor is untrained or in another document, and ends likewise.
+    n = len(trained)
+    doc_start = np.zeros(n + 1, dtype=bool)
+    doc_start[offsets[:-1][offsets[:-1] < n]] = True
+    prev = np.concatenate(([False], trained[:-1])) & ~doc_start[:-1]
+    nxt = np.concatenate((trained[1:], [False])) & ~doc_start[1:]
+    starts = np.flatnonzero(trained & ~prev)
+    ends = np.flatnonzero(trained & ~nxt) + 1
+    flat = ids.tolist()
+    texts = backend.decode_batch([flat[a:b] for a, b in zip(starts.tolist(), ends.tolist())],
+                                 skip_special_tokens=False) if len(starts) else []
+    docs = np.searchsorted(offsets, starts, side="right") - 1
+    got: dict[int, list[str]] = {}
+    for d, text in zip(docs.tolist(), texts):
+        got.setdefault(d, []).append(text)
+    exact = faithful(backend)
+    for d, want in enumerate(intended):
+        pieces = got.get(d, [])
+        if not _document_ok(pieces, want, exact, backend):
+            return d, "".join(pieces), "".join(want.pieces)
+    return None
+
+
+def _document_ok(got: list[str], want: Intended, exact: bool, backend: Any) -> bool:
+    if len(got) > len(want.pieces) or (len(got) < len(want.pieces) and not want.truncated):
+        return False
+    for k, (g, w) in enumerate(zip(got, want.pieces)):
+        before = want.before[k] if k < len(want.before) else ""
+        if not exact:
+            g, w, before = _loose(g), _loose(_round_trip(backend, w)), _loose(before)
+        last = k == len(got) - 1
+        if not _piece_ok(g, w, before, merged=want.merged and k == 0,
+                         cut=want.truncated and last, first=want.first_token and k == 0):
+            return False
+    return True
+
+
+def _piece_ok(got: str, want: str, before: str, *, merged: bool, cut: bool, first: bool) -> bool:
+    def same(g: str) -> bool:
+        return g == want or (cut and want.startswith(g)) or (first and want.endswith(g)) \
+            or (first and cut and g in want)
+
+    if same(got):
+        return True
+    if merged:  # the first trained token begins with the end of the text before the span
+        for n in range(1, min(len(got), len(before), _MAX_MERGE) + 1):
+            if before.endswith(got[:n]) and same(got[n:]):
+                return True
+    return False
+
+
+def _loose(text: str) -> str:
+    return "".join(text.replace("\u2581", " ").split())
+
+
+def _round_trip(backend: Any, text: str) -> str:
+    return backend.decode(backend.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
