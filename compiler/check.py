@@ -8,6 +8,7 @@ template problems the template's line too.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 from . import promptsource
@@ -255,6 +256,9 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
                 )
             )
         if isinstance(model, ConfigModel):
+            for where in _non_finite(model.config):
+                problems.append(loaded.problem(("stages", i, "model", "config") + where,
+                                               "not a finite number (NaN and infinity cannot be stored in a plan)"))
             for key, message, level in config_findings(model.config):
                 found = loaded.problem(("stages", i, "model", "config") + ((key,) if key else ()), message)
                 (problems if level == "error" else warnings).append(found)
@@ -263,3 +267,14 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
                                            f"model folder not found: {loaded.resolve(model.path)}"))
         seen.add(stage.name)
     return problems
+
+
+def _non_finite(value, where: tuple = ()) -> list[tuple]:
+    """Paths of the NaN and infinite floats inside a free-form mapping (a model config)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [where]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, where + (k,))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, where + (i,))]
+    return []

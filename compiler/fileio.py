@@ -26,8 +26,11 @@ from typing import Any, Callable
 
 
 def canonical_json(data: Any) -> str:
-    """Sorted keys, two-space indent, UTF-8 kept, one trailing newline: stable bytes for hashing."""
-    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    """Sorted keys, two-space indent, UTF-8 kept, one trailing newline: stable bytes for hashing.
+
+    NaN and infinity are refused: they are not JSON, and other tools could not read the file.
+    """
+    return json.dumps(data, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def compact_json(data: Any) -> str:

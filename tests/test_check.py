@@ -368,6 +368,12 @@ def config_stage(config: str) -> str:
         ("{model_type: llama, hidden_size: 64, num_attention_heads: 5}",
          "R:15:7: stages[0].model.config: The hidden size (64) is not a multiple of the number of attention "
          "heads (5)."),
+        ("{model_type: llama, rope_theta: .nan}",
+         "R:15:35: stages[0].model.config.rope_theta: not a finite number (NaN and infinity cannot be stored in a "
+         "plan)"),
+        ("{model_type: llama, rope_theta: -.inf}",
+         "R:15:35: stages[0].model.config.rope_theta: not a finite number (NaN and infinity cannot be stored "
+         "in a plan)"),
         ("{model_type: qwen2, hidden_size: 64, num_attention_heads: 4, num_key_value_heads: 3}",
          "R:15:76: stages[0].model.config.num_key_value_heads: `num_key_value_heads` (3) must divide "
          "`num_attention_heads` (4): each key/value head serves a whole group of query heads"),
