@@ -13,6 +13,9 @@ Fixtures:
   under ``tmp_path/tiny``.
 - ``hf_cache``: points the ``datasets`` cache at ``tmp_path`` so that tests
   calling ``load_dataset`` leave nothing in the user's cache.
+- ``one_thread``: one torch thread for a module's tiny models (on a busy machine
+  more threads only wait); modules opt in with
+  ``pytestmark = pytest.mark.usefixtures("one_thread")``.
 """
 
 from __future__ import annotations
@@ -104,3 +107,13 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf_cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import DEMO, tiny_llama
 
 from tunec.compiler import build as build_mod
 from tunec.compiler import link as link_mod
@@ -29,7 +30,6 @@ from tunec.compiler.fileio import sha256_file
 from tunec.compiler.lock import FILES as LOCK_FILES
 from tunec.compiler.lock import HOLDER_FILE
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 RECIPE = f"""\
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
 seq_len: 64
@@ -43,8 +43,7 @@ stages:
   - name: base
     objective: sft
     tasks: [qa]
-    model: {{kind: config, config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
-             num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 64}}}}
+    model: {tiny_llama(positions=64)}
     lr: 0.01
     batch_tokens: 256
     max_steps: 2

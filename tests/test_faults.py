@@ -23,13 +23,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import DEMO, QUIET, tiny_llama
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.errors import TunecError
 from tunec.runtime import checkpoint
 from tunec.runtime.run import RunOptions, run
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
 DATA = DEMO / "data" / "arithmetic"
 RECIPE = f"""
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
@@ -45,8 +46,7 @@ stages:
   - name: base
     objective: sft
     tasks: [arithmetic]
-    model: {{kind: config, config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
-             num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 128}}}}
+    model: {tiny_llama()}
     lr: 0.01
     batch_tokens: 512
     micro_batch_rows: 2
@@ -55,7 +55,6 @@ stages:
     checkpoint_every_steps: 5
     eval_every_steps: 10
 """
-QUIET = dict(progress=False, device="cpu")
 TIMINGS = {"elapsed_s", "tokens_per_s", "wall_s"}
 
 # Run as `python -c KILLER WHERE tunec-args...`: tunec's CLI, killed by SIGKILL at WHERE.
@@ -111,15 +110,6 @@ def compiled(tmp_path_factory) -> Path:
     (folder / "recipe.yaml").write_text(RECIPE)
     compile_recipe(folder / "recipe.yaml", folder / "build", Options(workers=1))
     return folder / "build"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, like the subprocesses (OMP_NUM_THREADS=1): on a busy machine, more only wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

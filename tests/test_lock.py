@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny import DEMO, tiny_llama
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.errors import TunecError
 from tunec.compiler.lock import HOLDER_FILE, LOCK_FILE, BuildLock
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 RECIPE = f"""
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
 seq_len: 128
@@ -36,8 +36,7 @@ stages:
   - name: base
     objective: sft
     tasks: [arithmetic]
-    model: {{kind: config, config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
-             num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 128}}}}
+    model: {tiny_llama()}
     lr: 0.01
     batch_tokens: 256
     max_steps: 4

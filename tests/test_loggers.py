@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import DEMO, QUIET, tiny_llama
 
 from tunec.cli import main
 from tunec.compiler.build import Options, compile_recipe
@@ -20,7 +21,6 @@ from tunec.runtime import loggers
 from tunec.runtime.run import RunOptions, run
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "recipes" / "demo"
 RECIPE = f"""
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
 seq_len: 128
@@ -35,14 +35,12 @@ stages:
   - name: s
     objective: sft
     tasks: [plurals]
-    model: {{kind: config, config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1,
-             num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 128}}}}
+    model: {tiny_llama()}
     lr: 0.01
     batch_tokens: 512
     max_steps: 5
     eval_every_steps: 2
 """
-QUIET = dict(progress=False, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import DEMO
 
 from tunec import __version__
 from tunec.compiler.build import Options, compile_recipe
@@ -23,7 +24,6 @@ from tunec.runtime import model as models
 from tunec.runtime import outputs
 from tunec.runtime.run import RunOptions, run
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 TINY = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 256}
 RECIPE = f"""

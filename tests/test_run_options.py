@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from tiny import DEMO, QUIET, tiny_llama
 
 from tunec.cli import main
 from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.errors import TunecError
 from tunec.runtime.run import RunOptions, run
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
-MODEL = ("{kind: config, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, "
-         "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 128}}")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: more threads only wait
+MODEL = tiny_llama()
 RECIPE = f"""
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
 seq_len: 128
@@ -45,18 +45,6 @@ stages:
     batch_tokens: 256
     epochs: 1
 """
-QUIET = dict(progress=False, device="cpu")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these models are tiny, and on a busy machine more threads only wait."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

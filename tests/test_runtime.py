@@ -18,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from tiny import DEMO, QUIET, tiny_llama
 
 from tunec.cli import main
 from tunec.compiler.build import Options, compile_recipe
@@ -25,9 +26,7 @@ from tunec.compiler.errors import TunecError
 from tunec.compiler.shards import open_shard
 from tunec.runtime.run import RunOptions, run
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
-MODEL = ("{kind: config, config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, "
-         "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 128}}")
+MODEL = tiny_llama(layers=2)
 RECIPE = f"""
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
 seq_len: 128
@@ -81,7 +80,6 @@ stages:
     max_steps: 2
 """
 
-QUIET = dict(progress=False, device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny import DEMO, tiny_llama
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.runtime.data import RowStream, plan_batching, step_rows
@@ -20,7 +21,6 @@ from tunec.runtime.run import RunOptions, run
 
 pytestmark = pytest.mark.slow  # two processes, each importing torch and transformers
 
-DEMO = Path(__file__).resolve().parents[1] / "recipes" / "demo"
 RECIPE = f"""
 tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
 seq_len: 128
@@ -35,8 +35,7 @@ stages:
   - name: ddp
     objective: sft
     tasks: [arithmetic]
-    model: {{kind: config, config: {{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
-             num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024, max_position_embeddings: 128}}}}
+    model: {tiny_llama(layers=2)}
     lr: 0.01
     batch_tokens: 768
     micro_batch_rows: 2
