@@ -11,6 +11,8 @@ import logging
 import math
 from dataclasses import dataclass
 
+import jinja2
+
 from . import promptsource
 from .errors import Problem, TunecError, did_you_mean
 from .hubmeta import hub_columns
@@ -35,7 +37,7 @@ from .recipe import (
 )
 from .refs import reference_problems, template_dirs
 from .sources import check_files, peek_columns, read_utf8
-from .templates import TemplateSource, analyse, find_library_template, string_problems
+from .templates import TemplateSource, analyse, find_library_template, string_problems, unknown_names
 from .yamltext import value_lines
 
 
@@ -79,6 +81,8 @@ def check(loaded: LoadedRecipe) -> Checked:
     if tok.chat_template and not loaded.resolve(tok.chat_template).is_file():
         problems.append(loaded.problem(("tokenizer", "chat_template"),
                                        f"file not found: {loaded.resolve(tok.chat_template)}"))
+    elif tok.chat_template:
+        problems.extend(_chat_template_problems(loaded, loaded.resolve(tok.chat_template)))
 
     templates: dict[str, tuple[TemplateSource, ...]] = {}
     columns: dict[str, list[str] | None] = {}
@@ -278,3 +282,24 @@ def _non_finite(value, where: tuple = ()) -> list[tuple]:
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in _non_finite(v, where + (i,))]
     return []
+
+
+def _chat_template_problems(loaded: LoadedRecipe, path) -> list[Problem]:
+    """A chat template file compiled as transformers compiles it (its sandbox, filters and
+    `{% generation %}` tag), so a syntax error or an unknown filter is found before any row."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    shown = display_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        return [Problem(f"chat template: not UTF-8 (byte {exc.start})", shown, line)]
+    except OSError as exc:
+        return [loaded.problem(("tokenizer", "chat_template"), f"cannot read {shown}: {exc.strerror}")]
+    try:
+        compiled = _compile_jinja_template(text)
+    except jinja2.TemplateError as exc:
+        return [Problem(f"chat template: {exc.message}", shown, getattr(exc, "lineno", None))]
+    source = TemplateSource(path.name, text, shown)
+    return unknown_names(compiled.environment, compiled.environment.parse(text), source)

@@ -335,3 +335,23 @@ def test_an_injection_payload_is_refused_by_validate_and_blocked_by_compile(tmp_
     assert (code, errors) == (1, ["error: task 't', train row 0: template 't.j2': SecurityError: access to "
                                   f"attribute '__init__' of 'type' object is unsafe. [{tmp_path / 't.j2'}:2]"])
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("{% for m in messages %}{{ m['content'] }}{% endfor", "chat.jinja:1: chat template: unexpected end of template"),
+    ("{% for m in messages %}\n{{ m['content'] | shout }}{% endfor %}",
+     "chat.jinja:2: chat template: No filter named 'shout'"),
+    ("{% for m in messages %}\n\n{{ m['content'].__class__ }}{% endfor %}",
+     "chat.jinja:3: template 'chat.jinja' reads `__class__`: names starting with `_` are not available"),
+    ("{% for m in messages %}{% generation %}{{ m['content'] }}{% endgeneration %}{% endfor %}", None),
+], ids=["syntax", "filter", "private", "generation-tag"])
+def test_a_chat_template_file_is_checked_at_validate(tmp_path, text, expected):
+    path = recipe(tmp_path, "      - {kind: inline, name: b, prompt: '{{ q }}', completion: ' {{ a }}'}")
+    path.write_text(path.read_text().replace("path: " + str(TOKENIZER) + "}",
+                                             "path: " + str(TOKENIZER) + ", chat_template: chat.jinja}"))
+    (tmp_path / "chat.jinja").write_text(text)
+    code, errors = run("validate", str(path))
+    if expected is None:  # transformers' own `{% generation %}` tag is part of the language
+        assert code == 0 and errors == []
+    else:
+        assert code == 1 and len(errors) == 1 and f"{tmp_path}/{expected}" in errors[0], errors
