@@ -31,7 +31,7 @@ from tunec.compiler.plan import Plan, StagePlan, read_plan
 from tunec.compiler.recipe import ConfigModel, LoraPeft, Stage, StageModel
 from tunec.compiler.yamlpos import load_yaml_text
 
-from . import checkpoint, loggers, outputs
+from . import accuracy, checkpoint, loggers, outputs
 from . import dist as distmod
 from . import model as models
 from .data import RowStream, ShardSet, plan_batching
@@ -54,6 +54,7 @@ class RunOptions:
     max_steps: int | None = None  # --max-steps: at most this many steps in every stage run
     overrides: tuple[str, ...] = ()  # --set [stages.NAME.]SETTING=VALUE, training settings only
     log: tuple[str, ...] = ()  # --log: experiment trackers, besides TUNEC_LOG (runtime/loggers.py)
+    eval_accuracy: bool = False  # --eval-accuracy: `tunec eval` of each stage with answer choices once it is done
 
 
 # What `--set` may change: how a stage trains, not what it trains on (the compiled shards fix that).
@@ -192,7 +193,16 @@ def _run(out: Path, options: RunOptions, dist: distmod.Dist, device: torch.devic
                       {t: ShardSet(out, ev.data, options.verify, vocab) for t, ev in sp.eval.items() if ev.data.rows})
             for sp in stages}
     run_options = {sp.name: _run_options(changed.get(sp.name, {}), options.max_steps) for sp in stages}
-    return [run_stage(out, plan, sp, *data[sp.name], options, dist, device, run_options[sp.name]) for sp in stages]
+    if options.eval_accuracy and dist.is_main and not any(accuracy.has_choices(sp) for sp in stages):
+        logger.warning("--eval-accuracy: no stage run has an eval set with answer choices; nothing will be scored")
+    results = []
+    for sp in stages:
+        results.append(run_stage(out, plan, sp, *data[sp.name], options, dist, device, run_options[sp.name]))
+        if options.eval_accuracy and accuracy.has_choices(sp):
+            # from the saved model, as `tunec eval` scores it, with the lock this command holds
+            accuracy.evaluate_stage(out, plan, sp.name, False, (), None, device, dist)
+            dist.barrier()
+    return results
 
 
 def _run_options(changed: dict[str, Any], max_steps: int | None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ def runner():
     return CliRunner()
 
 
-@pytest.mark.parametrize("command", [[], ["validate"], ["compile"], ["inspect"], ["schema"]])
+@pytest.mark.parametrize("command", [[], ["validate"], ["compile"], ["inspect"], ["schema"], ["eval"]])
 def test_help_of_every_command(runner, command):
     result = runner.invoke(main, command + ["--help"])
     assert result.exit_code == 0, result.output

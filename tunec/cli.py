@@ -176,9 +176,11 @@ def schema() -> None:
 @click.option("--log", "trackers", multiple=True, type=click.Choice(list(TRACKERS)),
               help="Also send the metrics to this tracker; repeat for several (or TUNEC_LOG=a,b). "
               "metrics.jsonl is always written.")
+@click.option("--eval-accuracy", is_flag=True, help="After each stage that has eval sets with answer choices, "
+              "score them as `tunec eval` does (OUT/runs/<stage>/eval.json) and print the table.")
 def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str, verify: bool,
             progress: bool | None, max_steps: int | None, settings: tuple[str, ...],
-            trackers: tuple[str, ...]) -> None:
+            trackers: tuple[str, ...], eval_accuracy: bool) -> None:
     """Train the stages of the build in OUT; results go to OUT/runs/<stage>/.
 
     Several processes or GPUs: `torchrun --nproc_per_node N -m tunec run OUT`.
@@ -190,13 +192,23 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
 
     show = sys.stderr.isatty() if progress is None else progress
     options = RunOptions(stage=stage, resume=resume, force=force, device=device, verify=verify, progress=show,
-                         max_steps=max_steps, overrides=settings, log=trackers)
+                         max_steps=max_steps, overrides=settings, log=trackers, eval_accuracy=eval_accuracy)
     try:
-        run(out, options)
+        results = run(out, options)
     except TunecError as exc:
         raise _fail(exc) from None
     except KeyboardInterrupt:
         raise UserError(f"interrupted; `tunec run {out} --resume` continues from the last checkpoint") from None
+    if eval_accuracy and os.environ.get("RANK", "0") == "0":  # under torchrun, one table
+        from .runtime import accuracy
+
+        for result in results:
+            saved = accuracy.read_eval(Path(out), result.stage)
+            if saved and saved.get("stage", {}).get("fingerprint") == result.fingerprint:
+                click.echo(f"stage {result.stage}: accuracy by rank classification "
+                           f"({out}/runs/{result.stage}/eval.json)")
+                for line in accuracy.table(saved):
+                    click.echo(line)
 
 
 @main.command()
@@ -272,6 +284,35 @@ def _conversation(path: str | None, items: tuple[str, ...]) -> list[dict] | None
         raise UserError(f"error: --messages {path}: cannot read it ({exc})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"error: --messages {path}:{exc.lineno}:{exc.colno}: not JSON: {exc.msg}") from None
+
+
+@main.command("eval")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--stage", default=None, help="Whose model [default: the last stage that has run].")
+@click.option("--base", is_flag=True, help="Evaluate the model the stage starts from (its config freshly "
+              "initialised with the plan's seed, its model folder or hub model, or the earlier stage's result).")
+@click.option("--tasks", multiple=True, metavar="TASK", help="Only these tasks (repeat) [default: every eval set "
+              "of the stage with answer choices].")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N records per task.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def eval_cmd(out: str, stage: str | None, base: bool, tasks: tuple[str, ...], limit: int | None,
+             device: str) -> None:
+    """Accuracy on the stage's eval sets with answer choices, by rank classification (log-likelihood of each
+    choice after the prompt). Results: OUT/runs/<stage>/eval.json and predictions/<task>.jsonl.
+    """
+    _need_training_extra("eval")
+    from .compiler.plan import read_plan
+    from .runtime import accuracy
+
+    try:
+        plan = read_plan(Path(out))
+        name = plan.stage(stage).name if stage else accuracy.last_run_stage(Path(out), plan)
+        saved = accuracy.run_eval(Path(out), plan, name, base, tasks, limit, device)
+    except TunecError as exc:
+        raise _fail(exc) from None
+    click.echo(f"stage {name}: accuracy by rank classification ({out}/runs/{name}/eval.json)")
+    for line in accuracy.table(saved):
+        click.echo(line)
 
 
 @main.group()
