@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import DEMO, QUIET, tiny_llama
+from tiny import DEMO, QUIET, Interrupt, interrupt_after, tiny_llama
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.errors import TunecError
@@ -144,17 +144,6 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
     assert result(a) == result(b)
     assert records(a) == records(b)
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(step: int):
-    def hook(s: int) -> None:
-        if s == step:
-            raise Interrupt(s)
-    return hook
 
 
 # ----------------------------------------------------------------- in process

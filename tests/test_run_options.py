@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from tiny import DEMO, QUIET, tiny_llama
+from tiny import DEMO, QUIET, Interrupt, tiny_llama
 
 from tunec.cli import main
 from tunec.compiler.build import Options, compile_recipe
@@ -65,10 +65,6 @@ def build(compiled, tmp_path) -> Path:
 def train_records(out: Path, stage: str) -> list[dict]:
     lines = (out / "runs" / stage / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "loss" in r]
-
-
-class Interrupt(Exception):
-    pass
 
 
 def test_max_steps_caps_every_stage_and_is_recorded(build):

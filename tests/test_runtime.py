@@ -18,7 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny import DEMO, QUIET, tiny_llama
+from tiny import DEMO, QUIET, Interrupt, interrupt_after, tiny_llama
 
 from tunec.cli import main
 from tunec.compiler.build import Options, compile_recipe
@@ -106,17 +106,6 @@ def metrics(out: Path, stage: str) -> list[dict]:
 
 def weights(folder: Path, name: str = "model.safetensors") -> dict[str, torch.Tensor]:
     return load_file(str(folder / name))
-
-
-class Interrupt(Exception):
-    pass
-
-
-def interrupt_after(step: int):
-    def hook(s: int) -> None:
-        if s == step:
-            raise Interrupt(s)
-    return hook
 
 
 # ----------------------------------------------------------------- training, outputs, chaining
