@@ -148,7 +148,8 @@ def run_compile(recipe: Path, out: Path, workers: int, env: dict[str, str], plai
         shutil.rmtree(out)
     phases_file = out.with_name(out.name + ".phases.json")
     phases_file.unlink(missing_ok=True)
-    args = ["compile", str(recipe), "-o", str(out), "--workers", str(workers)]
+    # --no-cache: every run compiles every unit (bench/compile_incremental.py measures the cache)
+    args = ["compile", str(recipe), "-o", str(out), "--workers", str(workers), "--no-cache"]
     if plain:
         exe = Path(sys.executable).with_name("tunec")
         cmd = [str(exe) if exe.exists() else "tunec", *args]
@@ -349,10 +350,12 @@ PHASE_HOOKS = [
     ("tunec.compiler.build", "check", "check"),
     ("tunec.compiler.build", "load_tokenizer", "load_tokenizer (imports transformers)"),
     ("tunec.compiler.build", "tokenizer_info", "tokenizer_info"),
-    ("tunec.compiler.build", "load_part", "load_part (datasets, to_dict)"),
+    ("tunec.compiler.build", "compile_units", "compile_units"),
+    ("tunec.compiler.incremental", "part_inputs", "part_inputs (unit keys: sha256 of sources)"),
+    ("tunec.compiler.incremental", "load_part", "load_part (datasets, to_dict)"),
     ("tunec.compiler.build", "fingerprint", "fingerprint (sha256 of sources)"),
-    ("tunec.compiler.build", "plan_docs", "plan_docs"),
-    ("tunec.compiler.build", "join", "join"),
+    ("tunec.compiler.incremental", "plan_docs", "plan_docs"),
+    ("tunec.compiler.incremental", "join", "join"),
     ("tunec.compiler.build", "_leakage", "_leakage"),
     ("tunec.compiler.build", "_check_out", "_check_out"),
     ("tunec.compiler.build", "_prepare_out", "_prepare_out"),
@@ -445,7 +448,7 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
 
     t0 = perf_counter()
     path = enter("import tunec.compiler.build (numpy, pydantic, ...)")
-    import tunec.compiler.build as b
+    importlib.import_module("tunec.compiler.build")
     import tunec.compiler.units as un
     from tunec import cli
 
@@ -454,7 +457,9 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
     for hook in PHASE_HOOKS:
         wrap(*hook)
 
-    orig_chunks_of = getattr(b, "chunks_of", None)
+    import tunec.compiler.incremental as inc
+
+    orig_chunks_of = getattr(inc, "chunks_of", None)
     if orig_chunks_of is not None:
         def chunks_of(*a, **k):
             path = enter("chunks_of")
@@ -463,13 +468,13 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
                 return iter(list(orig_chunks_of(*a, **k)))
             finally:
                 leave(path, perf_counter() - t)
-        b.chunks_of = chunks_of
+        inc.chunks_of = chunks_of
 
-    orig_run = getattr(b, "_run_chunks", None)
+    orig_run = getattr(inc, "run_local", None)
     if orig_run is None:
-        missing.append("tunec.compiler.build._run_chunks")
+        missing.append("tunec.compiler.incremental.run_local")
     else:
-        name = f"_run_chunks (render+tokenize, {workers} worker(s))"
+        name = f"run_local (render+tokenize, {workers} worker(s))"
 
         def run_chunks(*a, **k):
             # The loop that consumes this generator only collects results.
@@ -486,12 +491,14 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
             finally:
                 leave(path, perf_counter() - t)
 
-        b._run_chunks = run_chunks
+        inc.run_local = run_chunks
         if workers == 1:
             for hook in WORKER_HOOKS:
                 wrap(*hook)
-            if getattr(b, "compile_chunk", None) is not getattr(un, "compile_chunk", None):
-                b.compile_chunk = un.compile_chunk  # build imported it by name
+            import tunec.compiler.executors as ex
+
+            if getattr(ex, "compile_chunk", None) is not getattr(un, "compile_chunk", None):
+                ex.compile_chunk = un.compile_chunk  # executors imported it by name
 
             class TimedBackend:
                 def __init__(self, inner):
@@ -516,7 +523,7 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
                 elif not isinstance(worker.backend, TimedBackend):
                     worker.backend = TimedBackend(worker.backend)
 
-            wrap("tunec.compiler.build", "init_worker", "init_worker", after=swap_backend)
+            wrap("tunec.compiler.executors", "init_worker", "init_worker", after=swap_backend)
 
     code = 0
     try:

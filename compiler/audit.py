@@ -14,6 +14,14 @@ end-of-turn), one piece per run::
     labels    -   -  -  -  -  ␣4  <eos>
     decoded                  " 4<|endoftext|>"   == completion + EOS text
 
+A chat document's trained spans are also checked against the conversation
+itself (``Intended.replies``): each must be the assistant turn's text, with
+only whitespace around it and one end-of-turn token after it, so a chat
+template whose ``{% generation %}`` block (or end-of-turn) swallows the next
+user turn is caught, not trained. A document with nothing trained is a
+failure too. The recipe's ``audit: warn`` turns failures into a warning and a
+count per task in the plan (``audit_failures``).
+
 Allowed, because they are counted and shown elsewhere: a first trained token
 that also holds the end of the text before it (a boundary merge, when the
 document has one), a document cut short by ``truncation: truncate`` (its
@@ -23,6 +31,7 @@ trained (a first token is never a label: nothing predicts it).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -43,6 +52,8 @@ class Intended:
     merged: bool = False  # the tokenizer merged text before a span into its first token (counted)
     truncated: bool = False  # cut to `seq_len`: runs may stop early
     first_token: bool = False  # the first trained span starts at the document's first token
+    replies: Sequence[str] = field(default_factory=tuple)  # chat: each trained assistant turn's text, in order
+    ends: Sequence[str] = field(default_factory=tuple)  # chat: the end-of-turn token texts one may close a turn
 
 
 def faithful(backend: Any) -> bool:
@@ -57,7 +68,26 @@ def faithful(backend: Any) -> bool:
 def audit(backend: Any, ids: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray,
           labels: Sequence[int] | np.ndarray, intended: Sequence[Intended]) -> tuple[int, str, str] | None:
     """``None`` when every document's trained tokens decode to its intended text; else the first
-    document that does not: ``(index, decoded, intended)``.
+    document that does not: ``(index, decoded, intended)`` (see :func:`audit_all`)."""
+    found = audit_all(backend, ids, offsets, labels, intended)
+    return found[0] if found else None
+
+
+def chat_span_ok(piece: str, reply: str, ends: Sequence[str]) -> bool:
+    """A chat span's text is the reply (as the template shows it: trimmed or not), whitespace around it,
+    and one end-of-turn token: nothing of another turn."""
+    tail = "(?:" + "|".join(re.escape(e) for e in ends) + ")" if ends else "(?!)"
+    for shown in dict.fromkeys([reply, reply.strip(), reply.lstrip(), reply.rstrip()]):
+        if shown and re.fullmatch(r"\s*" + re.escape(shown) + r"[ \t]*" + tail + r"\s*", piece, flags=re.DOTALL):
+            return True
+    return False
+
+
+def audit_all(backend: Any, ids: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray,
+              labels: Sequence[int] | np.ndarray, intended: Sequence[Intended]) -> list[tuple[int, str, str]]:
+    """Every document whose trained tokens are not its intended text, as ``(index, decoded, intended)``;
+    a chat document whose intended spans hold more than its assistant turns (:func:`chat_span_ok`)
+    and a document with no trained token at all are failures too.
 
     ``ids``/``labels`` are flat, document ``i`` is ``[offsets[i], offsets[i+1])``; ``labels`` is
     ``IGNORE`` or the token (as the shards hold them). A tokenizer that does not decode what it
@@ -83,11 +113,16 @@ def audit(backend: Any, ids: Sequence[int] | np.ndarray, offsets: Sequence[int] 
     for d, text in zip(docs.tolist(), texts):
         got.setdefault(d, []).append(text)
     exact = faithful(backend)
+    failures = []
     for d, want in enumerate(intended):
         pieces = got.get(d, [])
-        if not _document_ok(pieces, want, exact, backend):
-            return d, "".join(pieces), "".join(want.pieces)
-    return None
+        turns_ok = len(want.replies) == len(want.pieces) and all(
+            chat_span_ok(p, r, want.ends) for p, r in zip(want.pieces, want.replies)) if want.replies else True
+        # nothing trained: a failure, unless truncation cut the completion off (the link step drops those)
+        if (not pieces and not want.truncated) or not turns_ok or not _document_ok(pieces, want, exact, backend):
+            shown = "".join(want.replies) if want.replies and not turns_ok else "".join(want.pieces)
+            failures.append((d, "".join(pieces), shown))
+    return failures
 
 
 def _document_ok(got: list[str], want: Intended, exact: bool, backend: Any) -> bool:
@@ -124,3 +159,15 @@ def _loose(text: str) -> str:
 
 def _round_trip(backend: Any, text: str) -> str:
     return backend.decode(backend.encode(text, add_special_tokens=False).ids, skip_special_tokens=False)
+
+
+def warn_failures(units: dict[tuple[str, str], Any]) -> None:
+    """Under ``audit: warn``: one warning per task part whose documents failed the audit (counted in the plan)."""
+    import logging
+
+    for (task, part), unit in sorted(units.items()):
+        failed = getattr(unit, "audit_failed", None)
+        if failed is not None and failed.any():
+            logging.getLogger(__name__).warning(
+                f"task '{task}', {part}: {int(failed.sum())} document(s) fail the mask audit and are trained anyway "
+                f"(`audit: warn`); first: {unit.audit_example}")

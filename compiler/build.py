@@ -17,7 +17,6 @@ import ctypes
 import errno
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 from contextlib import contextmanager
@@ -26,12 +25,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-import numpy as np
-
-from . import FORMAT_VERSION, __version__, leakage, lock
+from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock
+from .cache import code_versions, default_dir
 from .check import Checked, check
 from .errors import Problem, TunecError
 from .fileio import atomic_dir, atomic_write_text, canonical_json, sha256_file, sha256_folder, sha256_text
+from .incremental import LeakKeys, Part, cache_of, compile_units
 from .link import Linker, leak_reports
 from .load import LoadedRecipe
 from .lock import BuildLock
@@ -46,11 +45,12 @@ from .plan import (
     TaskPlan,
     TemplatePlan,
     TokenizerPlan,
+    read_plan,
 )
-from .recipe import LocalModel, StageModel
-from .sources import fingerprint, load_part
+from .recipe import LocalModel, Stage, StageModel
+from .sources import fingerprint
 from .tokens import load_tokenizer, tokenizer_info
-from .units import Chunk, RowError, UnitResult, UnitSpec, chunks_of, compile_chunk, init_worker, join, plan_docs
+from .units import UnitSpec
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,15 @@ class Options:
     force: bool = False
     shard_rows: int = DEFAULT_SHARD_ROWS
     progress: bool = False
+    use_cache: bool = True  # False: compile every unit, read and store nothing
+    cache: Path | None = None  # the cache folder; None: $TUNEC_CACHE or the user's cache folder (at build time)
+    executor: str = "local"  # local | ray (compiler/executors.py)
+    ray_address: str | None = None  # a running Ray cluster; None: a local one for this compile
+    # told, once the units are compiled, which were reused from the cache and which were rebuilt
+    on_units: Callable[[list[tuple[str, str]], list[tuple[str, str]]], None] | None = None
+
+    def cache_dir(self) -> Path | None:
+        return None if not self.use_cache else (self.cache if self.cache is not None else default_dir())
 
 
 def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = Options(),
@@ -116,11 +125,8 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
                 task=name, part=part, templates=checked.templates[name], truncation=task.truncation,
                 seq_len=recipe.seq_len, seed=recipe.seed, policy=task.template_policy, format=task.format,
                 few_shot=task.few_shot, answer_choices=task.answer_choices,
-                record_choices=part == "eval" or name in held,
+                record_choices=part == "eval" or name in held, audit=recipe.audit,
             ))
-    parts = {(s.task, s.part): load_part(loaded, s.task, recipe.tasks[s.task], s.part) for s in specs}
-    pools = {s.task: parts[(s.task, "train")].columns for s in specs if s.few_shot is not None and s.part == "train"}
-
     inputs = {f"source:{n}": fingerprint(loaded, recipe.tasks[n]) for n in checked.used_tasks()}
     inputs.update(
         {f"templates:{n}": {t.name: t.sha256 for t in checked.templates[n]} for n in checked.used_tasks()}
@@ -128,26 +134,21 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
 
     _check_out(out, loaded, options.force)  # refuse early, before the long work
 
-    chunks: list[Chunk] = []
-    for i, spec in enumerate(specs):
-        rows = parts[(spec.task, spec.part)]
-        pool_size = len(pools[spec.task][next(iter(pools[spec.task]))]) if spec.task in pools else 0
-        docs = plan_docs(spec, rows.count, pool_size)
-        chunks.extend(chunks_of(i, rows.columns, rows.index.tolist(), docs))
-    total_rows = sum(p.count for p in parts.values())
-    results: list[list[UnitResult]] = [[] for _ in specs]
-    with _progress(options.progress, total_rows, "compile") as bar:
-        for chunk, result in _run_chunks(chunks, info, specs, pools, options.workers):
-            results[chunk.unit].append(result)
-            bar(len(chunk.rows))
-    units = {(s.task, s.part): join(r, len(s.templates)) for s, r in zip(specs, results)}
+    with _progress(options.progress, None, "compile") as bar:
+        compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), _leak_parts(recipe, specs),
+                                 options.workers, options.executor, options.ray_address, bar)
+    if options.on_units is not None:
+        options.on_units(compiled.reused, compiled.rebuilt)
+    units = compiled.units
     _warn_double_spaces(units, checked.templates)
+    audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
+    findings = lint.for_compile(checked)  # prompt lint (compiler/lint.py): warnings, kept in the plan
 
     staging.mkdir()
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
     mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
-    leaks = _leakage(recipe, units, parts, mixes)
+    leaks = _leakage(recipe, units, compiled.leak, mixes)
 
     atomic_write_text(staging / MARKER_FILE, json.dumps({"recipe": str(loaded.path)}) + "\n")
     tok_dir = staging / "tokenizer"
@@ -158,19 +159,27 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     )
 
     stages = []
+    link_keys: dict[str, str] = {}
     for stage in recipe.stages:
+        settings = stage
+        if isinstance(stage.model, LocalModel):
+            local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
+            settings = stage.model_copy(update={"model": local})
+        link_keys[stage.name] = _link_key(settings, compiled.keys, linker, info)
+        kept = _kept_stage(out.resolve(), staging, stage.name, link_keys[stage.name])
+        if kept is not None:  # its units and settings are those of the stage in OUT: its shards are kept
+            logger.info(f"stage {stage.name}: unchanged, shards kept from the previous build")
+            stages.append(kept.model_copy(update={"leakage": leaks.get(stage.name, {})}))
+            continue
         train, counts = linker.train(stage, {t: units[(t, "train")] for t in stage.tasks}, mixes[stage.name])
         evals = {}
         for t in list(stage.tasks) + list(stage.held_out):
             unit = units.get((t, "eval")) or (units[(t, "train")] if t in stage.held_out else None)
             if unit is not None:
                 evals[t] = linker.eval(stage, t, unit, held_out=t in stage.held_out)
-        settings = stage
-        if isinstance(stage.model, LocalModel):
-            local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
-            settings = stage.model_copy(update={"model": local})
         stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
                                 leakage=leaks.get(stage.name, {})))
+    stages = estimate.estimated(loaded, staging, stages, info.pad_id)  # cost per stage (compiler/estimate.py)
 
     recipe_hash = sha256_text(canonical_json({
         "format_version": FORMAT_VERSION,
@@ -190,8 +199,9 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
         inputs=inputs,
         tasks={n: _task_plan(checked, n) for n in checked.used_tasks()},
         stages=stages,
+        lint=findings,
     )
-    _write_manifest(staging)
+    _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in compiled.keys.items()}, link_keys)
     atomic_write_text(staging / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
 
@@ -230,41 +240,52 @@ def _warn_double_spaces(units, templates) -> None:
                        "second one trained); end the prompt without the space")
 
 
-def _leakage(recipe, units, parts, mixes) -> dict[str, dict[str, LeakReport]]:
+def _leak_parts(recipe, specs: list[UnitSpec]) -> set[Part]:
+    """The parts the leakage check reads: every trained part and every evaluated one (none when nothing
+    is evaluated)."""
+    have = {(s.task, s.part) for s in specs}
+    out: set[Part] = set()
+    for stage in recipe.stages:
+        for t in [*stage.tasks, *stage.held_out]:
+            part = "eval" if (t, "eval") in have else ("train" if t in stage.held_out else None)
+            if part is not None:
+                out.add((t, part))
+    if not out:
+        return out  # nothing is evaluated: nothing can leak
+    return out | {(t, "train") for stage in recipe.stages for t in stage.tasks}
+
+
+def _leakage(recipe, units, leak: dict[Part, LeakKeys], mixes) -> dict[str, dict[str, LeakReport]]:
     """Per stage, eval and held-out examples whose text the model has trained on by then.
 
     A stage's model has seen its own mixture and those of the stages it starts
     from (``model: {kind: stage}``, transitively): a task held out of a first
     stage and fine-tuned on in a second one leaks only into the second stage's eval.
     """
-    def texts_of(task: str, part: str, rows: np.ndarray) -> list[leakage.Keys]:
-        src, how = parts[(task, part)], recipe.tasks[task].leakage
-        pos = {int(r): i for i, r in enumerate(src.index.tolist())}
-        return [leakage.keys({k: v[pos[int(r)]] for k, v in src.columns.items()}, how.key, how.context)
-                for r in np.unique(rows)]
-
-    if not any((t, "eval") in units or t in s.held_out for s in recipe.stages for t in [*s.tasks, *s.held_out]):
+    if not leak:
         return {}  # nothing is evaluated: nothing can leak
-    own: dict[str, dict[str, list[leakage.Keys]]] = {
-        stage.name: {t: texts_of(t, "train", units[(t, "train")].row[mixes[stage.name].docs[t]]) for t in stage.tasks}
+    own: dict[str, dict[str, leakage.Hashed]] = {
+        stage.name: {t: leak[(t, "train")].rows(units[(t, "train")].row[mixes[stage.name].docs[t]])
+                     for t in stage.tasks}
         for stage in recipe.stages
     }
     by_name = {stage.name: stage for stage in recipe.stages}
     reports: dict[str, dict[str, LeakReport]] = {}
     problems = []
     for stage in recipe.stages:
-        seen: dict[str, list[leakage.Keys]] = {}
+        seen_parts: dict[str, list[leakage.Hashed]] = {}
         name: str | None = stage.name
         while name is not None:  # this stage and the stages its model comes from
             for t, rows in own[name].items():
-                seen.setdefault(t, []).extend(rows)
+                seen_parts.setdefault(t, []).append(rows)
             model = by_name[name].model
             name = model.stage if isinstance(model, StageModel) else None
         evals = {}
         for t in list(stage.tasks) + list(stage.held_out):
             part = "eval" if (t, "eval") in units else ("train" if t in stage.held_out else None)
             if part is not None:
-                evals[t] = texts_of(t, part, units[(t, part)].row)
+                evals[t] = leak[(t, part)].rows(units[(t, part)].row)
+        seen = {t: leakage.Hashed.concat(rows) for t, rows in seen_parts.items()}
         found = leak_reports(seen, evals)
         if found:
             reports[stage.name] = found
@@ -418,54 +439,62 @@ def _save_tokenizer(tok, folder: Path) -> None:
     atomic_dir(folder, lambda tmp: tok.save_pretrained(str(tmp)))
 
 
-def _write_manifest(out: Path) -> None:
+def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str]) -> None:
+    """sha256 and size of every compiled file, the cache key of every unit the build linked, and each
+    stage's link key (what its shards were made from: a rebuild with the same key keeps them)."""
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out).as_posix()
         if rel.split("/")[0] in COMPILED:
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    atomic_write_text(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files}))
+    atomic_write_text(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files,
+                                                           "units": units, "stages": stages}))
+
+
+def _link_key(settings: Stage, unit_keys: dict[Part, str], linker: Linker, info) -> str:
+    """What a stage's shards and counts are made from: its settings, the keys of the units it links,
+    and how the linker packs and names them."""
+    names = set(settings.tasks) | set(settings.held_out)
+    return sha256_text(canonical_json({
+        "code": code_versions(), "format_version": FORMAT_VERSION,
+        "settings": settings.model_dump(mode="json"),
+        "units": {f"{t}/{p}": k for (t, p), k in sorted(unit_keys.items()) if t in names},
+        "linker": {"seq_len": linker.seq_len, "pad_id": info.pad_id, "shard_rows": linker.shard_rows,
+                   "seed": linker.seed, "templates": {t: linker.template_names.get(t, []) for t in sorted(names)}},
+    }))
+
+
+def _kept_stage(out: Path, staging: Path, name: str, key: str) -> StagePlan | None:
+    """The previous build's plan of stage ``name`` when it was linked under ``key`` and its files are
+    intact (sha256 against the previous manifest); its folder is then hard-linked into ``staging``."""
+    try:
+        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        if not isinstance(manifest, dict) or manifest.get("stages", {}).get(name) != key:
+            return None
+        previous = next((s for s in read_plan(out).stages if s.name == name), None)
+    except (OSError, ValueError, AttributeError, TunecError):
+        return None
+    folder = out / "stages" / name
+    prefix = f"stages/{name}/"
+    listed = {rel: f for rel, f in manifest.get("files", {}).items() if rel.startswith(prefix)}
+    present = {p.relative_to(out).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+    if previous is None or not listed or present != set(listed):
+        return None
+    for rel, f in listed.items():
+        path = out / rel
+        if path.stat().st_size != f.get("bytes") or sha256_file(path) != f.get("sha256"):
+            logger.warning(f"stage {name}: {rel} differs from the previous build's manifest; relinking the stage")
+            return None
+    (staging / "stages").mkdir(exist_ok=True)
+    _link_tree(folder, staging / "stages" / name)
+    return previous
 
 
 # ----------------------------------------------------------------- workers
 
 
-def _run_chunks(chunks: list[Chunk], info, specs, pools, workers: int) -> Iterator[tuple[Chunk, UnitResult]]:
-    workers = min(workers, len(chunks))  # a process per chunk at most: spawning costs ~1 s
-    try:
-        if workers <= 1:
-            with _single_threaded_tokenizers():
-                init_worker(info, specs, pools, single_thread=True)
-                for chunk in chunks:
-                    yield chunk, compile_chunk(chunk)
-            return
-        # spawn: a clean interpreter per worker (fork after the tokenizer's thread
-        # pool has started can deadlock), importing only the light worker modules.
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(workers, initializer=init_worker, initargs=(info, specs, pools, True)) as pool:
-            for chunk, result in zip(chunks, pool.imap(compile_chunk, chunks, chunksize=1)):
-                yield chunk, result
-    except RowError as exc:
-        part = "eval" if exc.part == "eval" else "train"
-        where = f" [{exc.file}:{exc.line}]" if exc.line else (f" [{exc.file}]" if exc.file else "")
-        row = "" if exc.row is None else f" row {exc.row}"  # None: a template that no row can render
-        raise TunecError(Problem(f"task '{exc.task}', {part}{row}: {exc.message}{where}")) from None
-
-
 @contextmanager
-def _single_threaded_tokenizers():
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-@contextmanager
-def _progress(enabled: bool, total: int, desc: str) -> Iterator[Callable[[int], None]]:
+def _progress(enabled: bool, total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
     if not enabled:
         yield lambda n: None
         return

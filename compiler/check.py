@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import jinja2
 
-from . import promptsource
+from . import preference, promptsource
 from .errors import Problem, TunecError, did_you_mean
 from .hubmeta import hub_columns
 from .load import LoadedRecipe, display_path
 from .modelconfig import config_findings
 from .recipe import (
+    PAIRED_FORMATS,
     ChatFormat,
     ColumnChoices,
     ConfigModel,
@@ -98,9 +99,12 @@ def check(loaded: LoadedRecipe) -> Checked:
                 problems.extend(_template_problems(loaded, source, cols, loc))
         templates[name] = tuple(sources)
         problems.extend(_format_problems(loaded, name, task, cols))
+        if isinstance(task.format, PAIRED_FORMATS):
+            problems.extend(preference.format_problems(loaded, name, task.format, cols))
         problems.extend(_leakage_problems(loaded, name, task, cols))
 
     problems.extend(_check_stages(loaded, warnings))
+    problems.extend(preference.stage_problems(loaded))
     for w in warnings:  # the command line shows them (tunec/console.py); callers also get them in Checked
         logger.warning(w)
     if problems:
@@ -269,6 +273,9 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
         if isinstance(model, LocalModel) and not loaded.resolve(model.path).is_dir():
             problems.append(loaded.problem(("stages", i, "model", "path"),
                                            f"model folder not found: {loaded.resolve(model.path)}"))
+        if stage.peft.kind == "qlora":  # the compiler never imports torch: whether there is a GPU is run's question
+            warnings.append(loaded.problem(("stages", i, "peft"), "qlora needs a CUDA GPU and bitsandbytes at "
+                                           "`tunec run` (4-bit NF4 base); on a CPU use `kind: lora`"))
         seen.add(stage.name)
     return problems
 

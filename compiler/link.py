@@ -17,8 +17,8 @@ import numpy as np
 from . import leakage, mixture
 from .errors import TunecError
 from .fileio import atomic_write_text, sha256_text
-from .pack import IGNORE, Docs, best_fit_decreasing, build_rows
-from .plan import ChoicesFile, EvalSet, LeakReport, PackedSet, ShardEntry, TaskCounts
+from .pack import IGNORE, Docs, best_fit_decreasing, build_rows, group_bins
+from .plan import LENGTH_BINS, ChoicesFile, EvalSet, LeakReport, Lengths, PackedSet, ShardEntry, TaskCounts
 from .recipe import Stage
 from .shards import write_shard
 from .units import MESSAGES, UnitResult, lm_labels
@@ -44,15 +44,18 @@ class Linker:
         """The stage's mixture: which documents of each task (pure: no files written)."""
         objective = stage.objective.kind
         labelled = {t: _labelled(units[t], objective) for t in stage.tasks}
-        sizes = {t: int(keep.sum()) for t, (_, keep, _) in labelled.items()}
+        # a pair (preference) is selected whole: the mixture counts and draws groups of documents
+        group = {t: units[t].group for t in stage.tasks}
+        keep_groups = {t: keep.reshape(-1, group[t]).all(axis=1) for t, (_, keep, _) in labelled.items()}
+        sizes = {t: int(keep.sum()) for t, keep in keep_groups.items()}
         for t, n in sizes.items():
             if n == 0:
                 raise TunecError(f"stage '{stage.name}': task '{t}' has no example left to train on "
                                  f"(all {units[t].docs + units[t].dropped} dropped); check `truncation` and `seq_len`")
-        kept = {t: np.flatnonzero(keep) for t, (_, keep, _) in labelled.items()}
-        lengths = {t: units[t].lengths[kept[t]] for t in stage.tasks}
+        kept = {t: np.flatnonzero(keep) for t, keep in keep_groups.items()}
+        lengths = {t: units[t].lengths.reshape(-1, group[t]).sum(axis=1)[kept[t]] for t in stage.tasks}
         picks, rates = mixture.select(stage.mixture, stage.budget, sizes, lengths, self.seed, stage.name)
-        return Mix(labelled, {t: kept[t][picks[t]] for t in stage.tasks}, rates)
+        return Mix(labelled, {t: _docs_of(kept[t][picks[t]], group[t]) for t in stage.tasks}, rates)
 
     def train(self, stage: Stage, units: dict[str, UnitResult], mix: "Mix") -> tuple[PackedSet, dict[str, TaskCounts]]:
         """Write the stage's training shards; per-task counts, shares after packing included."""
@@ -68,7 +71,7 @@ class Linker:
 
     def eval(self, stage: Stage, task: str, unit: UnitResult, held_out: bool) -> EvalSet:
         labels, keep, trained = _labelled(unit, stage.objective.kind)
-        idx = np.flatnonzero(keep)
+        idx = _docs_of(np.flatnonzero(keep.reshape(-1, unit.group).all(axis=1)), unit.group)
         docs = _concat([(unit, labels, idx)])
         rel = Path("stages") / stage.name / "eval" / task
         data = self._pack(docs, rel, stage.name)
@@ -96,11 +99,15 @@ class Linker:
             skipped={k: v for k, v in _named(names, unit.skipped).items() if v},
             fewshot=int((unit.shots[docs_idx] > 0).sum()),
             requested_share=rate,
+            lengths=_lengths(unit.lengths[docs_idx], unit.sft_trained[docs_idx], self.seq_len),
+            pairs=None if unit.side is None else len(docs_idx) // unit.group,
+            checks=dict(unit.checks),
+            audit_failures=0 if unit.audit_failed is None else int(unit.audit_failed[docs_idx].sum()),
         )
 
     def _pack(self, docs: Docs, rel: Path, stage: str) -> PackedSet:
         lengths = docs.lengths
-        bins = best_fit_decreasing(lengths, self.seq_len)
+        bins = group_bins(docs, self.seq_len) if docs.side is not None else best_fit_decreasing(lengths, self.seq_len)
         shards = []
         for s, lo in enumerate(range(0, len(bins), self.shard_rows)):
             group = bins[lo : lo + self.shard_rows]
@@ -124,18 +131,29 @@ class Linker:
 def _labelled(unit: UnitResult, objective: str):
     """Labels of every token, which documents keep something to train, trained tokens per document.
 
-    The workers made the `sft` labels already; `lm` labels are the ids.
+    The workers made the `sft` labels already (preference objectives use them too); `lm` labels are the ids.
     """
-    labels, trained = (unit.sft_labels, unit.sft_trained) if objective == "sft" else lm_labels(unit)
+    # preference objectives take their log-probabilities over the responses: the `sft` labels
+    labels, trained = lm_labels(unit) if objective == "lm" else (unit.sft_labels, unit.sft_trained)
     return labels, trained > 0, trained
+
+
+def _docs_of(groups: np.ndarray, size: int) -> np.ndarray:
+    """The document indices of groups (pairs: ``2k, 2k + 1``), in order."""
+    return (groups[:, None] * size + np.arange(size)).reshape(-1)
 
 
 def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
     """Flat documents from (unit, its labels, selected doc indices), in order; repeats allowed."""
-    ids, labels, lengths = [], [], []
+    ids, labels, lengths, sides = [], [], [], []
+    paired = [u.side is not None for u, _, _ in parts]
+    if any(paired) and not all(paired):
+        raise TunecError("a stage mixes preference tasks with other tasks")  # the static checks refuse this first
     for unit, unit_labels, idx in parts:
         if len(idx) == 0:
             continue
+        if unit.side is not None:
+            sides.append(unit.side[idx])
         if len(idx) == unit.docs and idx[0] == 0 and np.all(np.diff(idx) == 1):  # every doc, in order
             ids.append(unit.ids)
             labels.append(unit_labels)
@@ -151,7 +169,25 @@ def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
     lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths_all, dtype=np.int64)]).astype(np.int64)
     empty = np.zeros(0, np.int32)
-    return Docs(np.concatenate(ids) if ids else empty, offsets, np.concatenate(labels) if labels else empty)
+    side = None
+    if parts and all(paired):
+        side = np.concatenate(sides) if sides else np.zeros(0, np.int8)
+    groups = {u.group for u, _, _ in parts}
+    if len(groups) > 1:
+        raise TunecError("a stage mixes paired and unpaired preference tasks")  # refused by the static checks first
+    return Docs(np.concatenate(ids) if ids else empty, offsets, np.concatenate(labels) if labels else empty,
+                side=side, group=groups.pop() if groups else 1)
+
+
+def _lengths(lengths: np.ndarray, completion: np.ndarray, seq_len: int) -> Lengths:
+    """Histograms of the selected documents' token counts (repeats counted as often as they are packed)."""
+    width = -(-seq_len // LENGTH_BINS)
+
+    def hist(values: np.ndarray) -> list[int]:
+        return np.bincount(np.minimum(values // width, LENGTH_BINS - 1), minlength=LENGTH_BINS).tolist()
+
+    return Lengths(bin_width=width, document=hist(lengths), prompt=hist(lengths - completion),
+                   completion=hist(completion))
 
 
 def _named(names: list[str], counts) -> dict[str, int]:
@@ -172,8 +208,8 @@ def _write_choices(out: Path, rel: Path, records: list[dict]) -> ChoicesFile:
     return ChoicesFile(path=rel.as_posix(), sha256=sha256_text(text), count=len(records))
 
 
-def leak_reports(train: dict[str, list[leakage.Keys]],
-                 evals: dict[str, list[leakage.Keys]]) -> dict[str, LeakReport]:
+def leak_reports(train: dict[str, leakage.Hashed],
+                 evals: dict[str, leakage.Hashed]) -> dict[str, LeakReport]:
     found = leakage.find(train, evals)
     return {t: LeakReport(examples=l.examples, leaked=l.leaked, by_task=dict(sorted(l.by_task.items())),
                           by_kind=dict(sorted(l.by_kind.items())))

@@ -71,6 +71,8 @@ class Docs:
     ids: np.ndarray  # int32
     offsets: np.ndarray  # int64, docs + 1
     labels: np.ndarray  # int32, same length as ids
+    side: np.ndarray | None = None  # preference stages: per doc, 0 chosen / 1 rejected (see compiler/preference.py)
+    group: int = 1  # preference stages: docs ``[g*k, g*(k+1))`` are one pair (g = 2) or one unpaired example
 
     @property
     def lengths(self) -> np.ndarray:
@@ -99,13 +101,38 @@ def _ramps(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
+def group_bins(docs: Docs, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing over groups (the two documents of a pair) instead of documents: a pair
+    always lands in one row, its chosen document right before its rejected one.
+
+    >>> d = Docs(np.zeros(9, np.int32), np.array([0, 2, 4, 7, 9]), np.zeros(9, np.int32), group=2)
+    >>> group_bins(d, 8)
+    [[2, 3], [0, 1]]
+    """
+    g = docs.group
+    bins = best_fit_decreasing(docs.lengths.reshape(-1, g).sum(axis=1), capacity)
+    return [[k * g + j for k in b for j in range(g)] for b in bins]
+
+
 def build_rows(docs: Docs, bins: list[list[int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Materialise packed rows: ``input_ids``, ``labels``, ``position_ids``, each ``[rows, seq_len]``."""
+    """Materialise packed rows: ``input_ids``, ``labels``, ``position_ids``, each ``[rows, seq_len]``.
+
+    Documents with a ``side`` (preference stages) also give ``pair_ids`` (the group's index in
+    ``docs``) and ``sides`` per token, ``-1`` on padding::
+
+        input_ids   p0 p1 c0 c1 | p0 p1 r0 | pad
+        labels      -  -  c0 c1 | -  -  r0 | -
+        pair_ids    7  7  7  7  | 7  7  7  | -1
+        sides       0  0  0  0  | 1  1  1  | -1
+    """
     n = len(bins)
     input_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
     labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
     if n == 0:
-        return {"input_ids": input_ids, "labels": labels, "position_ids": np.zeros((0, seq_len), np.int32)}
+        empty = {"input_ids": input_ids, "labels": labels, "position_ids": np.zeros((0, seq_len), np.int32)}
+        if docs.side is not None:
+            empty.update(pair_ids=np.zeros((0, seq_len), np.int32), sides=np.zeros((0, seq_len), np.int32))
+        return empty
     order = np.fromiter((d for b in bins for d in b), dtype=np.int64)
     row_of = np.repeat(np.arange(n), [len(b) for b in bins])
     lengths = docs.lengths[order]
@@ -127,4 +154,11 @@ def build_rows(docs: Docs, bins: list[list[int]], seq_len: int, pad_id: int) -> 
     pad_rows = np.flatnonzero(used < seq_len)
     for r in pad_rows.tolist():  # one slice per row (not per document)
         positions[r, used[r]:] = np.arange(seq_len - used[r], dtype=np.int32)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    if docs.side is not None:
+        pair_ids = np.full((n, seq_len), -1, dtype=np.int32)
+        sides = np.full((n, seq_len), -1, dtype=np.int32)
+        pair_ids.reshape(-1)[dst] = np.repeat(order // docs.group, lengths)
+        sides.reshape(-1)[dst] = np.repeat(docs.side[order].astype(np.int32), lengths)
+        out.update(pair_ids=pair_ids, sides=sides)
+    return out

@@ -48,6 +48,21 @@ class PackedSet(Strict):
     shards: list[ShardEntry]
 
 
+class Lengths(Strict):
+    """Histograms of the kept documents' token counts (as packed, after truncation), in ``LENGTH_BINS``
+    bins of ``bin_width`` tokens from 0: bin ``k`` counts lengths in ``[k * bin_width, (k + 1) * bin_width)``,
+    the last bin also holds longer ones (up to ``seq_len``). ``completion``: the tokens the `sft`
+    objective labels (completion or assistant turns, and the EOS); ``prompt``: the rest."""
+
+    bin_width: int
+    document: list[int]
+    prompt: list[int]
+    completion: list[int]
+
+
+LENGTH_BINS = 64
+
+
 class TaskCounts(Strict):
     examples: int = Field(description="Documents kept (one per row and template).")
     tokens: int
@@ -67,6 +82,13 @@ class TaskCounts(Strict):
     trained_share: float | None = Field(
         default=None, description="The task's share of the stage's trained tokens, after packing (training only)."
     )
+    lengths: Lengths | None = Field(default=None, description="Token-count histograms of the documents kept.")
+    audit_failures: int = Field(default=0, description="Documents that failed the mask audit and were kept "
+                                "(`audit: warn`; under `audit: error` the compile stops instead).")
+    pairs: int | None = Field(default=None, description="Preference tasks: pairs (unpaired: examples) kept; "
+                              "`examples` counts their documents.")
+    checks: dict[str, int] = Field(default_factory=dict, description="Preference tasks: pairs dropped by "
+                                   "`format.checks: warn`, per check (identical, whitespace_only, empty).")
 
 
 class ChoicesFile(Strict):
@@ -94,6 +116,46 @@ class LeakReport(Strict):
         "a training text) -> leaked examples.")
 
 
+class Estimate(Strict):
+    """A stage's cost before training (compiler/estimate.py; keys documented in docs/build-format.md,
+    "Estimates"). None where the model's architecture or config is not known to the compiler."""
+
+    steps: int
+    rows_per_step: int
+    micro_batch_rows: int
+    positions: int = Field(description="Row positions the model runs over (steps x rows_per_step x seq_len).")
+    tokens_seen: int
+    tokens_trained: int
+    params_total: int | None
+    params_trainable: int | None
+    params_lora: int | None
+    flops: float | None
+    flops_linear: float | None
+    flops_attention: float | None
+    flops_attention_dense: float | None
+    memory_weights: int | None
+    memory_gradients: int | None
+    memory_optimizer: int | None
+    memory_activations: int | None
+    memory_activations_checkpointed: int | None
+    memory_peak: int | None
+    memory_peak_checkpointed: int | None
+    mfu: float
+    seconds_h100: float | None
+    seconds_a100: float | None
+    seconds_l4: float | None
+
+
+class LintFinding(Strict):
+    """A prompt lint finding (compiler/lint.py)."""
+
+    id: str
+    message: str
+    location: str | None = Field(description="FILE:LINE:COL in the recipe (or a template file), when known.")
+    task: str
+    template: str | None = None
+
+
 class StagePlan(Strict):
     name: str
     settings: Stage  # the recipe's stage, local paths made absolute
@@ -101,6 +163,7 @@ class StagePlan(Strict):
     tasks: dict[str, TaskCounts]
     eval: dict[str, EvalSet]
     leakage: dict[str, LeakReport] = Field(default_factory=dict, description="Per eval task, when any leaked.")
+    estimate: Estimate | None = Field(default=None, description="Cost before training (docs/build-format.md).")
 
 
 class TokenizerPlan(Strict):
@@ -149,6 +212,7 @@ class Plan(Strict):
     inputs: dict[str, dict[str, str]] = Field(description="Content hashes of sources and templates.")
     tasks: dict[str, TaskPlan]
     stages: list[StagePlan]
+    lint: list[LintFinding] = Field(default_factory=list, description="Prompt lint findings (compiler/lint.py).")
 
     def stage(self, name: str) -> StagePlan:
         for s in self.stages:

@@ -316,7 +316,57 @@ class ChatFormat(Strict):
                                              description="Train on every assistant turn, or the last only.")
 
 
-_Formats = Union[CompletionFormat, ChatFormat]
+class DialogueMarkers(Strict):
+    """Raw-text dialogues (``"\\n\\nHuman: …\\n\\nAssistant: …"``): the text that opens each speaker's turn."""
+
+    user: str = Field(default="\n\nHuman:", min_length=1)
+    assistant: str = Field(default="\n\nAssistant:", min_length=1)
+
+
+class PreferenceFormat(Strict):
+    """Rows of (prompt, chosen, rejected): two documents per row, loss on each response (see
+    docs/preference.md). `prompt`, `chosen` and `rejected` each name a column, or are Jinja over the
+    row when they hold `{{` or `{%`."""
+
+    kind: Literal["preference"]
+    prompt: str | None = Field(default=None, description="Templates shape: the prompt, shared by both sides.")
+    chosen: str = Field(description="The preferred response (a column or Jinja); a whole conversation or "
+                        "dialogue in the other shapes.")
+    rejected: str = Field(description="The other response, like `chosen`.")
+    messages: str | None = Field(default=None, description="Chat shape: a column holding the conversation "
+                                 "both replies answer.")
+    dialogue: DialogueMarkers | None = Field(default=None, description="`chosen` and `rejected` are raw-text "
+                                             "dialogues sharing every turn but the last reply.")
+    chat: bool = Field(default=False, strict=True, description="Render through the tokenizer's chat template "
+                       "(always so for `messages` and for columns holding conversations).")
+    roles: dict[str, Role] = Field(default_factory=lambda: dict(DEFAULT_ROLES),
+                                   description="Speaker names of conversations -> chat roles.")
+    system: str | None = Field(default=None, description="System prompt of chat renderings (Jinja over the row).")
+    checks: Literal["error", "warn"] = Field(
+        default="error", description="Pairs whose chosen equals rejected, differs only in whitespace, or has "
+        "an empty side: stop (`error`), or drop them, counted, with a warning (`warn`).")
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> "PreferenceFormat":
+        given = [k for k in ("prompt", "messages", "dialogue") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one of `prompt`, `messages` and `dialogue`, not {' and '.join(given)}")
+        return self
+
+
+class UnpairedFormat(Strict):
+    """KTO rows: a prompt, one completion and a label saying whether the completion is desirable."""
+
+    kind: Literal["unpaired"]
+    prompt: str = Field(description="A column or Jinja, as in `kind: preference`.")
+    completion: str = Field(description="A column or Jinja.")
+    label: str = Field(description="Column holding true (desirable) or false (undesirable).")
+    chat: bool = Field(default=False, strict=True)
+    system: str | None = None
+
+
+_Formats = Union[CompletionFormat, ChatFormat, PreferenceFormat, UnpairedFormat]
+PAIRED_FORMATS = (PreferenceFormat, UnpairedFormat)
 Format = Annotated[_Formats, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Formats)]
 
 
@@ -368,6 +418,11 @@ class Task(Strict):
 
     @model_validator(mode="after")
     def _templates_or_messages(self) -> "Task":
+        if isinstance(self.format, PAIRED_FORMATS):
+            if self.templates or self.few_shot is not None:
+                raise ValueError(f"a `format: {self.format.kind}` task reads its text through `format` "
+                                 "(prompt, chosen, rejected), not `templates` or `few_shot`")
+            return self
         chat_messages = isinstance(self.format, ChatFormat) and self.format.messages is not None
         if not self.templates and not chat_messages:
             raise ValueError("a task needs `templates` (or `format: {kind: chat, messages: COLUMN}`)")
@@ -393,7 +448,52 @@ class LmObjective(Strict):
     kind: Literal["lm"]
 
 
-_Objectives = Union[SftObjective, LmObjective]
+Reference = Annotated[str, Field(pattern=NAME_PATTERN, max_length=100, description=(
+    "The reference model's weights: `initial` (the stage's starting weights; with LoRA, the base with the "
+    "adapter disabled) or the name of an earlier stage."))]
+
+
+class DpoObjective(Strict):
+    """Direct preference optimisation (Rafailov et al. 2023) and its variants, over `format: preference` tasks."""
+
+    kind: Literal["dpo"]
+    beta: float = Field(default=0.1, gt=0, le=1000, description="Strength of the KL penalty (TRL's default).")
+    loss: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5, description="Assumed label noise (cDPO, robust).")
+    sft_weight: float = Field(default=0.0, ge=0, le=1000, description="Adds the chosen responses' NLL (RPO).")
+    reference: Reference = "initial"
+
+
+class SimpoObjective(Strict):
+    """SimPO (Meng et al. 2024): length-normalised log-likelihood margin, no reference model."""
+
+    kind: Literal["simpo"]
+    beta: float = Field(default=2.0, gt=0, le=1000)
+    gamma: float = Field(default=1.0, ge=0, le=1000, description="Target reward margin.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    sft_weight: float = Field(default=0.0, ge=0, le=1000)
+
+
+class OrpoObjective(Strict):
+    """ORPO (Hong et al. 2024): NLL of the chosen response plus an odds-ratio term, no reference model."""
+
+    kind: Literal["orpo"]
+    beta: float = Field(default=0.1, gt=0, le=1000, description="Weight of the odds-ratio term (λ in the paper, "
+                        "`beta` in TRL).")
+
+
+class KtoObjective(Strict):
+    """KTO (Ethayarajh et al. 2024) over `format: unpaired` tasks."""
+
+    kind: Literal["kto"]
+    beta: float = Field(default=0.1, gt=0, le=1000)
+    desirable_weight: float = Field(default=1.0, gt=0, le=1000)
+    undesirable_weight: float = Field(default=1.0, gt=0, le=1000)
+    reference: Reference = "initial"
+
+
+PREFERENCE_OBJECTIVES = ("dpo", "simpo", "orpo", "kto")
+_Objectives = Union[SftObjective, LmObjective, DpoObjective, SimpoObjective, OrpoObjective, KtoObjective]
 Objective = Annotated[
     _Objectives, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Objectives)
 ]
@@ -454,9 +554,25 @@ class LoraPeft(Strict):
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     # strict: YAML 1.2 has two booleans, and the schema says so; `yes` is a string
     save_merged: bool = Field(default=False, strict=True, description="Also save the model with the adapter merged in.")
+    use_dora: bool = Field(default=False, strict=True, description="DoRA: the adapter also learns each weight "
+                           "column's magnitude (peft's `use_dora`).")
 
 
-_Pefts = Union[NoPeft, LoraPeft]
+class QLoraPeft(LoraPeft):
+    """LoRA on a base quantized to 4-bit NF4 by bitsandbytes (CUDA only); the adapter trains in float32."""
+
+    kind: Literal["qlora"]  # type: ignore[assignment]  # the tag of this member of the union
+    double_quant: bool = Field(default=True, strict=True, description="Quantize the quantization constants too.")
+
+    @model_validator(mode="after")
+    def _no_merge(self) -> "QLoraPeft":
+        if self.save_merged:
+            raise ValueError("`save_merged` is not available with qlora (the base is 4-bit); load the adapter on "
+                             "the full-precision base and merge there")
+        return self
+
+
+_Pefts = Union[NoPeft, LoraPeft, QLoraPeft]
 Peft = Annotated[_Pefts, Field(discriminator="kind"), BeforeValidator(_kind_shorthand), _OrString(_Pefts)]
 
 
@@ -501,6 +617,33 @@ class TokensBudget(Strict):
 Budget = Annotated[Union[ExamplesBudget, TokensBudget], Field(discriminator="kind")]
 
 
+class StageEval(Strict):
+    """What `tunec run` measures once a stage is trained (and once on the model the run starts from)."""
+
+    accuracy: bool = Field(default=True, strict=True, description="Score the stage's eval sets that have answer "
+                           "choices by rank classification (`tunec eval`); nothing happens when none has choices.")
+    limit: int | None = Field(default=None, gt=0, le=MAX_ROWS, description="At most this many records per task.")
+
+
+class DdpParallelism(Strict):
+    """Each process holds the whole model; gradients are averaged (the default)."""
+
+    kind: Literal["ddp"]
+
+
+class FsdpParallelism(Strict):
+    """FSDP2: weights, gradients and optimizer state sharded across processes (runtime/fsdp.py)."""
+
+    kind: Literal["fsdp"]
+    reshard_after_forward: bool = Field(default=True, strict=True, description="Free each layer's gathered "
+                                        "weights after its forward pass (less memory, one more all-gather).")
+
+
+_Parallelisms = Union[DdpParallelism, FsdpParallelism]
+Parallelism = Annotated[_Parallelisms, Field(discriminator="kind"), BeforeValidator(_kind_shorthand),
+                        _OrString(_Parallelisms)]
+
+
 class Stage(Strict):
     name: Name
     objective: Objective
@@ -523,16 +666,58 @@ class Stage(Strict):
     warmup_steps: int = Field(default=0, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(default=0.0, ge=0, le=100)
     max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
-    micro_batch_rows: int = Field(
-        default=4, gt=0, le=1 << 20,
-        description="Packed rows per forward pass; gradients accumulate up to `batch_tokens`."
+    micro_batch_rows: Annotated[int, Field(gt=0, le=1 << 20)] | Literal["auto"] = Field(
+        default=4, description="Packed rows per forward pass; gradients accumulate up to `batch_tokens`. `auto`: "
+        "the most that fit on the GPU, found by trying (4 on a CPU)."
     )
     peft: Peft = NoPeft(kind="none")
     eval_every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS,
                                          description="Also evaluate every N steps (always at the end).")
+    eval: StageEval = Field(default_factory=StageEval, description="Accuracy at the end of the stage.")
     checkpoint_every_steps: int | None = Field(default=None, gt=0, le=MAX_STEPS,
                                                description="Checkpoint every N steps (always at the end).")
     log_every_steps: int = Field(default=1, gt=0, le=MAX_STEPS)
+    # memory (runtime/loss.py, runtime/memory.py): how a stage trains, never what it computes
+    chunked_loss: bool = Field(default=True, strict=True, description="The loss without full logits: the output "
+                               "layer over trained tokens in chunks (false: through [rows, tokens, vocab] logits).")
+    activation_checkpointing: Annotated[bool, Field(strict=True)] | Literal["auto"] = Field(
+        default="auto", description="Recompute each layer's activations in the backward pass; `auto`: on a GPU "
+        "when one micro-batch's activations would take over a quarter of its memory.")
+    parallelism: Parallelism = Field(default=DdpParallelism(kind="ddp"), description="How processes under "
+                                     "`torchrun` share the work: `ddp` (whole model on each) or `fsdp` (sharded).")
+
+    @model_validator(mode="after")
+    def _runtime_combinations(self) -> "Stage":
+        if isinstance(self.parallelism, FsdpParallelism) and self.micro_batch_rows == "auto":
+            raise ValueError("`micro_batch_rows: auto` tries sizes on one process, which FSDP's collective passes "
+                             "do not allow; give a number with `parallelism: fsdp`")
+        if isinstance(self.parallelism, FsdpParallelism) and not isinstance(self.peft, NoPeft):
+            raise ValueError(f"`parallelism: fsdp` trains full models only for now; use `peft: none` or "
+                             f"`parallelism: ddp` with `peft: {self.peft.kind}`")
+        if isinstance(self.peft, QLoraPeft) and not isinstance(self.model, (LocalModel, HubModel)):
+            raise ValueError("`peft: qlora` quantizes a pretrained base: give `model: {kind: hub, ...}` or "
+                             "`{kind: local, ...}`")
+        return self
+
+
+# --------------------------------------------------------------------------- lint
+
+LintRule = Literal["label-in-prompt", "constant-prompt", "choices-not-in-prompt", "separator", "whitespace-variant",
+                   "short-instruction", "label-imbalance", "duplicate-examples"]
+
+
+class LintConfig(Strict):
+    """Prompt lint (compiler/lint.py): which rules run, and their thresholds."""
+
+    disable: list[LintRule] = Field(default_factory=list, description="Rule ids that do not run.")
+    leak_share: float = Field(default=0.5, gt=0, le=1,
+                              description="`label-in-prompt`: the share of rows whose prompt gives the answer away.")
+    min_instruction_words: int = Field(default=2, ge=0, le=1000,
+                                       description="`short-instruction`: fewer words of the template's own fire.")
+    label_ratio: float = Field(default=10.0, ge=1, le=1e9,
+                               description="`label-imbalance`: most / least frequent label above this fires.")
+    duplicate_share: float = Field(default=0.0, ge=0, lt=1,
+                                   description="`duplicate-examples`: a share of repeated rows above this fires.")
 
 
 # --------------------------------------------------------------------------- recipe
@@ -559,4 +744,10 @@ class Recipe(Strict):
         default="error",
         description="An eval or held-out example whose text also appears in a training mixture: stop "
         "(`error`), report it in the plan and on the console (`warn`), or only record it (`ignore`).",
+    )
+    lint: LintConfig = Field(default_factory=LintConfig, description="Prompt lint: rules to disable, thresholds.")
+    audit: Literal["error", "warn"] = Field(
+        default="error",
+        description="A document whose trained tokens are not its completion (or assistant turns) and EOS: "
+        "stop the compile (`error`), or warn and count it in the plan (`warn`).",
     )

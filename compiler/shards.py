@@ -2,7 +2,9 @@
 
 Each shard holds three ``int32`` tensors of shape ``[rows, seq_len]``:
 ``input_ids``, ``labels`` (-100 where no loss is taken) and ``position_ids``
-(0 at the first token of every document). Shards are written to a temporary
+(0 at the first token of every document). Shards of preference stages
+(format version 2) add ``pair_ids`` and ``sides`` (see docs/build-format.md);
+version-1 shards are read as before. Shards are written to a temporary
 name and renamed, so a shard that exists is complete. The reader memory-maps
 the file (no copy, no pickle) and needs only numpy.
 """
@@ -21,6 +23,9 @@ from .errors import TunecError
 from .fileio import atomic_write_bytes, compact_json, sha256_bytes
 
 TENSORS = ("input_ids", "labels", "position_ids")
+PAIR_TENSORS = ("pair_ids", "sides")
+# shard format version -> the tensors a shard of that version holds (the plan has its own version)
+SHARD_VERSIONS = {FORMAT_VERSION: TENSORS, 2: TENSORS + PAIR_TENSORS}
 SHARD_FORMAT = "tunec.shard"
 META_KEY = "tunec"
 
@@ -37,7 +42,9 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None
     """Write one shard atomically (temporary name, fsync, rename) and hash it."""
     from safetensors.numpy import save
 
-    meta = {"format": SHARD_FORMAT, "format_version": FORMAT_VERSION}
+    # version 1 unless the rows carry preference pairs, so SFT builds stay byte-identical
+    version = 2 if set(PAIR_TENSORS) <= set(arrays) else FORMAT_VERSION
+    meta = {"format": SHARD_FORMAT, "format_version": version}
     meta.update(metadata or {})
     # One metadata key holding canonical JSON: safetensors keeps metadata in a
     # hash map whose order varies between runs, which would break byte-identical builds.
@@ -98,17 +105,18 @@ def _metadata(path: Path, header: dict) -> dict:
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
         raise ShardError(f"{path}: not a tunec shard")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in SHARD_VERSIONS:
         raise ShardError(f"{path}: shard format version {meta.get('format_version')!r}, this tunec reads "
-                         f"{FORMAT_VERSION} (compile the recipe again)")
+                         f"{', '.join(map(str, SHARD_VERSIONS))} (compile the recipe again)")
     return meta
 
 
-def _layout(path: Path, header: dict, start: int, size: int) -> dict[str, tuple[int, int, tuple[int, int]]]:
+def _layout(path: Path, header: dict, start: int, size: int,
+            tensors: tuple[str, ...] = TENSORS) -> dict[str, tuple[int, int, tuple[int, int]]]:
     """Each tensor's (begin, end, shape), checked: int32, one shape, contiguous, exactly filling the file."""
     names = sorted(k for k in header if k != "__metadata__")
-    if names != sorted(TENSORS):
-        raise ShardError(f"{path}: tensors {names}, a tunec shard holds exactly {sorted(TENSORS)}")
+    if names != sorted(tensors):
+        raise ShardError(f"{path}: tensors {names}, a tunec shard holds exactly {sorted(tensors)}")
     out = {}
     for name in names:
         info = header[name]
@@ -149,8 +157,8 @@ def open_shard(path: Path, expect_bytes: int | None = None, seq_len: int | None 
     size = path.stat().st_size
     if expect_bytes is not None and size != expect_bytes:
         raise ShardError(f"{path}: {size} bytes, the plan says {expect_bytes} (truncated or replaced)")
-    _metadata(path, header)
-    layout = _layout(path, header, start, size)
+    meta = _metadata(path, header)
+    layout = _layout(path, header, start, size, SHARD_VERSIONS[meta["format_version"]])
     if seq_len is not None and next(iter(layout.values()))[2][1] != seq_len:
         raise ShardError(f"{path}: rows of {next(iter(layout.values()))[2][1]} tokens, the plan says {seq_len}")
     mm = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
@@ -187,3 +195,19 @@ def check_values(path: Path, arrays: dict[str, np.ndarray], vocab_size: int) -> 
         row, col = np.argwhere(bad)[0]
         raise ShardError(f"{path}: row {row}, token {col}: position {int(pos[row, col])} breaks the "
                          "document layout (positions restart at 0, count up by one, a first token has no label)")
+    if "sides" in arrays:
+        _check_pairs(path, arrays)
+
+
+def _check_pairs(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Version 2: sides are -1, 0 or 1; a pair id and a side hold for a whole document; labels only in pairs."""
+    pair, side, pos, labels = arrays["pair_ids"], arrays["sides"], arrays["position_ids"], arrays["labels"]
+    bad = (side < -1) | (side > 1) | ((side == -1) != (pair == -1)) | ((side == -1) & (labels != -100))
+    same = np.zeros(pos.shape, dtype=bool)
+    same[:, 1:] = (pos[:, 1:] != 0) & ((pair[:, 1:] != pair[:, :-1]) | (side[:, 1:] != side[:, :-1]))
+    bad |= same
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ShardError(f"{path}: row {row}, token {col}: pair id {int(pair[row, col])}, side {int(side[row, col])} "
+                         "break the pair layout (sides -1, 0 or 1, one pair id and side per document, labels only "
+                         "inside pairs)")

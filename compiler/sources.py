@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import functools
 import json
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -25,16 +26,42 @@ from .recipe import FieldMap, FileEval, FractionEval, HubSource, Selection, Task
 PEEK_ROWS = 100  # rows read by `tunec validate` to learn a file's columns
 
 
+SLICE_ROWS = 4096  # rows converted from Arrow to Python at a time
+
+
 @dataclass(frozen=True)
 class Rows:
-    """The selected rows of one part of a task, column-major, after the field map."""
+    """The selected rows of one part of a task, after the field map.
 
-    columns: dict[str, list[Any]]
+    The rows stay in ``datasets``' Arrow table (memory-mapped from its cache)
+    until asked for: :meth:`slice` converts a range of them to Python lists,
+    column-major; :attr:`columns` converts them all (few-shot pools, lint).
+    """
+
     index: np.ndarray  # each row's index in its split or file (for messages)
+    table: Any  # a datasets.Dataset holding exactly the selected rows, source column names
+    mapping: dict[str, str]  # new name -> source column
+    convert: Callable[[str, list, np.ndarray], list] | None = None  # a field's value map, located errors
 
     @property
     def count(self) -> int:
         return len(self.index)
+
+    def slice(self, lo: int, hi: int) -> dict[str, list[Any]]:
+        """Rows ``lo:hi`` (positions in the part) as Python lists, column-major, value maps applied."""
+        raw = self.table[lo:hi] if hi > lo else {c: [] for c in self.table.column_names}
+        columns = {new: raw[old] for new, old in self.mapping.items()}
+        if self.convert is not None:
+            columns = {new: self.convert(new, values, self.index[lo:hi]) for new, values in columns.items()}
+        return columns
+
+    def slices(self, step: int = SLICE_ROWS) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        for lo in range(0, self.count, step):
+            yield lo, self.slice(lo, min(lo + step, self.count))
+
+    @functools.cached_property
+    def columns(self) -> dict[str, list[Any]]:
+        return self.slice(0, self.count)
 
 
 def source_files(loaded: LoadedRecipe, task: Task) -> dict[str, Path]:
@@ -231,7 +258,58 @@ def fingerprint(loaded: LoadedRecipe, task: Task) -> dict[str, str]:
     source = task.source
     if isinstance(source, HubSource):
         return {"hub": source.id, "name": source.name or "", "revision": source.revision or ""}
-    return {split: sha256_file(path) for split, path in sorted(source_files(loaded, task).items())}
+    return {split: file_hash(path) for split, path in sorted(source_files(loaded, task).items())}
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes, remembered for as long as its size and mtime stay the same (one compile
+    hashes each source once, for the unit keys and the plan alike)."""
+    st = path.stat()
+    memo = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo not in _HASHES:
+        _HASHES[memo] = sha256_file(path)
+    return _HASHES[memo]
+
+
+def part_inputs(loaded: LoadedRecipe, name: str, task: Task, part: str) -> tuple[dict, dict[str, str]]:
+    """What of task ``name`` decides the rows of its ``part`` ('train' or 'eval'), for the part's cache key.
+
+    The task's options as plain data, less what only the leakage check reads,
+    less the eval selection for a train part that does not take its eval rows
+    from the train split, and less file paths (their content stands in for them);
+    and the content of each file the part reads: the split it selects, the
+    train split when few-shot exemplars come from it, an eval file. A hub
+    source is identified by id, config, revision and the loaded split's
+    ``datasets`` fingerprint.
+    """
+    options = task.model_dump(mode="json", exclude={"leakage"})
+    ev = task.eval
+    if part == "train" and not isinstance(ev, FractionEval):
+        options.pop("eval", None)
+    options["source"].pop("path", None)
+    if isinstance(ev, FileEval) and isinstance(options.get("eval"), dict):
+        options["eval"].pop("file", None)
+    splits = {task.train.split} if part == "train" or isinstance(ev, FractionEval) or task.few_shot else set()
+    if part == "eval" and isinstance(ev, Selection):
+        splits.add(ev.split)
+    content: dict[str, str] = {}
+    source = task.source
+    if isinstance(source, HubSource):
+        for split in sorted(splits):
+            content[f"hub:{split}"] = str(getattr(_load(loaded, name, task, split), "_fingerprint", ""))
+    else:
+        files = source_files(loaded, task)
+        for split in sorted(splits):
+            path = files.get(split)
+            # a missing file fails in load_part with its located error; no entry is ever stored under it
+            content[f"split:{split}"] = file_hash(path) if path is not None and path.is_file() else "missing"
+    if part == "eval" and isinstance(ev, FileEval):
+        path = loaded.resolve(ev.file)
+        content["eval_file"] = file_hash(path) if path.is_file() else "missing"
+    return options, content
 
 
 def _quiet_datasets():
@@ -336,12 +414,12 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
     subset = ds.select_columns(wanted)
     if len(index) != len(ds) or (len(index) and index[0] != 0):
         subset = subset.select(index.tolist())
-    raw = subset.to_dict()
-    columns = {new: raw[old] for new, old in mapping.items()}
-    for new, spec in fields.items():
-        if isinstance(spec, FieldMap):
-            columns[new] = _mapped(loaded, name, part, new, spec, columns[new], index)
-    return Rows(columns=columns, index=index.astype(np.int64))
+    maps = {new: spec for new, spec in fields.items() if isinstance(spec, FieldMap)}
+
+    def convert(new: str, values: list, rows: np.ndarray) -> list:
+        return _mapped(loaded, name, part, new, maps[new], values, rows) if new in maps else values
+
+    return Rows(index=index.astype(np.int64), table=subset, mapping=mapping, convert=convert if maps else None)
 
 
 def _mapped(loaded: LoadedRecipe, name: str, part: str, new: str, spec: FieldMap, values: list,

@@ -19,10 +19,10 @@ import jinja2
 import numpy as np
 
 from . import promptsource
-from .audit import Intended, audit
+from .audit import Intended, audit_all
 from .chat import ChatError, assistant_spans, end_tokens, exchange, prompt_before_reply, to_messages, with_system
 from .pack import IGNORE, doc_labels
-from .recipe import AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
+from .recipe import PAIRED_FORMATS, AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
 from .sandbox import OutOfTime, RenderLimit, watchdog
 from .templates import Renderer, RenderError, TemplateSource, make_env, render_string
 from .tokens import Encoded, TokenizerInfo, encode_texts
@@ -44,14 +44,17 @@ class UnitSpec:
     seq_len: int
     seed: int
     policy: str = "all"  # all | sample | round_robin
-    format: CompletionFormat | ChatFormat = field(default_factory=lambda: CompletionFormat(kind="completion"))
+    format: Any = field(default_factory=lambda: CompletionFormat(kind="completion"))  # a recipe `Format`
     few_shot: FewShot | None = None
     answer_choices: AnswerChoices | None = None
     record_choices: bool = False
+    audit: str = "error"  # the recipe's `audit:`: a mask audit failure stops the compile, or is counted (`warn`)
 
     @property
     def from_messages(self) -> bool:
-        return isinstance(self.format, ChatFormat) and self.format.messages is not None
+        """One document set per row read through `format` (chat `messages`, preference pairs), not templates."""
+        return isinstance(self.format, ChatFormat) and self.format.messages is not None or \
+            isinstance(self.format, PAIRED_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,14 @@ class UnitResult:
     choices: list[dict | None] | None = None  # per doc; None for a doc whose row has no answer choices
     # template -> docs whose prompt ends, and completion starts, with a space
     spaced: dict[int, int] = field(default_factory=dict)
+    # preference tasks (compiler/preference.py): per doc 0 chosen / 1 rejected (unpaired: desirable /
+    # undesirable); `group` docs in a row make one example; pairs dropped by a check, per check
+    side: np.ndarray | None = None
+    group: int = 1
+    checks: dict[str, int] = field(default_factory=dict)
+    # the mask audit under `audit: warn`: per doc, whether it failed (None: none did); the first failure
+    audit_failed: np.ndarray | None = None
+    audit_example: str | None = None
 
     @property
     def docs(self) -> int:
@@ -303,6 +314,7 @@ class _Doc:
     choice: dict | None = None
     messages: list[dict] | None = None  # chat few-shot: the conversation, exemplar turns first (to drop them)
     chat_shots: int = 0  # chat few-shot: exemplar exchanges at the start of `messages` (after a system turn)
+    replies: tuple[str, ...] = ()  # chat: the trained assistant turns' texts (what the mask audit holds spans to)
 
     @property
     def shots(self) -> int:
@@ -341,6 +353,11 @@ class _Unit:
 
     def compile(self, chunk: Chunk) -> UnitResult:
         spec = self.spec
+        if isinstance(spec.format, PAIRED_FORMATS):
+            from . import preference
+
+            with watchdog():
+                return preference.compile_rows(self, chunk)
         skipped = np.zeros(max(len(spec.templates), 1), dtype=np.int64)
         docs: list[_Doc] = []
         with watchdog():  # one timer for the chunk's renderings, not one per rendering
@@ -409,7 +426,8 @@ class _Unit:
             if choices is not None:
                 record = _chat_choice(self.info, messages[:last], messages[last]["content"], choices, row_index,
                                       "messages")
-        return _Doc(text, spans, MESSAGES, row_index, True, [], record)
+        return _Doc(text, spans, MESSAGES, row_index, True, [], record,
+                    replies=tuple(m["content"] for m, t in zip(messages, trained) if t))
 
     def make_doc(self, r: _Rendered) -> _Doc:
         spec = self.spec
@@ -424,7 +442,7 @@ class _Unit:
                 record = _chat_choice(self.info, asked, r.completion, r.choices, r.row_index,
                                       spec.templates[r.template].name)
             return _Doc(text, spans, r.template, r.row_index, True, [], record, messages=messages,
-                        chat_shots=len(r.shots))
+                        chat_shots=len(r.shots), replies=(messages[-1]["content"],))
         sep = spec.few_shot.separator if spec.few_shot else ""
         prefix, cuts = "", []
         for p, c in r.shots:
@@ -469,7 +487,7 @@ class _Unit:
                     choice = _chat_choice(info, messages[:-1], messages[-1]["content"], choice["choices"],
                                           choice["row"], choice["template"])
                 doc = _Doc(text, spans, doc.template, doc.row, True, [], choice, messages=messages,
-                           chat_shots=doc.chat_shots - 1)
+                           chat_shots=doc.chat_shots - 1, replies=doc.replies)
                 (enc,) = encode_texts(self.backend, info, [text], [spans], add_special=False, append_eos=False)
                 continue
             cut = doc.prefix_cuts[0]
@@ -517,7 +535,8 @@ class _Unit:
             offsets.append(len(flat))
             keep_t.append(doc.template)
             keep_r.append(doc.row)
-            intended.append(_intended(doc, doc_spans, enc.straddles > 0, len(enc.ids) > limit, eos_text))
+            intended.append(_intended(doc, doc_spans, enc.straddles > 0, len(enc.ids) > limit, eos_text,
+                                      end_tokens(self.info.json, self.info.special_tokens) if doc.chat else ()))
             if not doc.chat and doc.spans and doc.text[doc.spans[0][0] - 1 : doc.spans[0][0] + 1] == "  ":
                 spaced[doc.template] = spaced.get(doc.template, 0) + 1
             if spec.record_choices:
@@ -527,13 +546,20 @@ class _Unit:
         spans_arr = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
         sft_labels = doc_labels(ids_arr, offsets_arr, spans_arr, "sft")
         sft_trained = _per_doc(sft_labels != IGNORE, offsets_arr)
-        wrong = audit(self.backend, ids_arr, offsets_arr, sft_labels, intended)
-        if wrong is not None:
-            d, got, want = wrong
+        wrong = audit_all(self.backend, ids_arr, offsets_arr, sft_labels, intended)
+        failed, example = None, None
+        if wrong:
+            d, got, want = wrong[0]
             name = spec.templates[keep_t[d]].name if keep_t[d] >= 0 else "messages"
-            raise RowError(spec.task, spec.part, keep_r[d],
-                           f"template '{name}': mask audit: the trained tokens decode to {_clip(got)}, not to the "
-                           f"intended {_clip(want)}; please report this as a tunec bug")
+            why = ("a chat template that marks more than the assistant turn and its end-of-turn token, or nothing"
+                   if intended[d].replies else "please report this as a tunec bug")
+            example = (f"template '{name}': mask audit: the trained tokens decode to {_clip(got)}, not to the intended "
+                       f"{_clip(want)}; {why}")
+            if spec.audit == "error":
+                raise RowError(spec.task, spec.part, keep_r[d], example + " (`audit: warn` compiles anyway)")
+            example = f"row {keep_r[d]}, {example}"
+            failed = np.zeros(len(intended), dtype=bool)
+            failed[[w[0] for w in wrong]] = True
         return UnitResult(
             ids=ids_arr,
             offsets=offsets_arr,
@@ -550,10 +576,13 @@ class _Unit:
             cut=np.asarray(keep_cut, dtype=bool),
             choices=choices if spec.record_choices else None,
             spaced=spaced,
+            audit_failed=failed,
+            audit_example=example,
         )
 
 
-def _intended(doc: _Doc, token_spans: list[tuple[int, int]], merged: bool, cut: bool, eos_text: str) -> Intended:
+def _intended(doc: _Doc, token_spans: list[tuple[int, int]], merged: bool, cut: bool, eos_text: str,
+              ends: tuple[str, ...] = ()) -> Intended:
     """The mask audit's intended text of a doc: each trained span's characters; a template doc's
     last span also ends with the EOS the tokenizer step appends."""
     spans = [(s, e) for s, e in doc.spans if e > s]
@@ -561,7 +590,8 @@ def _intended(doc: _Doc, token_spans: list[tuple[int, int]], merged: bool, cut: 
     if not doc.chat and pieces and not pieces[-1].endswith(eos_text):
         pieces[-1] += eos_text
     before = [doc.text[max(0, s - 64):s] for s, _ in spans]
-    return Intended(pieces, before, merged, cut, bool(token_spans) and token_spans[0][0] == 0)
+    return Intended(pieces, before, merged, cut, bool(token_spans) and token_spans[0][0] == 0,
+                    replies=doc.replies if doc.chat else (), ends=ends)
 
 
 def _clip(text: str, n: int = 120) -> str:
@@ -642,11 +672,17 @@ def join(results: list[UnitResult], n_templates: int) -> UnitResult:
         cut=np.concatenate([r.cut if r.cut is not None else np.zeros(r.docs, bool) for r in results]),
         choices=choices,
         spaced=_summed([r.spaced for r in results]),
+        side=None if results[0].side is None else np.concatenate([r.side for r in results if r.side is not None]),
+        group=results[0].group,
+        checks=_summed([r.checks for r in results]),
+        audit_failed=None if all(r.audit_failed is None for r in results) else np.concatenate(
+            [r.audit_failed if r.audit_failed is not None else np.zeros(r.docs, bool) for r in results]),
+        audit_example=next((r.audit_example for r in results if r.audit_example), None),
     )
 
 
-def _summed(counts: list[dict[int, int]]) -> dict[int, int]:
-    out: dict[int, int] = {}
+def _summed(counts: list[dict]) -> dict:
+    out: dict = {}
     for c in counts:
         for k, v in c.items():
             out[k] = out.get(k, 0) + v

@@ -3,8 +3,11 @@
 A checkpoint is a folder ``runs/<stage>/checkpoints/step-NNNNNNNN/``::
 
     trainable.safetensors   the parameters being trained (all of them, or the LoRA adapter's)
-    optimizer.pt            AdamW and LR-scheduler state (torch.save of plain state dicts)
+    optimizer.pt            AdamW and LR-scheduler state, fp16's loss scaler (torch.save of plain state dicts)
     rng-<rank>.pt           each rank's torch RNG states (CPU and CUDA): dropout continues identically
+    dcp/, schedule.pt       (FSDP, instead of the first two) every rank's shards of the weights and AdamW
+                            state through torch.distributed.checkpoint, which a run on any number of
+                            processes reloads (resharded); the LR scheduler (and loss scaler) beside them
     state.json              step, token counts, the stage's fingerprint and run-time options, world size,
                             the loss logged so far (written last)
 
@@ -67,7 +70,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def save(folder: Path, step: int, model, optimizer, scheduler, state: dict, dist: Dist) -> Path:
+def save(folder: Path, step: int, model, optimizer, scheduler, state: dict, dist: Dist, scaler=None) -> Path:
     """Write checkpoint ``step`` under ``folder`` (every rank calls this)."""
     final = folder / f"step-{step:08d}"
     tmp = folder / f".tmp-step-{step:08d}"
@@ -77,9 +80,17 @@ def save(folder: Path, step: int, model, optimizer, scheduler, state: dict, dist
     dist.barrier()
     torch.save(_rng_state(), tmp / f"rng-{dist.rank}.pt")
     _fsync(tmp / f"rng-{dist.rank}.pt")
-    if dist.is_main:
+    saved = {"scheduler": scheduler.state_dict()}
+    if scaler is not None:  # fp16's loss scale, so a resumed run skips and scales exactly as before
+        saved["scaler"] = scaler.state_dict()
+    if sharded(model):
+        _save_sharded(tmp, model, optimizer)  # every rank writes its shards
+        if dist.is_main:
+            torch.save(saved, tmp / "schedule.pt")
+            _fsync(tmp / "schedule.pt")
+    elif dist.is_main:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(dict(saved, optimizer=optimizer.state_dict()), tmp / "optimizer.pt")
         for name in ("trainable.safetensors", "optimizer.pt"):
             _fsync(tmp / name)  # the rename below must not outrun the data on a power cut
         atomic_write_json(tmp / "state.json", dict(state, step=step))
@@ -123,7 +134,9 @@ def read_state(path: Path) -> dict:
 
 def problem(path: Path) -> str | None:
     """Why checkpoint ``path`` cannot be loaded, or None when it is whole."""
-    for name in ("state.json", "trainable.safetensors", "optimizer.pt"):
+    fsdp = (path / "dcp").is_dir()
+    for name in ("state.json", "dcp/.metadata", "schedule.pt") if fsdp else ("state.json", "trainable.safetensors",
+                                                                             "optimizer.pt"):
         if not (path / name).is_file():
             return f"{name} is missing"
     try:
@@ -137,12 +150,13 @@ def problem(path: Path) -> str | None:
         return f"state.json names step {state.get('step') if isinstance(state, dict) else None}, not {step}"
     if not any(path.glob("rng-*.pt")):
         return "no rng-<rank>.pt file"
-    try:
-        with safe_open(str(path / "trainable.safetensors"), "pt") as fh:  # parses the header, checks the length
-            fh.keys()
-    except (SafetensorError, OSError) as exc:
-        return f"trainable.safetensors is unreadable ({exc})"
-    for name in ["optimizer.pt", *sorted(p.name for p in path.glob("rng-*.pt"))]:
+    if not fsdp:
+        try:
+            with safe_open(str(path / "trainable.safetensors"), "pt") as fh:  # parses the header, checks the length
+                fh.keys()
+        except (SafetensorError, OSError) as exc:
+            return f"trainable.safetensors is unreadable ({exc})"
+    for name in ["schedule.pt" if fsdp else "optimizer.pt", *sorted(p.name for p in path.glob("rng-*.pt"))]:
         try:
             with zipfile.ZipFile(path / name) as zf:  # torch.save's format; a cut file has no directory
                 bad = zf.testzip()  # reads every entry against its CRC, which torch.load does not check
@@ -164,9 +178,17 @@ def usable(folder: Path) -> tuple[Path | None, list[str]]:
     return None, warnings
 
 
-def load(path: Path, model, optimizer, scheduler, dist: Dist) -> dict:
+def load(path: Path, model, optimizer, scheduler, dist: Dist, scaler=None) -> dict:
     """Restore weights, optimizer, scheduler and this rank's RNG from checkpoint ``path``."""
     state = read_state(path)
+    if (path / "dcp").is_dir() != sharded(model):
+        raise TunecError(f"{path}: saved {'with' if (path / 'dcp').is_dir() else 'without'} FSDP, and this run "
+                         f"{'uses' if sharded(model) else 'does not use'} it; start the stage again with --force")
+    if sharded(model):
+        _load_sharded(path, model, optimizer)
+        saved = torch.load(path / "schedule.pt", map_location="cpu", weights_only=True)
+        _restore(path, saved, scheduler, scaler, dist, state)
+        return state
     weights = load_file(str(path / "trainable.safetensors"))
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != wanted:
@@ -176,7 +198,15 @@ def load(path: Path, model, optimizer, scheduler, dist: Dist) -> dict:
     model.load_state_dict(weights, strict=False)
     saved = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
+    _restore(path, saved, scheduler, scaler, dist, state)
+    return state
+
+
+def _restore(path: Path, saved: dict, scheduler, scaler, dist: Dist, state: dict) -> None:
+    """The scheduler, the loss scaler and this rank's RNG, as checkpoint ``path`` saved them."""
     scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and "scaler" in saved:
+        scaler.load_state_dict(saved["scaler"])
     rng = path / f"rng-{dist.rank}.pt"
     if rng.is_file():
         rng_state = torch.load(rng, weights_only=True)
@@ -186,4 +216,31 @@ def load(path: Path, model, optimizer, scheduler, dist: Dist) -> dict:
     elif dist.is_main:
         logger.warning(f"{path} has no RNG state for rank {dist.rank} (it was saved by {state.get('world_size')} "
                        "rank(s)); dropout will differ from the interrupted run, the data order will not")
-    return state
+
+
+# ----------------------------------------------------------------- FSDP (torch.distributed.checkpoint)
+
+
+def sharded(model) -> bool:
+    """Whether ``model``'s parameters are FSDP shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _save_sharded(tmp: Path, model, optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=str(tmp / "dcp"))
+
+
+def _load_sharded(path: Path, model, optimizer) -> None:
+    """Weights and AdamW state from a checkpoint saved on any number of processes, resharded for this run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    weights, optim = get_state_dict(model, optimizer)  # this run's layout, AdamW state initialised
+    dcp.load({"model": weights, "optim": optim}, checkpoint_id=str(path / "dcp"))  # fills them in place
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim)

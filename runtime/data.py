@@ -60,6 +60,19 @@ class ShardSet:
         counts = [a["input_ids"].shape[0] for a in self._arrays]
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.rows = int(self.starts[-1])
+        # preference stages' shards (format version 2) also hold `pair_ids` and `sides`
+        self.names = tuple(self._arrays[0]) if self._arrays else ("input_ids", "labels", "position_ids")
+        if len({tuple(sorted(a)) for a in self._arrays}) > 1:
+            raise TunecError(f"{out}: the shards of one set hold different tensors; compile the recipe again")
+
+    @property
+    def paired(self) -> bool:
+        """Whether the rows carry preference pairs (``pair_ids`` and ``sides``)."""
+        return "pair_ids" in self.names
+
+    def pairs(self) -> int:
+        """One more than the largest pair id: the size of per-pair arrays (reference log-probs)."""
+        return max((int(a["pair_ids"].max()) + 1 for a in self._arrays if a["pair_ids"].size), default=0)
 
     def __len__(self) -> int:
         return self.rows
@@ -69,7 +82,7 @@ class ShardSet:
         indices = np.asarray(indices, dtype=np.int64)
         shard = np.searchsorted(self.starts, indices, side="right") - 1
         out = {}
-        for name in ("input_ids", "labels", "position_ids"):
+        for name in self.names:
             rows = [self._arrays[s][name][i - self.starts[s]] for s, i in zip(shard, indices)]
             out[name] = np.stack(rows).astype(np.int64) if rows else np.zeros((0, self.seq_len), np.int64)
         return out

@@ -43,6 +43,15 @@ class Dist:
         return t.tolist()
 
 
+    def min(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's ``value`` (each rank gets it)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        td.all_reduce(t, op=td.ReduceOp.MIN)
+        return int(t.item())
+
+
 def from_env() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))

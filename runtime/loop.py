@@ -22,7 +22,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tunec.compiler.recipe import Stage
 
+from . import fsdp
 from .data import (
     IGNORE,
     Batching,
@@ -40,7 +41,7 @@ from .data import (
     trained_tokens,
 )
 from .dist import Dist
-from .model import compute_dtype
+from .memory import Precision, to_device
 
 
 def make_optimizer(model, stage: Stage, device: torch.device) -> torch.optim.AdamW:
@@ -101,16 +102,29 @@ class Loop:
     device: torch.device
     pad_id: int
     trace: Path | None = None  # debugging aid: a file per rank listing the rows of every step
+    precision: Precision = field(default_factory=Precision)  # autocast dtype (runtime/memory.py)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: losses scaled so small gradients survive
+    _ahead: tuple | None = field(default=None, repr=False)  # (step, rows, arrays, device tensors) read early
+    preference: Any = None  # a preference stage's objective (runtime/preference.py: PreferenceRun) does its steps
 
     def autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=compute_dtype(self.device))  # also the saved model's dtype
-        return nullcontext()
+        return self.precision.autocast(self.device)  # also the saved model's dtype
+
+    def _read(self, step: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """This rank's rows of ``step``, their arrays, and the arrays on the device (prefetched when it can)."""
+        if self._ahead is not None and self._ahead[0] == step:
+            _, rows, batch, on_device = self._ahead
+            self._ahead = None
+            return rows, batch, on_device
+        rows = step_rows(self.stream, self.batching, step, self.dist.rank)
+        batch = self.data.gather(rows)
+        return rows, batch, to_device(batch, self.device)
 
     def step(self, progress: Progress) -> None:
         """One optimizer step over this rank's rows of step ``progress.step``."""
-        rows = step_rows(self.stream, self.batching, progress.step, self.dist.rank)
-        batch = self.data.gather(rows)
+        if self.preference is not None:
+            return self.preference.step(self, progress)
+        rows, batch, on_device = self._read(progress.step)
         if self.trace is not None:
             with (self.trace / f"rank-{self.dist.rank}.txt").open("a") as fh:
                 fh.write(f"{progress.step} " + " ".join(map(str, rows.tolist())) + "\n")
@@ -122,21 +136,34 @@ class Loop:
         parts = micro_batches(np.arange(len(rows)), self.batching.micro_batch_rows)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, part in enumerate(parts):
-            tensors = {k: torch.from_numpy(v[part]).to(self.device, non_blocking=True) for k, v in batch.items()}
+            tensors = {k: v[part[0]:part[-1] + 1] for k, v in on_device.items()}  # parts are runs of rows
             last = i == len(parts) - 1
             # distributed: the module is a DistributedDataParallel
-            sync = nullcontext() if last or not self.dist.active else cast(DDP, self.module).no_sync()
+            if fsdp.is_sharded(self.module):
+                sync = fsdp.gradient_sync(self.module, last)
+            else:
+                sync = nullcontext() if last or not self.dist.active else cast(DDP, self.module).no_sync()
             with sync:
                 with self.autocast():
                     summed = self.module(tensors["input_ids"], tensors["position_ids"], tensors["labels"])
-                (summed * scale).backward()
+                loss = summed * scale
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
             total += summed.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.stage.max_grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient overflowed; the scale then shrinks
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda" and progress.step + 1 < self.batching.total_steps:
+            # the GPU is still busy with this step: read and send the next one meanwhile
+            self._ahead = (progress.step + 1, *self._read(progress.step + 1))
 
-        (loss_sum,) = self.dist.sum([total.item()], self.device)
+        (loss_sum,) = self.dist.sum([total.item()], self.device)  # the one host synchronisation of a step
         progress.step += 1
         progress.tokens += int(n_tokens)
         progress.trained_tokens += int(n_trained)
@@ -144,7 +171,7 @@ class Loop:
         w["loss"] += loss_sum
         w["trained"] += int(n_trained)
         w["tokens"] += int(n_tokens)
-        w["grad_norm"] = float(grad_norm)
+        w["grad_norm"] = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())  # FSDP: a DTensor
 
     def record(self, progress: Progress, started: float) -> dict:
         """A metrics record for the steps since the previous one (token-weighted loss)."""
@@ -161,6 +188,8 @@ class Loop:
             "epoch": progress.step * self.batching.rows_per_step / self.batching.rows,
             "elapsed_s": now - started,
         }
+        if self.preference is not None:  # rewards/accuracies, ... as TRL names them
+            rec.update(self.preference.record(w))
         progress.window = {"loss": 0.0, "trained": 0, "tokens": 0, "t0": now}
         return rec
 

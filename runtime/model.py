@@ -1,25 +1,29 @@
 """Models: device choice, building or loading a causal LM, LoRA through peft, packed attention.
 
 Packed rows hold several documents; ``position_ids`` restart at 0 at each of
-them. Attention must stay inside a document, so the model gets either
+them. Attention must stay inside a document. transformers (>= 4.56) sees that
+by itself: given ``position_ids`` and no ``attention_mask``, it starts a new
+document wherever a position does not follow the one before it, and builds
+the block-diagonal causal mask for SDPA, eager and flex attention, or the
+variable-length boundaries (``cu_seqlens``) for flash attention::
 
-- (SDPA, eager) a 4D block-diagonal causal mask built from ``position_ids``::
+    position_ids  0 1 2 0 1 0        allowed (query row, key column)
+    document      1 1 1 2 2 3        1 . . . . .
+                                     1 1 . . . .
+                                     1 1 1 . . .
+                                     . . . 1 . .
+                                     . . . 1 1 .
+                                     . . . . . 1
 
-      position_ids  0 1 2 0 1 0        allowed (query row, key column)
-      document      1 1 1 2 2 3        1 . . . . .
-                                       1 1 . . . .
-                                       1 1 1 . . .
-                                       . . . 1 . .
-                                       . . . 1 1 .
-                                       . . . . . 1
+So the model gets ``input_ids`` and ``position_ids`` only, and every attention
+back end works. (Flash attention still gets the micro-batch flattened into one
+sequence, its variable-length path.) :func:`packed_causal_mask` draws the
+same mask by hand: ``tests/test_runtime_units.py`` holds transformers'
+detection to it, and to each document run alone, for llama, qwen2, gemma3
+and phi3.
 
-  which transformers passes to the attention kernel unchanged; or
-- (flash attention 2, when installed on CUDA) no mask: the micro-batch is
-  flattened into one sequence and transformers derives the variable-length
-  boundaries (``cu_seqlens``) from ``position_ids``.
-
-``tests/test_runtime_units.py`` (``test_packed_row_logits_equal_each_document_alone``)
-proves that the logits of a packed row equal those of each of its documents run alone.
+The loss needs no logits: :func:`packed_hidden` stops at the last hidden
+states, and :mod:`tunec.runtime.loss` applies the output layer in chunks.
 
 Weights train in float32 (they are the optimizer's master weights); on CUDA
 the forward pass runs under bf16 autocast (:func:`compute_dtype`), and the
@@ -38,9 +42,12 @@ import torch
 import torch.nn.functional as F
 
 from tunec.compiler.errors import TunecError
-from tunec.compiler.recipe import ConfigModel, HubModel, LocalModel, LoraPeft
+from tunec.compiler.recipe import ConfigModel, HubModel, LocalModel, LoraPeft, QLoraPeft
 
 from .data import IGNORE
+from .loss import OutputHead, causal_lm
+from .loss import loss_sum as chunked_loss_sum
+from .memory import precision_for
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
@@ -63,8 +70,9 @@ def attention_for(device: torch.device) -> str:
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
-    """The dtype the forward pass computes in: bf16 autocast on CUDA, float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """The dtype the forward pass computes in: bf16 autocast on CUDA (fp16 on GPUs without bf16), float32
+    elsewhere (:func:`tunec.runtime.memory.precision_for`)."""
+    return precision_for(device).compute
 
 
 def save_dtype(device: torch.device) -> torch.dtype:
@@ -113,8 +121,9 @@ def quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_pretrained(target: str, attn: str, revision: str | None = None, what: str = "model"):
-    """A ``save_pretrained`` folder or a hub id, in float32 (the optimizer's master weights)."""
+def load_pretrained(target: str, attn: str, revision: str | None = None, what: str = "model", quantized=None):
+    """A ``save_pretrained`` folder or a hub id, in float32 (the optimizer's master weights), or with
+    ``quantized`` (:func:`quantization`) its linear layers in 4-bit on that config's GPU."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
@@ -122,23 +131,28 @@ def load_pretrained(target: str, attn: str, revision: str | None = None, what: s
     is_path = Path(target).is_absolute() or Path(target).exists()
     if is_path and not (Path(target) / "config.json").is_file():
         raise TunecError(f"{what} {target}: not found (no config.json there); give a `save_pretrained` folder")
-    kwargs = {"local_files_only": True} if is_path else {"revision": revision}
+    kwargs: dict = {"local_files_only": True} if is_path else {"revision": revision}
+    dtype = torch.float32
+    if quantized is not None:
+        config, device = quantized
+        kwargs.update(quantization_config=config, device_map={"": device})
+        dtype = config.bnb_4bit_compute_dtype  # of the layers left unquantized (embeddings, norms)
     try:
         return _with_attention(
-            lambda **kw: AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, **kwargs, **kw), attn)
+            lambda **kw: AutoModelForCausalLM.from_pretrained(target, dtype=dtype, **kwargs, **kw), attn)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TunecError(f"cannot load {what} '{target}': {first}") from None
 
 
-def load_spec(spec, seed: int, attn: str):
+def load_spec(spec, seed: int, attn: str, quantized=None):
     """A stage's ``model:`` when it is not an earlier stage (see :mod:`tunec.runtime.outputs` for those)."""
     if isinstance(spec, ConfigModel):
         return build_from_config(spec, seed, attn)
     if isinstance(spec, LocalModel):
-        return load_pretrained(spec.path, attn, what="model path")
+        return load_pretrained(spec.path, attn, what="model path", quantized=quantized)
     if isinstance(spec, HubModel):
-        return load_pretrained(spec.id, attn, revision=spec.revision, what="hub model")
+        return load_pretrained(spec.id, attn, revision=spec.revision, what="hub model", quantized=quantized)
     raise TypeError(spec)
 
 
@@ -181,6 +195,22 @@ def set_special_tokens(model, bos_id: int | None, eos_id: int, pad_id: int, end_
         gen.eos_token_id = stop_ids(eos_id, own, list(end_of_turn))
 
 
+def quantization(peft: QLoraPeft, device: torch.device, stage: str):
+    """``(BitsAndBytesConfig, device)`` for a QLoRA base: 4-bit NF4 weights computing in the device's half
+    precision; a user error without CUDA or without bitsandbytes."""
+    if device.type != "cuda":
+        raise TunecError(f"stage `{stage}`: `peft: qlora` needs a CUDA GPU (bitsandbytes' 4-bit kernels) and this "
+                         f"run is on {device}; use `peft: {{kind: lora}}` here, or run on a GPU")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise TunecError(f"stage `{stage}`: `peft: qlora` needs bitsandbytes: pip install 'tunec[qlora]'")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=peft.double_quant,
+                                bnb_4bit_compute_dtype=compute_dtype(device))
+    return config, device
+
+
 def add_lora(model, peft: LoraPeft, seed: int):
     from peft import LoraConfig, get_peft_model
 
@@ -189,8 +219,14 @@ def add_lora(model, peft: LoraPeft, seed: int):
         lora_alpha=peft.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales as well
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules,
+        use_dora=peft.use_dora,
         task_type="CAUSAL_LM",
     )
+    if isinstance(peft, QLoraPeft):
+        from peft import prepare_model_for_kbit_training
+
+        # float32 norms and embeddings output; checkpointing is runtime/memory.py's decision, not peft's
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     torch.manual_seed(seed)
     try:
         with _peft_quiet():
@@ -218,7 +254,11 @@ def _peft_quiet():
 
 
 def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """``[B, 1, T, T]`` booleans: query ``i`` may attend key ``j`` iff ``j <= i`` in the same document."""
+    """``[B, 1, T, T]`` booleans: query ``i`` may attend key ``j`` iff ``j <= i`` in the same document.
+
+    Training does not pass it (transformers derives the same mask from ``position_ids``); it is the
+    drawing above as code, the reference the tests hold transformers' packed-sequence detection to.
+    """
     doc = torch.cumsum(position_ids == 0, dim=1)
     same = doc[:, :, None] == doc[:, None, :]
     t = position_ids.shape[1]
@@ -226,33 +266,46 @@ def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
     return (same & causal)[:, None]
 
 
-def packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: str) -> torch.Tensor:
-    """Logits ``[B, T, V]`` of packed rows, attention kept inside each document."""
+def packed_hidden(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: str) -> torch.Tensor:
+    """The last hidden states ``[B, T, H]`` of packed rows (before the output layer), attention kept inside
+    each document by transformers' own packed-sequence detection (see the module's docstring)."""
     b, t = input_ids.shape
+    body = causal_lm(model).base_model  # the decoder stack: LoRA layers inside it train as usual
     if attn.startswith("flash"):
-        out = model(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False)
-        return out.logits.reshape(b, t, -1)
-    mask = packed_causal_mask(position_ids)
-    if attn == "eager":  # eager attention adds the mask to the scores
-        mask = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
-            ~mask, torch.finfo(torch.float32).min)
-    return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        out = body(input_ids=input_ids.reshape(1, -1), position_ids=position_ids.reshape(1, -1), use_cache=False)
+        return out.last_hidden_state.reshape(b, t, -1)
+    return body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
+
+
+def packed_logits(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: str) -> torch.Tensor:
+    """Full logits ``[B, T, V]`` (float32) of packed rows; training never builds them unless
+    ``chunked_loss: false``."""
+    return OutputHead.of(model).logits(packed_hidden(model, input_ids, position_ids, attn))
 
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed token cross-entropy (float32); labels are unshifted, as in the shards."""
+    """Summed token cross-entropy (float32) from full logits; labels are unshifted, as in the shards."""
     vocab = logits.shape[-1]
     return F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
 
 
 class PackedLM(torch.nn.Module):
-    """The model plus its packed forward and summed loss, in one module so DDP can wrap it."""
+    """The model plus its packed forward and summed loss, in one module so DDP and FSDP can wrap it.
 
-    def __init__(self, model, attn: str):
+    ``chunked`` (the default) computes the loss without full logits (:func:`tunec.runtime.loss.loss_sum`);
+    ``False`` is the reference path through ``[B, T, V]`` logits.
+    """
+
+    def __init__(self, model, attn: str, chunked: bool = True):
         super().__init__()
         self.model = model
         self.attn = attn
+        self.chunked = chunked
 
     def forward(self, input_ids, position_ids, labels):
-        return loss_sum(packed_logits(self.model, input_ids, position_ids, self.attn), labels)
+        hidden = packed_hidden(self.model, input_ids, position_ids, self.attn)
+        head = OutputHead.of(self.model)
+        if self.chunked:
+            return chunked_loss_sum(head, hidden, labels)
+        return loss_sum(head.logits(hidden), labels)

@@ -28,10 +28,11 @@ from tunec.compiler.errors import TunecError, did_you_mean
 from tunec.compiler.fileio import atomic_write_text
 from tunec.compiler.lock import BuildLock
 from tunec.compiler.plan import Plan, StagePlan, read_plan
-from tunec.compiler.recipe import ConfigModel, LoraPeft, Stage, StageModel
+from tunec.compiler.recipe import ConfigModel, FsdpParallelism, LoraPeft, QLoraPeft, Stage, StageModel
+from tunec.compiler.schema_errors import collapse_unions
 from tunec.compiler.yamlpos import load_yaml_text
 
-from . import accuracy, checkpoint, loggers, outputs
+from . import accuracy, checkpoint, eval_auto, fsdp, loggers, memory, outputs, preference
 from . import dist as distmod
 from . import model as models
 from .data import RowStream, ShardSet, plan_batching
@@ -54,12 +55,13 @@ class RunOptions:
     max_steps: int | None = None  # --max-steps: at most this many steps in every stage run
     overrides: tuple[str, ...] = ()  # --set [stages.NAME.]SETTING=VALUE, training settings only
     log: tuple[str, ...] = ()  # --log: experiment trackers, besides TUNEC_LOG (runtime/loggers.py)
-    eval_accuracy: bool = False  # --eval-accuracy: `tunec eval` of each stage with answer choices once it is done
+    eval_accuracy: bool | None = None  # accuracy after each stage: True/False force it on/off, None: the recipe's
 
 
 # What `--set` may change: how a stage trains, not what it trains on (the compiled shards fix that).
 TRAINING_SETTINGS = ("lr", "batch_tokens", "epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
-                     "micro_batch_rows", "eval_every_steps", "checkpoint_every_steps", "log_every_steps")
+                     "micro_batch_rows", "eval_every_steps", "checkpoint_every_steps", "log_every_steps",
+                     "chunked_loss", "activation_checkpointing")
 
 
 def fingerprint(out: Path, plan: Plan, sp: StagePlan, max_steps: int | None = None) -> str:
@@ -69,7 +71,11 @@ def fingerprint(out: Path, plan: Plan, sp: StagePlan, max_steps: int | None = No
     if isinstance(sp.settings.model, StageModel):
         prev = outputs.read_result(out, sp.settings.model.stage)
         upstream = prev.fingerprint if prev else None
-    data = {"settings": sp.settings.model_dump(mode="json"), "train": [s.sha256 for s in sp.train.shards],
+    # `eval` says what is measured after training, not how it trains (and stages trained before it existed match)
+    # memory settings (runtime/memory.py) change how much a step needs, not what it computes: a run stopped by
+    # an out-of-memory error resumes with them changed
+    data = {"settings": sp.settings.model_dump(mode="json", exclude={"eval", *memory.MEMORY_SETTINGS}),
+            "train": [s.sha256 for s in sp.train.shards],
             "seed": plan.seed, "tokenizer": plan.tokenizer.sha256, "upstream": upstream}
     if max_steps is not None:  # absent otherwise, so runs without the option keep their fingerprints
         data["max_steps_cap"] = max_steps
@@ -132,7 +138,7 @@ def apply_overrides(plan: Plan, stages: list[StagePlan], overrides: tuple[str, .
             settings = Stage.model_validate(data)
         except ValidationError as exc:
             found = []
-            for err in exc.errors():
+            for err in collapse_unions(exc.errors(), data):  # `micro_batch_rows=0`: one message, not one per type
                 field = str(err["loc"][0]) if err["loc"] else ""
                 item = wanted[sp.name][field][0] if field in wanted[sp.name] else f"stages.{sp.name}"
                 found.append((overrides.index(item) if item in overrides else len(overrides), item, err["msg"]))
@@ -193,15 +199,13 @@ def _run(out: Path, options: RunOptions, dist: distmod.Dist, device: torch.devic
                       {t: ShardSet(out, ev.data, options.verify, vocab) for t, ev in sp.eval.items() if ev.data.rows})
             for sp in stages}
     run_options = {sp.name: _run_options(changed.get(sp.name, {}), options.max_steps) for sp in stages}
-    if options.eval_accuracy and dist.is_main and not any(accuracy.has_choices(sp) for sp in stages):
+    if options.eval_accuracy is True and dist.is_main and not any(accuracy.has_choices(sp) for sp in stages):
         logger.warning("--eval-accuracy: no stage run has an eval set with answer choices; nothing will be scored")
     results = []
     for sp in stages:
         results.append(run_stage(out, plan, sp, *data[sp.name], options, dist, device, run_options[sp.name]))
-        if options.eval_accuracy and accuracy.has_choices(sp):
-            # from the saved model, as `tunec eval` scores it, with the lock this command holds
-            accuracy.evaluate_stage(out, plan, sp.name, False, (), None, device, dist)
-            dist.barrier()
+        # accuracy from the saved model, as `tunec eval` scores it, with the lock this command holds
+        eval_auto.after_stage(out, plan, sp, results[-1].fingerprint, device, dist, options.eval_accuracy)
     return results
 
 
@@ -324,7 +328,8 @@ def _prepare_model(out: Path, plan: Plan, sp: StagePlan, resuming: bool, dist: d
     if isinstance(spec, StageModel):
         model, attn, base, continued = outputs.start_from_stage(out, spec, sp.name, lora is not None, attn)
     else:
-        model, attn = models.load_spec(spec, plan.seed, attn)
+        quantized = models.quantization(lora, device, sp.name) if isinstance(lora, QLoraPeft) else None
+        model, attn = models.load_spec(spec, plan.seed, attn, quantized)
         base = None if isinstance(spec, ConfigModel) else spec  # a config-built base exists nowhere on disk
     models.check_vocab(model, plan.tokenizer.vocab_size)
     models.set_special_tokens(model, plan.tokenizer.bos_id, plan.tokenizer.eos_id, plan.tokenizer.pad_id,
@@ -341,6 +346,8 @@ def _prepare_model(out: Path, plan: Plan, sp: StagePlan, resuming: bool, dist: d
         model = models.add_lora(model, lora, plan.seed)
     elif not lora:
         model.requires_grad_(True)  # weights that come out of a peft merge are frozen
+    if isinstance(lora, QLoraPeft):  # loaded onto its GPU already; a 4-bit model refuses .to()
+        return model.train(), attn, base
     return model.to(device).train(), attn, base
 
 
@@ -378,27 +385,44 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     lora = stage.peft if isinstance(stage.peft, LoraPeft) else None
     model, attn, base = _prepare_model(out, plan, sp, action == "resume", dist, device)
 
-    batching = plan_batching(data.rows, data.seq_len, stage.batch_tokens, stage.micro_batch_rows,
+    auto_rows = stage.micro_batch_rows == "auto"  # found below by trying; one row until then
+    batching = plan_batching(data.rows, data.seq_len, stage.batch_tokens, 1 if auto_rows else stage.micro_batch_rows,
                              stage.epochs, stage.max_steps, dist.world_size)
     if options.max_steps is not None:
         batching = replace(batching, total_steps=min(batching.total_steps, options.max_steps))
-    module = models.PackedLM(model, attn)
+    precision, memory_note = memory.prepare(model, stage.activation_checkpointing, lora is not None, device,
+                                            batching.micro_batch_rows * data.seq_len)
+    # a preference objective (DPO, ...) trains through per-document log-probs: runtime/preference.py
+    module = preference.wrap(stage, models.PackedLM(model, attn, chunked=stage.chunked_loss))
     wrapped: torch.nn.Module = module
-    if dist.active:
+    sharded = isinstance(stage.parallelism, FsdpParallelism)
+    if sharded:  # in place: parameters become shards (runtime/fsdp.py)
+        fsdp.shard(module, model, precision, device, stage.parallelism.reshard_after_forward)
+    elif dist.active:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         wrapped = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
+    if auto_rows:  # the plain forward of the same model, on this process alone; every rank then takes the least
+        rows, note = memory.auto_micro_batch_rows(models.PackedLM(model, attn, chunked=stage.chunked_loss), params,
+                                                  data, batching.rows_per_rank, device, precision)
+        rows = dist.min(rows, device)
+        if rows == 0:
+            raise TunecError(f"stage `{sp.name}`: out of GPU memory with a micro-batch of one row of {data.seq_len} "
+                             "tokens; turn `activation_checkpointing` on, use LoRA, or lower `seq_len`")
+        batching = replace(batching, micro_batch_rows=rows)
+        stage = stage.model_copy(update={"micro_batch_rows": rows})  # what the rest of the stage reads
+        memory_note += f"; {note}"
     optimizer = make_optimizer(model, stage, device)
     scheduler = make_scheduler(optimizer, stage.warmup_steps, batching.total_steps)
     loop = Loop(wrapped, params, optimizer, scheduler, data, RowStream(plan.seed, data.rows), batching, stage,
-                dist, device, plan.tokenizer.pad_id)
+                dist, device, plan.tokenizer.pad_id, precision=precision, scaler=precision.scaler(device))
     progress = Progress()
     index = [s.name for s in plan.stages].index(sp.name)
     torch.manual_seed(plan.seed * 1000 + index * 100 + dist.rank)  # dropout; restored on resume
     state: dict[str, Any] = {}
     if ckpt is not None:
-        state = checkpoint.load(ckpt, model, optimizer, scheduler, dist)
+        state = checkpoint.load(ckpt, model, optimizer, scheduler, dist, loop.scaler)
         progress = Progress(state["step"], state["tokens"], state["trained_tokens"])
         if "window" in state:  # the loss since the last record, so the next record reads as uninterrupted
             progress.window.update(state["window"])
@@ -416,15 +440,24 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     log.note(f"stage {sp.name}: {sum(p.numel() for p in params):,} trainable parameters, {batching.total_steps} "
              f"steps of {batching.rows_per_step} rows x {data.seq_len} tokens ({batching.micro_steps} micro-batch(es) "
              f"of <= {batching.micro_batch_rows} rows per rank, {dist.world_size} rank(s)), {device}, {attn}"
+             + f"; {memory_note}, {'chunked' if stage.chunked_loss else 'full-logits'} loss"
              + (f", resuming at step {progress.step}" if ckpt else ""))
+    loop.preference = preference.setup(out, sp.name, stage, module, data, evals, dist, device, fp, ckpt is not None,
+                                       loop.autocast, log)
 
     last = {"eval": state.get("eval_loss", {}), "eval_step": state.get("eval_step")}
 
     def run_eval(p: Progress) -> None:
         if not evals:
             return
-        losses, counts = evaluate(module, evals, batching.micro_batch_rows, dist, device, loop.autocast)
-        log.write({"step": p.step, "eval_loss": losses, "eval_tokens": counts})
+        extra: dict[str, Any] = {}
+        if loop.preference is not None:  # per task: loss, rewards/accuracies, ... (counts: pairs)
+            losses, counts, extra = loop.preference.evaluate(evals, batching.micro_batch_rows, dist, device,
+                                                             loop.autocast)
+        else:
+            losses, counts = evaluate(module, evals, batching.micro_batch_rows, dist, device, loop.autocast,
+                                      lockstep=sharded)
+        log.write({"step": p.step, "eval_loss": losses, "eval_tokens": counts, **extra})
         log.note(f"step {p.step}: eval loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
         last["eval"], last["eval_step"] = losses, p.step
 
@@ -439,7 +472,7 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
                              "world_size": dist.world_size, "rows_per_step": batching.rows_per_step,
                              "run_options": run_options, "window": window, "first_loss": log.first_loss,
                              "last_loss": log.last_loss, "eval_loss": last["eval"], "eval_step": last["eval_step"]},
-                            dist)
+                            dist, loop.scaler)
         if options.on_step is not None:
             options.on_step(p.step)
 
@@ -450,14 +483,16 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     except torch.OutOfMemoryError:
         raise TunecError(
             f"stage `{sp.name}`: out of GPU memory at step {progress.step + 1} with micro batches of "
-            f"{batching.micro_batch_rows} rows x {data.seq_len} tokens; lower `micro_batch_rows` in the stage "
-            f"(gradient accumulation keeps `batch_tokens` as it is), then `tunec run {out} --resume`") from None
+            f"{batching.micro_batch_rows} rows x {data.seq_len} tokens; lower `micro_batch_rows` (gradient "
+            f"accumulation keeps `batch_tokens` as it is) or turn `activation_checkpointing` on, and continue: "
+            f"`tunec run {out} --resume --set stages.{sp.name}.micro_batch_rows=N`") from None
     finally:
         log.close()
 
     paths = {}
+    saved = fsdp.gathered(module, model, dist) if sharded else model  # FSDP: every rank sends its shards
     if dist.is_main:
-        paths = outputs.save_model(out, sp.name, model, lora is not None, bool(lora and lora.save_merged), base,
+        paths = outputs.save_model(out, sp.name, saved, lora is not None, bool(lora and lora.save_merged), base,
                                    out / plan.tokenizer.path, models.save_dtype(device))
     result = outputs.StageResult(
         stage=sp.name, fingerprint=fp, kind="lora" if lora else "full", base=base if lora else None,
@@ -475,6 +510,8 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
         logger.info(f"stage {sp.name}: done in {result.wall_s:.1f}s, loss {first}{last_loss} (step {result.steps})"
                     f"{eval_note}; model in {out / folder}")
     dist.barrier()
+    if sharded:
+        fsdp.release()
     return result
 
 

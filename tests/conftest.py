@@ -13,6 +13,8 @@ Fixtures:
   under ``tmp_path/tiny``.
 - ``hf_cache``: points the ``datasets`` cache at ``tmp_path`` so that tests
   calling ``load_dataset`` leave nothing in the user's cache.
+- ``unit_cache`` (autouse): ``TUNEC_CACHE`` set to a fresh temporary folder for every
+  test, so no compile writes to the user's cache.
 - ``one_thread``: one torch thread for a module's tiny models (on a busy machine
   more threads only wait); modules opt in with
   ``pytestmark = pytest.mark.usefixtures("one_thread")``.
@@ -107,6 +109,22 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     cache = tmp_path / "hf_cache"
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     return cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_unit_cache(tmp_path_factory: pytest.TempPathFactory):
+    """``TUNEC_CACHE`` in a temporary folder from the start, for module and session fixtures that compile."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TUNEC_CACHE", str(tmp_path_factory.mktemp("tunec-cache-session")))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def unit_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test's compile cache (``TUNEC_CACHE``) in a fresh temporary folder, never the user's."""
+    folder = tmp_path_factory.mktemp("tunec-cache")
+    monkeypatch.setenv("TUNEC_CACHE", str(folder))
+    return folder
 
 
 @pytest.fixture(scope="module")

@@ -143,7 +143,7 @@ class Uniform(torch.nn.Module):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, **kwargs):  # no key/value cache: the scorer makes one pass per choice
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab))
 
 
@@ -193,14 +193,19 @@ def test_base_results_sit_beside_the_stage_and_give_the_delta(build):
     assert len(lines(build / "runs" / "sft" / "predictions" / "base" / "reviews.jsonl")) == 6
 
     result = cli("eval", str(build), "--device", "cpu", "--limit", "4", "--base")
-    assert "note: the stage was scored with --limit 6, the base with --limit 4" in result.output
+    assert "note: scored with different --limit values (base 4, stage 6)" in result.output
 
 
 def table(output: str) -> list[list[str]]:
     """The cells of the result table's rows, header first (log lines before it left out)."""
     rows = output.splitlines()
     start = next(i for i, line in enumerate(rows) if line.startswith("task "))
-    return [line.split() for line in rows[start:]]
+    found = []
+    for line in rows[start:]:
+        if not line.strip() or line.startswith(("note:", "models:")):
+            break
+        found.append(line.split())
+    return found
 
 
 def one_error(result, *words: str) -> None:
@@ -297,3 +302,35 @@ def test_eval_accuracy_under_torchrun_equals_one_process(build):
             assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], abs=1e-5)
             assert a["predicted"] == b["predicted"]
     assert shared["tasks"] == json.loads((rd / "eval.json").read_text())["stage"]["tasks"]
+
+
+def test_choices_continue_the_prompt_pass_and_score_as_whole_passes(build):
+    from transformers import AutoModelForCausalLM
+
+    from tunec.compiler.plan import read_plan
+    from tunec.runtime.accuracy import encode_choices, read_choices, score
+
+    plan = read_plan(build)
+    tok = load_local_tokenizer(build / "tokenizer")
+    info = tokenizer_info(tok)
+    model = AutoModelForCausalLM.from_pretrained(str(build / "runs" / "sft" / "model")).eval()
+    lengths: list[int] = []
+    real = model.forward
+
+    def counted(*args, **kwargs):
+        lengths.append(kwargs["input_ids"].shape[1])
+        return real(*args, **kwargs)
+
+    class Whole(torch.nn.Module):  # the same model, taking no cache: one whole pass per choice
+        def forward(self, input_ids):
+            return real(input_ids=input_ids)
+
+    model.forward = counted
+    for record in read_choices(build, plan.stage("sft"), "reviews")[:5]:
+        lengths.clear()
+        cached = score(model, tok.backend_tokenizer, info, record, False, plan.seq_len, torch.device("cpu"))
+        ids = [e.ids for e in encode_choices(tok.backend_tokenizer, info, record, False)]
+        shared = lengths[0]
+        assert all(i[:shared] == ids[0][:shared] for i in ids) and lengths[1:] == [len(i) - shared for i in ids]
+        whole = score(Whole(), tok.backend_tokenizer, info, record, False, plan.seq_len, torch.device("cpu"))
+        assert cached.loglikelihoods == pytest.approx(whole.loglikelihoods, abs=1e-5)

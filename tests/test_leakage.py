@@ -96,6 +96,37 @@ def test_a_field_both_key_and_context_is_an_error(tmp_path):
 def test_keys_compare_whole_examples_and_long_texts():
     a = leakage.keys({"q": "2 + 2?", "a": "4"})
     assert a.example == ("2 2", "4") and a.texts == frozenset()
-    found = leakage.find({"train": [a]}, {"eval": [leakage.keys({"q": "2+2 ?", "a": "4"}),
-                                                   leakage.keys({"q": "2 + 2?", "a": "5"})]})
+    evals = [leakage.keys({"q": "2+2 ?", "a": "4"}), leakage.keys({"q": "2 + 2?", "a": "5"})]
+    found = leakage.find({"train": leakage.hashed([a])}, {"eval": leakage.hashed(evals)})
     assert (found["eval"].leaked, found["eval"].by_kind) == (1, {"example": 1})
+
+
+def test_hashed_keys_find_what_string_keys_find():
+    """The same findings from 64-bit hashes as from the normalised strings, over many random examples."""
+    import random
+
+    rng = random.Random(5)
+    words = ["fox", "river", "old", "brown", "cat", "sat", "the", "a", "on", "mat"]
+
+    def row():
+        return {"q": " ".join(rng.choice(words) for _ in range(rng.randint(1, 6))), "a": rng.choice(words)}
+
+    train = {"x": [leakage.keys(row()) for _ in range(300)], "y": [leakage.keys(row()) for _ in range(300)]}
+    evals = [leakage.keys(row()) for _ in range(300)]
+    whole = {t: {k.example for k in rows} for t, rows in train.items()}
+    texts = {t: set().union(*(k.texts for k in rows)) for t, rows in train.items()}
+    expect = {"leaked": 0, "example": 0, "text": 0, "x": 0, "y": 0}
+    for k in evals:
+        hits = {t for t in train if k.example in whole[t]}
+        kind = "example"
+        if not hits:
+            hits, kind = {t for t in train if k.texts & texts[t]}, "text"
+        if hits:
+            expect["leaked"] += 1
+            expect[kind] += 1
+            for t in hits:
+                expect[t] += 1
+    found = leakage.find({t: leakage.hashed(rows) for t, rows in train.items()}, {"e": leakage.hashed(evals)})["e"]
+    got = {"leaked": found.leaked, **{k: found.by_kind.get(k, 0) for k in ("example", "text")},
+           **{t: found.by_task.get(t, 0) for t in ("x", "y")}}
+    assert got == expect and expect["example"] > 0 and expect["text"] > 0

@@ -306,8 +306,8 @@ def test_error_in_merged_value_points_at_where_it_was_written(write_recipe):
         """
     )
     assert errors(path) == [
-        "R:7:1: defaults: unknown field `defaults`; allowed: leakage, seed, seq_len, stages, tasks, template_dirs, "
-        "tokenizer, version",
+        "R:7:1: defaults: unknown field `defaults`; allowed: audit, leakage, lint, seed, seq_len, stages, tasks, "
+        "template_dirs, tokenizer, version",
         "R:8:3: stages[0].lr: Input should be greater than 0 (got -1)",
     ]
 

@@ -156,7 +156,7 @@ def test_shorthand_forms_match_the_schema(validator):
     "change",
     [
         lambda d: d.update(sed=1),
-        lambda d: d["stages"][0].update(objective="dpo"),
+        lambda d: d["stages"][0].update(objective="ppo"),  # not an objective (dpo is, since preference tuning)
         lambda d: d["stages"][0].update(mixture="weights"),  # `weights` has a required field: no shorthand
         lambda d: d["stages"][0].update(peft={"kind": "lora", "rr": 8}),
         lambda d: d["stages"][0].update(peft={"kind": "lora", "save_merged": "yes"}),  # YAML 1.2: a string

@@ -65,13 +65,20 @@ _SET_HELP = ("Override a recipe value before validation: dotted PATH (list items
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help=_SET_HELP)
-def validate(recipe: str, overrides: tuple[str, ...]) -> None:
+@click.option("--lint", "with_lint", is_flag=True, help="Also read the data and lint the rendered prompts "
+              "(rules and their switches: the recipe's `lint:`, README \"Prompt lint\").")
+def validate(recipe: str, overrides: tuple[str, ...], with_lint: bool) -> None:
     """Check RECIPE statically: schema, names, files, templates against columns."""
     from .compiler.check import check
     from .compiler.load import load_recipe
 
     try:
         checked = check(load_recipe(recipe, overrides))
+        if with_lint:
+            from .compiler.lint import lint_recipe
+
+            for finding in lint_recipe(checked):
+                click.echo(f"lint: {finding}")
     except TunecError as exc:
         raise _fail(exc) from None
     r = checked.recipe
@@ -89,16 +96,40 @@ def validate(recipe: str, overrides: tuple[str, ...]) -> None:
 @click.option("--force", is_flag=True, help="Replace a build folder that holds another recipe's build.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None, help="Packed rows per shard file.")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help=_SET_HELP + " Recorded in the plan.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Compiled-unit cache folder [default: $TUNEC_CACHE, else ~/.cache/tunec].")
+@click.option("--no-cache", is_flag=True, help="Compile every unit; read and store nothing in the cache.")
+@click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where units compile: worker processes here, or Ray tasks writing into the cache.")
+@click.option("--ray-address", default=None, help="With --executor ray: a running cluster [default: a local one].")
 def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_rows: int | None,
-                overrides: tuple[str, ...]) -> None:
-    """Compile RECIPE into tokenized, packed shards and a run plan in OUT."""
+                overrides: tuple[str, ...], cache_dir: str | None, no_cache: bool, executor: str,
+                ray_address: str | None) -> None:
+    """Compile RECIPE into tokenized, packed shards and a run plan in OUT.
+
+    Units (a task's train or eval part) whose inputs are unchanged are read from the cache.
+    """
     from .compiler.build import DEFAULT_SHARD_ROWS, Options, compile_recipe
+
+    if no_cache and (cache_dir or executor == "ray"):
+        raise click.UsageError("--no-cache cannot go with --cache or --executor ray (Ray workers hand units "
+                               "over through the cache)")
+
+    def said(reused: list[tuple[str, str]], rebuilt: list[tuple[str, str]]) -> None:
+        names = lambda parts: ", ".join(f"{t}/{p}" for t, p in parts)  # noqa: E731
+        click.echo(f"units: {len(reused)} reused, {len(rebuilt)} rebuilt" + (f" ({names(rebuilt)})" if rebuilt and
+                                                                               reused else ""))
 
     options = Options(
         workers=workers or os.cpu_count() or 1,
         force=force,
         shard_rows=shard_rows or DEFAULT_SHARD_ROWS,
         progress=True,
+        use_cache=not no_cache,
+        cache=Path(cache_dir) if cache_dir else None,
+        executor=executor,
+        ray_address=ray_address,
+        on_units=said,
     )
     try:
         plan = compile_recipe(recipe, out, options, overrides)
@@ -149,6 +180,53 @@ def inspect(out: str, show: int, stage: str | None, color: bool | None) -> None:
 
 
 @main.command()
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("-o", "--output", "dest", type=click.Path(dir_okay=False), default=None,
+              help="The HTML file to write [default: OUT/report.html].")
+@click.option("--rows", type=click.IntRange(min=0, max=1000), default=8, show_default=True,
+              help="Packed rows shown per stage, tokens and trained spans marked.")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="Which rows are drawn [default: the plan's seed].")
+def report(out: str, dest: str | None, rows: int, seed: int | None) -> None:
+    """Write one self-contained HTML page about the build in OUT (no network, no script).
+
+    Per stage and task: packing and fill rate, requested versus trained mixture,
+    token-length histograms, the mask audit, eval sets, sampled packed rows with
+    trained tokens highlighted, the plan's lint findings and cost estimates, and
+    loss curves, eval loss and accuracy once OUT/runs/ has them.
+    """
+    from .compiler.report import write_report
+
+    try:
+        path = write_report(Path(out), Path(dest) if dest else None, rows, seed)
+    except TunecError as exc:
+        raise _fail(exc) from None
+    click.echo(f"report: {path} ({path.stat().st_size / 1024:,.0f} KiB)")
+
+
+@main.command("plan")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--gpu", type=click.Choice(["h100", "a100", "l4", "cpu"]), default="h100", show_default=True,
+              help="The accelerator to estimate time and memory on (cpu: this machine's measured matmul rate).")
+@click.option("--mfu", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Model FLOP utilisation assumed for the time [default: the plan's, 0.35].")
+@click.option("--stage", default=None, help="Only this stage.")
+def plan_cmd(out: str, gpu: str, mfu: float | None, stage: str | None) -> None:
+    """Print the cost estimates of the build in OUT: steps, tokens, parameters, FLOPs, memory, time."""
+    from .compiler import estimate
+    from .compiler.plan import read_plan
+
+    try:
+        plan = read_plan(Path(out))
+        stages = [plan.stage(stage)] if stage else list(plan.stages)
+    except TunecError as exc:
+        raise _fail(exc) from None
+    peak, memory = estimate.device(gpu)
+    for line in estimate.summary_lines(stages, gpu, peak, memory, mfu or estimate.DEFAULT_MFU):
+        click.echo(line)
+
+
+@main.command()
 def schema() -> None:
     """Print the JSON schema of the recipe language (for editors)."""
     from .compiler.recipe import Recipe
@@ -176,11 +254,14 @@ def schema() -> None:
 @click.option("--log", "trackers", multiple=True, type=click.Choice(list(TRACKERS)),
               help="Also send the metrics to this tracker; repeat for several (or TUNEC_LOG=a,b). "
               "metrics.jsonl is always written.")
-@click.option("--eval-accuracy", is_flag=True, help="After each stage that has eval sets with answer choices, "
-              "score them as `tunec eval` does (OUT/runs/<stage>/eval.json) and print the table.")
+@click.option("--eval-accuracy/--no-eval-accuracy", default=None, help="Score each stage's eval sets with answer "
+              "choices after it, and the model the run starts from, as `tunec eval` does (OUT/runs/<stage>/eval.json), "
+              "and print the table [default: what each stage's `eval: {accuracy: ...}` says, true unless set].")
+@click.option("--dry-run", is_flag=True, help="Check the shards, build each model on the meta device, check that "
+              "the estimated memory fits the device, print the estimates; train nothing, write nothing.")
 def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str, verify: bool,
             progress: bool | None, max_steps: int | None, settings: tuple[str, ...],
-            trackers: tuple[str, ...], eval_accuracy: bool) -> None:
+            trackers: tuple[str, ...], eval_accuracy: bool | None, dry_run: bool) -> None:
     """Train the stages of the build in OUT; results go to OUT/runs/<stage>/.
 
     Several processes or GPUs: `torchrun --nproc_per_node N -m tunec run OUT`.
@@ -188,6 +269,14 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
     if resume and force:
         raise click.UsageError("--resume and --force exclude each other")
     _need_training_extra("run")
+    if dry_run:
+        from .runtime.dryrun import dry_run as check_only
+
+        try:
+            check_only(out, stage, settings, max_steps, device, echo=click.echo)
+        except TunecError as exc:
+            raise _fail(exc) from None
+        return
     from .runtime.run import RunOptions, run
 
     show = sys.stderr.isatty() if progress is None else progress
@@ -199,7 +288,7 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
         raise _fail(exc) from None
     except KeyboardInterrupt:
         raise UserError(f"interrupted; `tunec run {out} --resume` continues from the last checkpoint") from None
-    if eval_accuracy and os.environ.get("RANK", "0") == "0":  # under torchrun, one table
+    if eval_accuracy is not False and os.environ.get("RANK", "0") == "0":  # under torchrun, one table
         from .runtime import accuracy
 
         for result in results:
@@ -293,10 +382,16 @@ def _conversation(path: str | None, items: tuple[str, ...]) -> list[dict] | None
               "initialised with the plan's seed, its model folder or hub model, or the earlier stage's result).")
 @click.option("--tasks", multiple=True, metavar="TASK", help="Only these tasks (repeat) [default: every eval set "
               "of the stage with answer choices].")
+@click.option("--model", "model", default=None, metavar="PATH_OR_STAGE", help="Score this model instead: a "
+              "finished stage or a `save_pretrained` folder, on the eval sets of --stage [default: the last stage].")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most N records per task.")
+@click.option("--generate", "generation", is_flag=True, help="Also eval sets without answer choices: greedy "
+              "decoding, exact match and token F1.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
+              help="With --generate: the longest answer generated.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-def eval_cmd(out: str, stage: str | None, base: bool, tasks: tuple[str, ...], limit: int | None,
-             device: str) -> None:
+def eval_cmd(out: str, stage: str | None, base: bool, tasks: tuple[str, ...], model: str | None, limit: int | None,
+             generation: bool, max_new_tokens: int, device: str) -> None:
     """Accuracy on the stage's eval sets with answer choices, by rank classification (log-likelihood of each
     choice after the prompt). Results: OUT/runs/<stage>/eval.json and predictions/<task>.jsonl.
     """
@@ -304,15 +399,54 @@ def eval_cmd(out: str, stage: str | None, base: bool, tasks: tuple[str, ...], li
     from .compiler.plan import read_plan
     from .runtime import accuracy
 
+    if base and model is not None:
+        raise click.UsageError("--base and --model exclude each other")
     try:
         plan = read_plan(Path(out))
-        name = plan.stage(stage).name if stage else accuracy.last_run_stage(Path(out), plan)
-        saved = accuracy.run_eval(Path(out), plan, name, base, tasks, limit, device)
+        if stage:
+            name = plan.stage(stage).name
+        else:
+            name = plan.stages[-1].name if model is not None else accuracy.last_run_stage(Path(out), plan)
+        saved = accuracy.run_eval(Path(out), plan, name, base, tasks, limit, device, model, generation,
+                                  max_new_tokens)
     except TunecError as exc:
         raise _fail(exc) from None
     click.echo(f"stage {name}: accuracy by rank classification ({out}/runs/{name}/eval.json)")
     for line in accuracy.table(saved):
         click.echo(line)
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """The compiled-unit cache: what it holds, and pruning it."""
+
+
+@cache_group.command("info")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Cache folder [default: $TUNEC_CACHE, else ~/.cache/tunec].")
+def cache_info(cache_dir: str | None) -> None:
+    """Where the cache is, how many entries and bytes it holds, and their last use."""
+    from .compiler.cache import Cache, default_dir, describe
+
+    for line in describe(Cache(Path(cache_dir) if cache_dir else default_dir()).info()):
+        click.echo(line)
+
+
+@cache_group.command("prune")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False), default=None,
+              help="Cache folder [default: $TUNEC_CACHE, else ~/.cache/tunec].")
+@click.option("--older-than", default=None, metavar="AGE",
+              help="Only entries no compile used for AGE (e.g. 30m, 12h, 7d, 2w) [default: every entry].")
+def cache_prune(cache_dir: str | None, older_than: str | None) -> None:
+    """Remove cache entries (all, or those unused for --older-than AGE)."""
+    from .compiler.cache import Cache, default_dir, parse_age
+
+    try:
+        age = parse_age(older_than) if older_than is not None else None
+    except TunecError as exc:
+        raise _fail(exc) from None
+    removed, size = Cache(Path(cache_dir) if cache_dir else default_dir()).prune(age)
+    click.echo(f"removed {removed} entr{'y' if removed == 1 else 'ies'}, {size:,} bytes")
 
 
 @main.group()

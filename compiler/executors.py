@@ -1,0 +1,126 @@
+"""Where compile units run: worker processes on this machine, or Ray tasks on a cluster.
+
+Chunks of rows are independent pure functions of their unit's spec, the
+tokenizer and the few-shot pools, so where they run never changes the output.
+``local`` runs them in order, in this process (one worker) or in a pool of
+spawned processes. ``ray`` (``pip install 'tunec[ray]'``; imported only when
+asked for) runs each missing unit as one Ray task that compiles its chunks and
+writes the unit into the content-addressed cache, then returns; the main
+process reads the units back from the cache and links locally, so the build is
+byte-identical to a local one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from .errors import Problem, TunecError
+from .tokens import TokenizerInfo
+from .units import Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker, join
+
+EXECUTORS = ("local", "ray")
+WINDOW_PER_WORKER = 16  # chunks handed to the pool at a time, per worker
+
+
+def row_error(exc: RowError) -> TunecError:
+    part = "eval" if exc.part == "eval" else "train"
+    where = f" [{exc.file}:{exc.line}]" if exc.line else (f" [{exc.file}]" if exc.file else "")
+    row = "" if exc.row is None else f" row {exc.row}"  # None: a template that no row can render
+    return TunecError(Problem(f"task '{exc.task}', {part}{row}: {exc.message}{where}"))
+
+
+def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: list[UnitSpec],
+              pools: dict[str, dict[str, list]], workers: int) -> Iterator[tuple[Chunk, UnitResult]]:
+    """Compile ``count`` chunks in order, here (one worker) or in ``workers`` spawned processes.
+
+    Chunks are taken from ``chunks`` a window at a time (a few per worker), so
+    the rows waiting for a worker stay few whatever the size of the data.
+    """
+    workers = min(workers, count)  # a process per chunk at most: spawning costs ~1 s
+    try:
+        if workers <= 1:
+            with single_threaded_tokenizers():
+                init_worker(info, specs, pools, single_thread=True)
+                for chunk in chunks:
+                    yield chunk, compile_chunk(chunk)
+            return
+        # spawn: a clean interpreter per worker (fork after the tokenizer's thread
+        # pool has started can deadlock), importing only the light worker modules.
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=init_worker, initargs=(info, specs, pools, True)) as pool:
+            it = iter(chunks)
+            while window := list(itertools.islice(it, WINDOW_PER_WORKER * workers)):
+                for chunk, result in zip(window, pool.imap(compile_chunk, window, chunksize=1)):
+                    yield chunk, result
+    except RowError as exc:
+        raise row_error(exc) from None
+
+
+@contextmanager
+def single_threaded_tokenizers() -> Iterator[None]:
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+# ----------------------------------------------------------------- Ray
+
+
+def _ray_unit(cache_root: str, key: str, spec: UnitSpec, chunks: list[Chunk], info: TokenizerInfo,
+              pools: dict[str, dict[str, list]]) -> str:
+    """One unit, compiled on a Ray worker and stored in the shared cache under ``key``."""
+    from .cache import Cache
+
+    with single_threaded_tokenizers():
+        init_worker(info, [spec], pools, single_thread=True)
+        results = [compile_chunk(Chunk(0, c.rows, c.columns, c.docs)) for c in chunks]
+    Cache(Path(cache_root)).put_unit(key, join(results, len(spec.templates)))
+    return key
+
+
+def run_ray(units: Iterable[tuple[str, UnitSpec, list[Chunk]]], info: TokenizerInfo,
+            pools: dict[str, dict[str, list]], cache_root: Path, address: str | None,
+            done: Callable[[int], None] = lambda n: None) -> None:
+    """Compile each ``(key, spec, chunks)`` as a Ray task writing into the cache at ``cache_root``.
+
+    The cache folder must be one the workers share with this machine (a local
+    cluster, or a shared filesystem). ``address``: a running cluster (``ray
+    start --head``'s, or ``auto``); None starts a local one for this compile.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise TunecError("--executor ray needs Ray: pip install 'tunec[ray]' (or `pip install ray`)") from None
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_ray_unit)
+        pending = {}
+        for key, spec, chunks in units:
+            pool = {spec.task: pools[spec.task]} if spec.task in pools else {}
+            pending[task.remote(str(cache_root), key, spec, chunks, info, pool)] = sum(len(c.rows) for c in chunks)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = getattr(exc, "cause", None)
+                    if isinstance(cause, RowError):
+                        raise row_error(cause) from None
+                    raise TunecError(f"a Ray task failed: {str(exc).splitlines()[0]}") from None
+                done(pending.pop(ref))
+    finally:
+        if started:
+            ray.shutdown()

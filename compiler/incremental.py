@@ -1,0 +1,149 @@
+"""Compile only the units whose inputs changed; read the others from the cache.
+
+Each unit's key (:func:`.cache.unit_key`) is computed before any data is
+loaded: it needs the content hashes of the files a part reads, not their rows.
+A unit found intact in the cache is reused as stored; only the parts of missing
+units are loaded, rendered and tokenized, and each is stored once compiled.
+The leakage check's hashed keys of a part are cached the same way (keyed by the
+unit and the task's ``leakage`` options), so a build whose units are all cached
+loads no data at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from . import leakage
+from .cache import Cache, derived_key, tokenizer_hash, unit_key
+from .check import Checked
+from .executors import run_local, run_ray
+from .sources import Rows, load_part, part_inputs
+from .tokens import TokenizerInfo
+from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, join, plan_docs
+
+Part = tuple[str, str]  # (task, "train" | "eval")
+
+
+@dataclass
+class LeakKeys:
+    """A part's hashed leakage keys, one per row, and each row's index in its split."""
+
+    index: np.ndarray
+    keys: leakage.Hashed
+
+    def rows(self, rows: np.ndarray) -> leakage.Hashed:
+        """The keys of the given split rows (each once, in order)."""
+        rows = np.unique(rows)
+        pos = np.searchsorted(self.index, rows)
+        if len(rows) and (pos.max() >= len(self.index) or not np.array_equal(self.index[pos], rows)):
+            raise AssertionError("a compiled row is not in its part")  # index is sorted and holds every row
+        return self.keys.take(pos)
+
+
+@dataclass
+class Compiled:
+    units: dict[Part, UnitResult]
+    keys: dict[Part, str]
+    leak: dict[Part, LeakKeys]
+    reused: list[Part] = field(default_factory=list)
+    rebuilt: list[Part] = field(default_factory=list)
+
+
+def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
+                  leak_parts: set[Part], workers: int, executor: str = "local", ray_address: str | None = None,
+                  progress: Callable[[int], None] = lambda n: None) -> Compiled:
+    loaded = checked.loaded
+    tasks = loaded.recipe.tasks
+    keys: dict[Part, str] = {}
+    tok = tokenizer_hash(info)
+    for s in specs:
+        options, content = part_inputs(loaded, s.task, tasks[s.task], s.part)
+        keys[(s.task, s.part)] = unit_key(s, options, content, tok)
+
+    units: dict[Part, UnitResult] = {}
+    if cache is not None:
+        for s in specs:
+            unit = cache.get_unit(keys[(s.task, s.part)])
+            if unit is not None:
+                units[(s.task, s.part)] = unit
+    missing = [i for i, s in enumerate(specs) if (s.task, s.part) not in units]
+
+    parts: dict[Part, Rows] = {}
+
+    def part(task: str, which: str) -> Rows:
+        if (task, which) not in parts:
+            parts[(task, which)] = load_part(loaded, task, tasks[task], which)
+        return parts[(task, which)]
+
+    leak: dict[Part, LeakKeys] = {}
+    for p in sorted(leak_parts):
+        task = tasks[p[0]]
+        lkey = derived_key(keys[p], "leakage", task.leakage)
+        entry = cache.get_arrays("leak", lkey) if cache is not None else None
+        if entry is not None and all(k in entry[0] for k in ("index", "example", "text_offsets", "texts")):
+            a = entry[0]
+            leak[p] = LeakKeys(a["index"], leakage.Hashed(a["example"], a["text_offsets"], a["texts"]))
+            continue
+        rows = part(*p)
+        hashed = leakage.Hashed.concat([leakage.hash_columns(cols, task.leakage.key, task.leakage.context)
+                                        for _, cols in rows.slices()])
+        leak[p] = LeakKeys(rows.index, hashed)
+        if cache is not None:
+            cache.put_arrays("leak", lkey, {"index": rows.index, "example": hashed.example,
+                                            "text_offsets": hashed.text_offsets, "texts": hashed.texts}, {})
+
+    if missing:
+        run_specs = [specs[i] for i in missing]
+        pools = {s.task: part(s.task, "train").columns for s in run_specs if s.few_shot is not None}
+        if executor == "ray":
+            per_unit = [list(_chunks(j, spec, part(spec.task, spec.part), pools)) for j, spec in enumerate(run_specs)]
+            assert cache is not None, "the CLI refuses --executor ray with --no-cache"
+            run_ray([(keys[(s.task, s.part)], s, c) for s, c in zip(run_specs, per_unit)], info, pools,
+                    cache.root, ray_address, progress)
+            for s in run_specs:
+                unit = cache.get_unit(keys[(s.task, s.part)])
+                if unit is None:
+                    raise AssertionError(f"a Ray task stored no unit for {s.task}/{s.part}")
+                units[(s.task, s.part)] = unit
+        else:
+            results: list[list[UnitResult]] = [[] for _ in run_specs]
+            # one unit after the other, its rows read from Arrow a chunk at a time
+            chunks = (c for j, s in enumerate(run_specs) for c in _chunks(j, s, part(s.task, s.part), pools))
+            n_chunks = [-(-part(s.task, s.part).count // CHUNK_ROWS) for s in run_specs]
+            for chunk, result in run_local(chunks, sum(n_chunks), info, run_specs, pools, workers):
+                results[chunk.unit].append(result)
+                progress(len(chunk.rows))
+                if len(results[chunk.unit]) == n_chunks[chunk.unit]:
+                    s = run_specs[chunk.unit]  # the unit's last chunk: join it, store it, drop the pieces
+                    units[(s.task, s.part)] = join(results[chunk.unit], len(s.templates))
+                    results[chunk.unit] = []
+                    if cache is not None:
+                        cache.put_unit(keys[(s.task, s.part)], units[(s.task, s.part)])
+            for j, s in enumerate(run_specs):
+                if (s.task, s.part) not in units:  # a unit with no rows at all
+                    units[(s.task, s.part)] = join(results[j], len(s.templates))
+                    if cache is not None:
+                        cache.put_unit(keys[(s.task, s.part)], units[(s.task, s.part)])
+    order = [(s.task, s.part) for s in specs]
+    rebuilt = [order[i] for i in missing]
+    return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
+                    reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt)
+
+
+def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]]) -> Iterator[Chunk]:
+    """A unit's chunks (``CHUNK_ROWS`` rows each, as :func:`.units.chunks_of` cuts them), their rows
+    converted from Arrow one chunk at a time."""
+    pool = pools.get(spec.task)
+    docs = plan_docs(spec, rows.count, len(next(iter(pool.values()))) if pool else 0)
+    index = rows.index
+    for lo in range(0, rows.count, CHUNK_ROWS):
+        hi = min(lo + CHUNK_ROWS, rows.count)
+        yield Chunk(j, index[lo:hi].tolist(), rows.slice(lo, hi), docs[lo:hi])
+
+
+def cache_of(root: Path | None) -> Cache | None:
+    return None if root is None else Cache(root)

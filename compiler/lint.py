@@ -1,0 +1,335 @@
+"""Prompt lint: what makes instruction data bad, found in the rendered prompts before any training.
+
+Each rule has an id, says what it found in one line, and points at the recipe
+(``FILE:LINE:COL`` of the task's template entry, or the task). A recipe turns
+rules off or changes their thresholds with its top-level ``lint:`` block::
+
+    lint: {disable: [short-instruction], label_ratio: 20}
+
+The rules read a task's rows through its templates exactly as the compiler
+renders them (answer choices included, few-shot exemplars left out), on the
+first :data:`SAMPLE_ROWS` rows of the part the task trains on (its eval part
+for a task that is only evaluated); duplicates are counted over every row.
+
+======================  ===================================================================
+id                      fires when
+======================  ===================================================================
+label-in-prompt         the completion appears verbatim in the prompt (outside a longer
+                        input text that contains it, and not as one of a list naming every
+                        label) in at least ``leak_share`` of the rows
+constant-prompt         a template renders the same prompt for every row: it ignores its inputs
+choices-not-in-prompt   a task with answer choices has a template whose prompt does not name
+                        every choice (in at least half of the rows)
+separator               the prompt ends in whitespace and the completion starts with it
+                        (two separators), or neither has one (``Answer:positive``)
+whitespace-variant      two templates of a task differ only in whitespace
+short-instruction       the prompt's instructing words (the template's own, an ``instruction``
+                        or ``question`` column's, short framing values such as a language name;
+                        not its inputs) number fewer than ``min_instruction_words``
+label-imbalance         a classification task's most frequent completion outnumbers its least
+                        frequent by more than ``label_ratio``
+duplicate-examples      rows of a task repeat another row exactly (more than ``duplicate_share``)
+======================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from .check import Checked
+from .errors import Problem
+from .recipe import LintConfig, PromptsourceTemplates, Task
+from .sandbox import OutOfTime, watchdog
+from .sources import Rows
+from .templates import Renderer, TemplateSource
+
+SAMPLE_ROWS = 2000  # rows rendered per task: enough for shares and counts, cheap beside a compile
+_MAX_LABELS = 20  # a task with at most this many distinct completions is read as a classification task
+_WORD = re.compile(r"\w+")
+# Columns whose text is the instruction (alpaca-style data): their words count as the instruction's.
+INSTRUCTION_COLUMNS = frozenset({"instruction", "question", "prompt", "query", "request", "task"})
+
+RULES = ("label-in-prompt", "constant-prompt", "choices-not-in-prompt", "separator", "whitespace-variant",
+         "short-instruction", "label-imbalance", "duplicate-examples")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lint finding: the plan stores it as ``{id, message, location, task, template}``."""
+
+    id: str
+    message: str
+    location: str | None  # "FILE:LINE:COL" (or FILE:LINE, FILE), None when the place is unknown
+    task: str
+    template: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.location + ': ' if self.location else ''}[{self.id}] {self.message}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "message": self.message, "location": self.location, "task": self.task,
+                "template": self.template}
+
+
+@dataclass(frozen=True)
+class _Pair:
+    row: dict
+    prompt: str
+    completion: str
+    choices: list[str] | None
+
+
+def location(problem: Problem) -> str | None:
+    """``FILE:LINE:COL`` (as far as known) of a located problem."""
+    if not problem.file:
+        return None
+    out = problem.file
+    if problem.line is not None:
+        out += f":{problem.line}"
+        if problem.col is not None:
+            out += f":{problem.col}"
+    return out
+
+
+def lint(checked: Checked, rows: dict[str, Rows]) -> list[Finding]:
+    """Every enabled rule over every task in ``rows`` (task -> the rows it trains on), in recipe order."""
+    config: LintConfig = checked.recipe.lint
+    out: list[Finding] = []
+    for name, part in rows.items():
+        task = checked.recipe.tasks[name]
+        out.extend(_task_findings(checked, name, task, part, config))
+    return [f for f in out if f.id not in config.disable]
+
+
+def _task_findings(checked: Checked, name: str, task: Task, rows: Rows, config: LintConfig) -> list[Finding]:
+    loaded = checked.loaded
+    sources = checked.templates[name]
+    places = _template_places(checked, name, task, sources)
+
+    def at(loc: tuple) -> str | None:
+        return location(loaded.problem(loc, ""))
+
+    out: list[Finding] = []
+    dup = _duplicates(rows)
+    if dup is not None and dup[0] / rows.count > config.duplicate_share:
+        count, first, again = dup
+        out.append(Finding("duplicate-examples", f"task '{name}': {count} of {rows.count} rows repeat an earlier row "
+                           f"exactly (row {again} repeats row {first}); deduplicate the data", at(("tasks", name,
+                                                                                                      "source")), name))
+    if not sources:
+        return out
+    for a in range(len(sources)):
+        for b in range(a + 1, len(sources)):
+            if sources[a].text != sources[b].text and _squeezed(sources[a]) == _squeezed(sources[b]):
+                out.append(Finding("whitespace-variant", f"task '{name}': templates '{sources[a].name}' and "
+                                   f"'{sources[b].name}' differ only in whitespace: one wording counted twice",
+                                   places[b], name, sources[b].name))
+    pairs = _render(task, sources, rows)
+    chat = task.format.kind == "chat"
+    for t, source in enumerate(sources):
+        got = pairs[t]
+        if not got:
+            continue
+        where, tname = places[t], source.name
+        out.extend(_template_findings(name, tname, where, got, config, chat))
+    # label imbalance: the task's labels as its first template renders them
+    sample = next((p for p in pairs if p), None)
+    if sample is not None:
+        labels = Counter(p.completion.strip() for p in sample)
+        classes = task.answer_choices is not None or (len(labels) <= _MAX_LABELS and len(sample) >= 2 * len(labels))
+        if classes and len(labels) >= 2:
+            (top, most), (low, least) = labels.most_common(1)[0], labels.most_common()[-1]
+            if most / least > config.label_ratio:
+                out.append(Finding("label-imbalance", f"task '{name}': label '{top}' occurs {most} times, '{low}' "
+                                   f"{least} times (ratio {most / least:.1f} > {config.label_ratio:g}, first "
+                                   f"{len(sample)} rows); rebalance, or raise `lint.label_ratio`",
+                                   at(("tasks", name, "source")), name))
+    return out
+
+
+def _template_findings(task: str, tname: str, where: str | None, pairs: list[_Pair], config: LintConfig,
+                       chat: bool) -> list[Finding]:
+    out = []
+    n = len(pairs)
+    who = f"task '{task}', template '{tname}'"
+    leaks = _leaks(pairs)
+    if leaks and len(leaks) / n >= config.leak_share:
+        out.append(Finding("label-in-prompt", f"{who}: the completion appears verbatim in the prompt in {len(leaks)} "
+                           f"of {n} rows (first: row {leaks[0]}); the template gives the answer away", where, task,
+                           tname))
+    distinct_rows = len({json.dumps(p.row, sort_keys=True, default=str) for p in pairs})
+    if distinct_rows >= 2 and len({p.prompt for p in pairs}) == 1:
+        out.append(Finding("constant-prompt", f"{who}: renders the same prompt for all {n} rows; it ignores its "
+                           "inputs", where, task, tname))
+    with_choices = [p for p in pairs if p.choices]
+    missing = [p for p in with_choices if not all(_mentions(p.prompt, c) for c in p.choices or [])]
+    if with_choices and len(missing) * 2 >= len(with_choices):
+        absent = [c for c in missing[0].choices or [] if not _mentions(missing[0].prompt, c)]
+        out.append(Finding("choices-not-in-prompt", f"{who}: the prompt does not name the answer choice(s) "
+                           f"{', '.join(repr(c) for c in absent)} in {len(missing)} of {len(with_choices)} rows; "
+                           "a classification prompt should list what it may answer", where, task, tname))
+    if not chat:
+        double = sum(1 for p in pairs if p.prompt[-1:].isspace() and p.completion[:1].isspace())
+        none = sum(1 for p in pairs if p.prompt and p.completion and not p.prompt[-1].isspace()
+                   and not p.completion[0].isspace())
+        if double:
+            out.append(Finding("separator", f"{who}: {double} of {n} prompts end in whitespace and their completion "
+                               "starts with it too (two separators, the second one trained); end the prompt "
+                               "without it", where, task, tname))
+        if none:
+            out.append(Finding("separator", f"{who}: {none} of {n} prompts run straight into their completion "
+                               "(no whitespace on either side, as in `Answer:positive`); start the completion with "
+                               "a space", where, task, tname))
+    words = min(_instruction_words(p) for p in pairs)
+    if words < config.min_instruction_words:
+        out.append(Finding("short-instruction", f"{who}: the instruction has {words} word(s) of its own (fewer than "
+                           f"{config.min_instruction_words}); say what the model should do", where, task, tname))
+    return out
+
+
+def _render(task: Task, sources: tuple[TemplateSource, ...], rows: Rows) -> list[list[_Pair]]:
+    """Per template, the first rows rendered as the compiler renders them; rows that fail are left out
+    (compile reports them, located)."""
+    from .units import DataError, choices_template, template_context
+
+    renderer = Renderer(list(sources))
+    try:
+        compiled = choices_template(task.answer_choices)
+    except DataError:
+        return [[] for _ in sources]
+    out: list[list[_Pair]] = [[] for _ in sources]
+    count = min(rows.count, SAMPLE_ROWS)
+    with watchdog():  # one timer for the task's renderings, as a compile chunk has
+        for i in range(count):
+            row = {k: v[i] for k, v in rows.columns.items()}
+            for t in range(len(sources)):
+                try:
+                    ctx, choices = template_context(task.answer_choices, compiled, renderer, t, row, 0)
+                    pair = renderer.render(t, ctx, 0)
+                except (Exception, OutOfTime):  # noqa: BLE001 - a row the compiler reports, located
+                    continue
+                if pair is not None and pair[1].strip():
+                    out[t].append(_Pair(row, pair[0], pair[1], choices))
+    return out
+
+
+def _leaks(pairs: list[_Pair]) -> list[int]:
+    """Rows whose completion the prompt gives away.
+
+    Not a leak: the completion inside a longer input value that holds it (an
+    extractive answer in its passage), and a prompt that names every label of
+    a classification task (``positive or negative?``).
+    """
+    labels = {p.completion.strip() for p in pairs}
+    classes = len(labels) <= _MAX_LABELS and len(pairs) >= 2 * len(labels)
+    out = []
+    for i, p in enumerate(pairs):
+        answer = p.completion.strip()
+        if not answer:
+            continue
+        prompt = p.prompt
+        for value in p.row.values():
+            if isinstance(value, str) and len(value.strip()) > len(answer) and answer in value:
+                prompt = prompt.replace(value.strip(), "\0")
+        if not _mentions(prompt, answer):
+            continue
+        others = set(p.choices or ()) | (labels if classes else set())
+        if len(others) >= 2 and all(_mentions(prompt, o) for o in others):
+            continue  # the prompt lists every label: the answer is one of them, not given away
+        out.append(i)
+    return out
+
+
+def _mentions(text: str, word: str) -> bool:
+    """``word`` in ``text`` as a whole word (case-insensitive), where it starts and ends with word characters."""
+    word = word.strip()
+    if not word:
+        return False
+    pattern = re.escape(word)
+    if _WORD.match(word[0]):
+        pattern = r"(?<!\w)" + pattern
+    if _WORD.match(word[-1]):
+        pattern += r"(?!\w)"
+    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+def _instruction_words(p: _Pair) -> int:
+    """Words of the prompt that instruct: the template's own, those of a column that holds the
+    instruction itself (``instruction``, ``question``... as alpaca-style data has), and short values
+    that frame it (a language name); the inputs (values of three words or more) taken out."""
+    prompt = p.prompt
+    inputs = [str(v).strip() for k, v in p.row.items() if isinstance(v, (str, int, float))
+              and k not in INSTRUCTION_COLUMNS and len(_WORD.findall(str(v))) >= 3]
+    for v in sorted(inputs, key=len, reverse=True):
+        prompt = prompt.replace(v, " ")
+    return len(_WORD.findall(prompt))
+
+
+def _squeezed(source: TemplateSource) -> str:
+    return "".join(source.text.split()) + "\0" + "".join((source.answer_choices or "").split())
+
+
+def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
+    """``(repeated rows, first row, its first repeat)`` over all rows, or None when none repeats."""
+    seen: dict[str, int] = {}
+    count, first = 0, None
+    names = sorted(rows.columns)
+    for i in range(rows.count):
+        key = json.dumps([rows.columns[c][i] for c in names], default=str, ensure_ascii=False)
+        if key in seen:
+            count += 1
+            if first is None:
+                first = (int(rows.index[seen[key]]), int(rows.index[i]))
+        else:
+            seen[key] = i
+    return None if first is None else (count, *first)
+
+
+def _template_places(checked: Checked, name: str, task: Task, sources: tuple[TemplateSource, ...]) -> list[str | None]:
+    """Each template's location: the recipe's entry naming it, or for a promptsource template its own
+    line in its file."""
+    loaded = checked.loaded
+    places: list[str | None] = []
+    k = 0
+    for i, ref in enumerate(task.templates):
+        here = location(loaded.problem(("tasks", name, "templates", i), ""))
+        if isinstance(ref, PromptsourceTemplates):
+            while k < len(sources) and sources[k].kind == "promptsource" and len(places) < len(sources):
+                s = sources[k]
+                places.append(f"{s.filename}:{s.first_line}" if s.filename else here)
+                k += 1
+                if k < len(sources) and sources[k].filename != s.filename:
+                    break
+        elif k < len(sources):
+            places.append(here)
+            k += 1
+    places.extend([None] * (len(sources) - len(places)))
+    return places
+
+
+def lint_recipe(checked: Checked) -> list[Finding]:
+    """``tunec validate --lint``: load each used task's rows (train part, else eval part) and lint them."""
+    from .sources import load_part
+
+    rows = {}
+    for name in checked.used_tasks():
+        task = checked.recipe.tasks[name]
+        trained = any(name in s.tasks for s in checked.recipe.stages)
+        part = "train" if trained or task.eval is None else "eval"
+        rows[name] = load_part(checked.loaded, name, task, part)
+    return lint(checked, rows)
+
+
+
+def for_compile(checked: Checked) -> list[dict[str, Any]]:
+    """``tunec compile``'s lint: each finding logged as a warning, all of them returned for the plan."""
+    import logging
+
+    findings = lint_recipe(checked)
+    for f in findings:
+        logging.getLogger(__name__).warning(f"lint: {f}")
+    return [f.as_dict() for f in findings]

@@ -1,0 +1,220 @@
+"""The unit cache: what a unit's key covers (and what it does not), damaged entries, `tunec cache`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from tunec.cli import main
+from tunec.compiler import cache as cache_mod
+from tunec.compiler.build import Options, compile_recipe
+from tunec.compiler.cache import Cache, parse_age, plain, unit_key
+from tunec.compiler.errors import TunecError
+from tunec.compiler.templates import TemplateSource
+from tunec.compiler.tokens import TokenizerInfo
+from tunec.compiler.units import UnitSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "recipes" / "demo" / "tokenizer"
+MODEL = "{kind: config, config: {model_type: llama}}"
+CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+
+
+def _rows(path: Path, start: int, n: int) -> None:
+    path.write_text("".join(json.dumps({"q": f"What is {i} plus {i}?", "a": str(2 * i)}) + "\n"
+                            for i in range(start, start + n)), encoding="utf-8")
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """Two tasks (`add` with train and test splits, `more` train only), a recipe made by `recipe(**changes)`."""
+    for task in ("add", "more"):
+        (tmp_path / task).mkdir()
+        _rows(tmp_path / task / "train.jsonl", 0 if task == "add" else 50, 12)
+        _rows(tmp_path / task / "test.jsonl", 100, 4)
+    (tmp_path / "chat.jinja").write_text(CHAT, encoding="utf-8")
+    return tmp_path
+
+
+def recipe(folder: Path, add_prompt: str = "Q: {{ q }}\\nA:", more_prompt: str = "{{ q }} =", seq_len: int = 64,
+           seed: int = 1, lr: str = "1.0e-3", fields: str = "", choices: str = "", truncation: str = "drop",
+           leakage: str = "", top: str = "") -> Path:
+    text = top + "\n".join([
+        f"tokenizer: {{kind: local, path: {TOKENIZER}, chat_template: chat.jinja}}",
+        f"seq_len: {seq_len}",
+        f"seed: {seed}",
+        "leakage: warn",
+        "tasks:",
+        "  add:",
+        "    source: {kind: jsonl, path: {train: add/train.jsonl, test: add/test.jsonl}}",
+        f'    templates: [{{kind: inline, name: t, prompt: "{add_prompt}", completion: " {{{{ a }}}}"}}]',
+        "    eval: {split: test}",
+        f"    truncation: {truncation}{fields}{choices}{leakage}",
+        "  more:",
+        "    source: {kind: jsonl, path: more/train.jsonl}",
+        f'    templates: [{{kind: inline, name: t, prompt: "{more_prompt}", completion: " {{{{ a }}}}"}}]',
+        "stages:",
+        f"  - {{name: s, objective: sft, tasks: [add, more], model: {MODEL}, lr: {lr}}}",
+    ]) + "\n"
+    path = folder / "recipe.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def keys(folder: Path, path: Path, out: str = "out") -> dict[str, str]:
+    compile_recipe(path, folder / out, Options(workers=1, force=True))
+    return json.loads((folder / out / "manifest.json").read_text())["units"]
+
+
+def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
+    assert before.keys() == after.keys()
+    return {u for u in before if before[u] != after[u]}
+
+
+ALL = {"add/train", "add/eval", "more/train"}
+
+
+def test_each_input_invalidates_the_units_it_reaches_and_nothing_else(project):
+    base = keys(project, recipe(project))
+    assert set(base) == ALL
+    # irrelevant: a stage's learning rate, the leakage check's options, lines moved by a comment
+    assert changed(base, keys(project, recipe(project, lr="5.0e-4"))) == set()
+    assert changed(base, keys(project, recipe(project, leakage="\n    leakage: {key: [q]}"))) == set()
+    assert changed(base, keys(project, recipe(project, top="# a comment\n\n"))) == set()
+    # a template of one task: that task's units only
+    assert changed(base, keys(project, recipe(project, add_prompt="Question: {{ q }}\\nA:"))) == {"add/train",
+                                                                                                  "add/eval"}
+    assert changed(base, keys(project, recipe(project, more_prompt="{{ q }} equals"))) == {"more/train"}
+    # options of one task
+    assert changed(base, keys(project, recipe(project, fields="\n    fields: {q: q, a: a}"))) == {"add/train",
+                                                                                                 "add/eval"}
+    assert changed(base, keys(project, recipe(project, choices="\n    answer_choices: ['0', '2']"))) == {
+        "add/train", "add/eval"}
+    assert changed(base, keys(project, recipe(project, truncation="truncate"))) == {"add/train", "add/eval"}
+    # recipe-wide inputs: every unit
+    assert changed(base, keys(project, recipe(project, seq_len=128))) == ALL
+    assert changed(base, keys(project, recipe(project, seed=2))) == ALL
+    (project / "chat.jinja").write_text(CHAT + "\n", encoding="utf-8")
+    assert changed(base, keys(project, recipe(project))) == ALL
+    (project / "chat.jinja").write_text(CHAT, encoding="utf-8")
+    # a source file's bytes: the parts that read it
+    _rows(project / "add" / "train.jsonl", 1, 12)
+    assert changed(base, keys(project, recipe(project))) == {"add/train"}
+    _rows(project / "add" / "train.jsonl", 0, 12)
+    _rows(project / "add" / "test.jsonl", 101, 4)
+    assert changed(base, keys(project, recipe(project))) == {"add/eval"}
+    _rows(project / "add" / "test.jsonl", 100, 4)
+    assert keys(project, recipe(project)) == base  # back to the same inputs: the same keys
+
+
+def test_the_code_and_the_tokenizer_are_in_every_key(monkeypatch):
+    spec = UnitSpec(task="t", part="train", templates=(TemplateSource("x", "{% block prompt %}{% endblock %}",
+                                                                      "r.yaml"),),
+                    truncation="drop", seq_len=8, seed=0)
+    info = TokenizerInfo(json="{}", eos_id=0, bos_id=None, pad_id=1, vocab_size=4)
+    key = unit_key(spec, {}, {"split:train": "abc"}, info)
+    assert unit_key(spec, {}, {"split:train": "abd"}, info) != key
+    assert unit_key(spec, {}, {"split:train": "abc"}, dataclasses.replace(info, json='{"a": 1}')) != key
+    assert unit_key(spec, {}, {"split:train": "abc"}, dataclasses.replace(info, eos_id=2)) != key
+    # where a template sits in its file only locates errors
+    moved = dataclasses.replace(spec, templates=(dataclasses.replace(spec.templates[0], first_line=9, lines=(9,)),))
+    assert unit_key(moved, {}, {"split:train": "abc"}, info) == key
+    monkeypatch.setattr(cache_mod, "UNIT_FORMAT_VERSION", cache_mod.UNIT_FORMAT_VERSION + 1)
+    assert unit_key(spec, {}, {"split:train": "abc"}, info) != key
+
+
+def test_a_value_the_key_cannot_hold_is_an_error_not_left_out():
+    with pytest.raises(TypeError, match="cannot put a object in a unit key"):
+        plain({"a": object()})
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not p.name.startswith(".tunec")}
+
+
+def test_a_rebuild_reuses_every_unit_and_writes_the_same_bytes(project, unit_cache):
+    path = recipe(project)
+    said: list[tuple[list, list]] = []
+    opts = Options(workers=1, on_units=lambda reused, rebuilt: said.append((reused, rebuilt)))
+    compile_recipe(path, project / "a", opts)
+    compile_recipe(path, project / "b", opts)
+    compile_recipe(path, project / "clean", Options(workers=1, use_cache=False))
+    assert [(len(r), len(b)) for r, b in said] == [(0, 3), (3, 0)]
+    assert tree(project / "a") == tree(project / "b") == tree(project / "clean")
+    assert len(Cache(unit_cache).entries()) == 3 + 3  # three units, the leakage keys of three parts
+
+
+@pytest.mark.parametrize("damage", ["flip", "cut", "empty", "garbage"])
+def test_a_damaged_entry_is_rebuilt_never_used(project, unit_cache, damage, caplog):
+    path = recipe(project)
+    compile_recipe(path, project / "a", Options(workers=1))
+    entries = Cache(unit_cache).entries()
+    for entry in entries:
+        data = bytearray(entry.read_bytes())
+        if damage == "flip":
+            data[len(data) // 2] ^= 0x01
+        elif damage == "cut":
+            data = data[: len(data) - 7]
+        elif damage == "empty":
+            data = bytearray()
+        else:
+            data = bytearray(b"tunec.unit/1\n" + b"0" * 64 + b"\n" + b"not a unit")
+        entry.write_bytes(bytes(data))
+    said: list = []
+    with caplog.at_level(logging.WARNING, logger="tunec.compiler.cache"):
+        compile_recipe(path, project / "b", Options(workers=1, on_units=lambda r, b: said.append((r, b))))
+    assert len(said[0][0]) == 0 and len(said[0][1]) == 3
+    assert sum("is damaged" in r.getMessage() for r in caplog.records) == len(entries)
+    assert tree(project / "a") == tree(project / "b")
+    # the rebuilt entries are whole again
+    said.clear()
+    compile_recipe(path, project / "c", Options(workers=1, on_units=lambda r, b: said.append((r, b))))
+    assert len(said[0][0]) == 3
+
+
+def test_no_cache_reads_and_writes_nothing(project, unit_cache):
+    compile_recipe(recipe(project), project / "a", Options(workers=1, use_cache=False))
+    assert Cache(unit_cache).entries() == []
+
+
+def test_cli_compile_says_what_it_reused_and_cache_info_and_prune(project, unit_cache):
+    runner = CliRunner()
+    path = str(recipe(project))
+    first = runner.invoke(main, ["compile", path, "-o", str(project / "a"), "-j", "1"])
+    assert first.exit_code == 0, first.output
+    assert "units: 0 reused, 3 rebuilt" in first.output
+    recipe(project, more_prompt="{{ q }} equals")
+    again = runner.invoke(main, ["compile", path, "-o", str(project / "a"), "-j", "1"])
+    assert "units: 2 reused, 1 rebuilt (more/train)" in again.output, again.output
+    info = runner.invoke(main, ["cache", "info"])
+    assert info.exit_code == 0 and f"cache: {unit_cache}" in info.output and "entries: 8" in info.output
+    # entries unused for a day go; fresh ones stay
+    old = time.time() - 2 * 86400
+    stale = Cache(unit_cache).entries()[:3]
+    for p in stale:
+        os.utime(p, (old, old))
+    pruned = runner.invoke(main, ["cache", "prune", "--older-than", "1d"])
+    assert pruned.exit_code == 0 and "removed 3 entries" in pruned.output
+    assert len(Cache(unit_cache).entries()) == 5
+    bad = runner.invoke(main, ["cache", "prune", "--older-than", "soon"])
+    assert bad.exit_code == 1 and "error: --older-than: 'soon' is not a duration" in bad.output
+    other = project / "elsewhere"
+    runner.invoke(main, ["compile", path, "-o", str(project / "b"), "-j", "1", "--cache", str(other)])
+    assert len(Cache(other).entries()) == 6
+    assert runner.invoke(main, ["cache", "prune", "--cache", str(other)]).output.startswith("removed 6 entries")
+    usage = runner.invoke(main, ["compile", path, "-o", str(project / "b"), "--no-cache", "--cache", str(other)])
+    assert usage.exit_code == 2
+
+
+def test_parse_age():
+    assert parse_age("1.5h") == 5400 and parse_age("2w") == 14 * 86400
+    with pytest.raises(TunecError):
+        parse_age("7 days")

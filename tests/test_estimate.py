@@ -1,0 +1,203 @@
+"""Cost estimates (compiler/estimate.py) against reality: parameters counted exactly on models built on
+torch's meta device, FLOPs against torch's FlopCounterMode, and the numbers in a compiled plan."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from tunec.compiler.estimate import estimate, flops, params, shape_of  # noqa: E402
+from tunec.compiler.recipe import LoraPeft  # noqa: E402
+
+LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256)
+CONFIGS = {
+    "llama": LLAMA,
+    "llama-tied-bias": dict(LLAMA, tie_word_embeddings=True, attention_bias=True, mlp_bias=True, head_dim=24),
+    "qwen2": dict(LLAMA, model_type="qwen2"),
+    "qwen3": dict(LLAMA, model_type="qwen3", head_dim=32),
+    "mistral": dict(LLAMA, model_type="mistral"),
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
+}
+LORAS = {
+    "none": None,
+    "all-linear": LoraPeft(kind="lora", r=4),
+    "some": LoraPeft(kind="lora", r=8, target_modules=["q_proj", "v_proj", "down_proj", "c_attn", "c_fc"]),
+}
+
+
+def _config(spec: dict):
+    from transformers import AutoConfig
+
+    args = dict(spec)
+    return AutoConfig.for_model(args.pop("model_type"), **args)
+
+
+def _model(spec: dict, lora: LoraPeft | None, device: str = "meta", attn: str = "eager"):
+    from transformers import AutoModelForCausalLM
+
+    from tunec.runtime.model import add_lora
+
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_config(spec), dtype=torch.float32, attn_implementation=attn)
+        if lora is not None:
+            model = add_lora(model, lora, 0)
+    return model
+
+
+@pytest.mark.parametrize("lora", list(LORAS))
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_parameter_counts_equal_a_meta_model_exactly(arch, lora):
+    spec, peft = CONFIGS[arch], LORAS[lora]
+    model = _model(spec, peft)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    shape = shape_of(_config(spec).to_dict())
+    assert shape is not None
+    assert params(shape, peft) == (total, trainable, trainable if peft else 0)
+
+
+def _packed(lengths: list[list[int]], seq_len: int, vocab: int):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, vocab, (len(lengths), seq_len), generator=g)
+    pos = torch.zeros(len(lengths), seq_len, dtype=torch.long)
+    for r, row in enumerate(lengths):
+        at = 0
+        for n in row:
+            pos[r, at:at + n] = torch.arange(n)
+            at += n
+        if at < seq_len:  # the padding that closes the row: a pseudo-document from 0
+            pos[r, at:] = torch.arange(seq_len - at)
+    return ids, pos
+
+
+def _measured(model, ids, pos) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tunec.runtime.model import loss_sum, packed_logits
+
+    with FlopCounterMode(display=False) as counter:
+        loss_sum(packed_logits(model, ids, pos, "eager"), ids).backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("lora", ["none", "all-linear", "some"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_flops_match_the_flop_counter_on_a_packed_batch(arch, lora, one_thread):
+    """Forward and backward of a packed batch (eager attention, so that the counter sees it): the dense
+    attention of the block-diagonal mask, and the per-document count against each document run alone."""
+    spec, peft = CONFIGS[arch], LORAS[lora]
+    model = _model(spec, peft, device="cpu")
+    shape = shape_of(_config(spec).to_dict())
+    assert shape is not None
+    seq_len, lengths = 64, [[20, 30, 14], [50], [9, 9, 9, 9, 9, 9, 10]]
+    ids, pos = _packed(lengths, seq_len, 512)
+    linear, _ = flops(shape, peft, ids.numel(), 0)
+    _, dense = flops(shape, peft, 0, len(lengths) * seq_len**2)
+    measured = _measured(model, ids, pos)
+    assert abs(linear + dense - measured) <= 0.1 * measured, (linear + dense, measured)
+
+    docs = [n for row in lengths for n in row]
+    alone = 0
+    at = 0
+    flat = ids.reshape(-1)
+    for n in docs:
+        alone += _measured(model, flat[at:at + n][None], torch.arange(n)[None])
+        at += n
+    by_doc = sum(flops(shape, peft, sum(docs), float(sum(n * n for n in docs))))
+    assert abs(by_doc - alone) <= 0.1 * alone, (by_doc, alone)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from tiny import DEMO
+
+    from tunec.compiler.build import Options, compile_recipe
+
+    out = tmp_path_factory.mktemp("demo") / "b"
+    return compile_recipe(DEMO / "demo.yaml", out, Options(workers=1)), out
+
+
+def test_the_demo_plan_holds_estimates(demo):
+    """Compile the demo: each stage has an estimate whose counts follow from the plan and the model."""
+    from tunec.compiler.recipe import ConfigModel
+
+    plan, out = demo
+    saved = json.loads((out / "plan.json").read_text())
+    sp = plan.stages[0]
+    est = sp.estimate
+    assert est is not None and saved["stages"][0]["estimate"]["params_total"] == est.params_total
+    assert est.steps == 100  # the recipe says: 6 epochs of 266 rows, 16 rows a step
+    assert est.positions == est.steps * est.rows_per_step * sp.train.seq_len
+    assert isinstance(sp.settings.model, ConfigModel)
+    model = _model(sp.settings.model.config, None)
+    assert est.params_total == sum(p.numel() for p in model.parameters())
+    assert est.flops_attention is not None and est.flops_attention_dense is not None
+    assert 0 < est.flops_attention < est.flops_attention_dense  # documents are shorter than rows
+    assert est.memory_peak is not None and est.memory_peak_checkpointed is not None
+    assert est.memory_peak > est.memory_peak_checkpointed > est.memory_weights
+
+
+def test_tunec_plan_prints_the_estimates_and_warns_when_memory_does_not_fit(demo, monkeypatch):
+    from click.testing import CliRunner
+
+    from tunec.cli import main
+    from tunec.compiler import estimate as est
+
+    plan, out = demo
+    result = CliRunner().invoke(main, ["plan", str(out), "--gpu", "a100", "--mfu", "0.5"])
+    assert result.exit_code == 0, result.output
+    e = plan.stages[0].estimate
+    assert f"parameters           {e.params_total:,} total" in result.output
+    assert "at 312.00 TFLOP/s peak, MFU 0.5" in result.output and "warning" not in result.output
+    monkeypatch.setitem(est.GPUS, "l4", (121e12, 1 << 20))  # a device of 1 MiB
+    result = CliRunner().invoke(main, ["plan", str(out), "--gpu", "l4"])
+    assert "warning: the estimated peak memory" in result.output and "exceeds the l4's 1.00 MiB" in result.output
+
+
+def test_run_dry_run_builds_on_the_meta_device_and_writes_nothing(demo, monkeypatch):
+    from click.testing import CliRunner
+
+    from tunec.cli import main
+    from tunec.runtime import dryrun
+
+    plan, out = demo
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    result = CliRunner().invoke(main, ["run", str(out), "--dry-run", "--device", "cpu", "--max-steps", "7",
+                                       "--set", "stages.sft.micro_batch_rows=2"])
+    assert result.exit_code == 0, result.output
+    assert "steps                7 (16 rows of 256 a step, micro-batches of 2)" in result.output
+    assert f"{plan.stages[0].estimate.params_total:,} total" in result.output
+    assert result.output.strip().endswith("nothing trained, nothing written")
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before  # no runs/, no lock left
+
+    monkeypatch.setattr(dryrun, "local_device", lambda choice: ("tiny", 1e12, 1 << 20))
+    result = CliRunner().invoke(main, ["run", str(out), "--dry-run", "--device", "cpu"])
+    assert result.exit_code == 1
+    assert "error: stage(s) sft: the estimated peak memory exceeds the tiny's 1.00 MiB" in result.output
+
+
+def test_a_dry_run_stops_on_a_bad_setting(demo):
+    from click.testing import CliRunner
+
+    from tunec.cli import main
+
+    _, out = demo
+    result = CliRunner().invoke(main, ["run", str(out), "--dry-run", "--set", "stages.sft.micro_batch_rows=0"])
+    assert result.exit_code == 1 and "--set stages.sft.micro_batch_rows=0: " in result.output
+
+
+def test_an_architecture_not_modelled_gives_the_counts_without_model_numbers():
+    from tunec.compiler.plan import PackedSet
+    from tunec.compiler.recipe import Stage
+
+    stage = Stage.model_validate({"name": "s", "objective": "sft", "tasks": ["t"], "batch_tokens": 512,
+                                  "model": {"kind": "config", "config": {"model_type": "bert"}}})
+    packed = PackedSet(rows=10, seq_len=128, tokens=1000, trained_tokens=100, fill_rate=0.78, shards=[])
+    est = estimate(stage, packed, None, 0.0, 0)
+    assert est.steps == 3 and est.tokens_seen == 1200 and est.params_total is None and est.flops is None

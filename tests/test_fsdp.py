@@ -1,0 +1,146 @@
+"""FSDP2 (`parallelism: {kind: fsdp}`) on the CPU with gloo.
+
+- one process sharding over a one-process group trains exactly as DDP's plain path;
+- `torchrun --nproc_per_node 2` gives the same losses (1e-5) and final weights as one process;
+- a checkpoint saved by 2 processes (torch.distributed.checkpoint) resumes in 1 and ends identically;
+- evaluation keeps ranks in step when one has fewer eval rows (FSDP's forward is collective).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny import DEMO, QUIET, Interrupt, interrupt_after, tiny_llama
+
+from tunec.compiler.build import Options, compile_recipe
+from tunec.compiler.errors import TunecError
+from tunec.compiler.load import load_recipe
+from tunec.runtime.run import RunOptions, run
+
+RECIPE = f"""
+tokenizer: {{kind: local, path: {DEMO}/tokenizer}}
+seq_len: 128
+seed: 5
+tasks:
+  arithmetic:
+    source: {{kind: jsonl, path: {{train: {DEMO}/data/arithmetic/train.jsonl, test: {DEMO}/data/arithmetic/test.jsonl}}}}
+    templates: [arithmetic/qa]
+    train: {{stop: 120}}
+    eval: {{split: test, stop: 45}}
+stages:
+  - name: sharded
+    objective: sft
+    tasks: [arithmetic]
+    model: {tiny_llama(layers=2)}
+    parallelism: fsdp
+    lr: 0.01
+    batch_tokens: 768
+    micro_batch_rows: 2
+    max_steps: 4
+    checkpoint_every_steps: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, Path]:
+    """The build twice: `parallelism: fsdp`, and the same stage with the default (`ddp`)."""
+    builds = {}
+    for kind in ("fsdp", "ddp"):
+        folder = tmp_path_factory.mktemp(kind)
+        (folder / "recipe.yaml").write_text(RECIPE.replace("parallelism: fsdp", f"parallelism: {kind}"))
+        compile_recipe(folder / "recipe.yaml", folder / "build", Options(workers=1))
+        builds[kind] = folder / "build"
+    return builds
+
+
+def outcome(out: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    records = [json.loads(line) for line in (out / "runs/sharded/metrics.jsonl").read_text().splitlines()]
+    return records, load_file(str(out / "runs/sharded/model/model.safetensors"))
+
+
+def assert_same(a, b) -> None:
+    la = {r["step"]: r["loss"] for r in a[0] if "loss" in r}
+    lb = {r["step"]: r["loss"] for r in b[0] if "loss" in r}
+    assert sorted(la) == sorted(lb) == [1, 2, 3, 4]
+    for s in la:
+        assert la[s] == pytest.approx(lb[s], rel=1e-5, abs=1e-5), s
+    ea = [r["eval_loss"]["all"] for r in a[0] if "eval_loss" in r]
+    eb = [r["eval_loss"]["all"] for r in b[0] if "eval_loss" in r]
+    assert ea and ea[-1] == pytest.approx(eb[-1], rel=1e-5)
+    assert set(a[1]) == set(b[1])
+    for name in a[1]:
+        torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def torchrun(out: Path, nproc: int, *extra: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "tunec", "run", str(out), "--device", "cpu", "--no-progress", *extra]
+    # a session of its own, so that a hang kills the launcher and its workers
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
+    assert proc.returncode == 0, stdout + stderr
+    return stdout + stderr
+
+
+@pytest.mark.slow
+def test_one_process_fsdp_trains_as_ddp_and_resumes_exactly(compiled, tmp_path):
+    shutil.copytree(compiled["ddp"], tmp_path / "ddp")
+    run(tmp_path / "ddp", RunOptions(**QUIET))
+    shutil.copytree(compiled["fsdp"], tmp_path / "fsdp")
+    run(tmp_path / "fsdp", RunOptions(**QUIET))
+    fsdp = outcome(tmp_path / "fsdp")
+    assert_same(fsdp, outcome(tmp_path / "ddp"))
+    assert (tmp_path / "fsdp/runs/sharded/checkpoints/step-00000004/dcp/.metadata").is_file()
+
+    out = shutil.copytree(compiled["fsdp"], tmp_path / "interrupted")
+    with pytest.raises(Interrupt):
+        run(out, RunOptions(on_step=interrupt_after(3), **QUIET))
+    run(out, RunOptions(resume=True, **QUIET))  # from the step-2 checkpoint
+    assert_same(outcome(out), fsdp)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_a_two_process_checkpoint_resumes_in_one(compiled, tmp_path):
+    one = shutil.copytree(compiled["fsdp"], tmp_path / "one")
+    run(one, RunOptions(**QUIET))
+    two = shutil.copytree(compiled["fsdp"], tmp_path / "two")
+    log = torchrun(two, 2)
+    assert log.count("stage sharded: done") == 1
+    assert_same(outcome(two), outcome(one))
+    shards = sorted(p.name for p in (two / "runs/sharded/checkpoints/step-00000002/dcp").glob("*.distcp"))
+    assert len(shards) == 2  # one file per rank
+
+    # the two-process run, as if killed after step 3: its step-2 checkpoint is the newest one left
+    cut = tmp_path / "cut"
+    shutil.copytree(two, cut)
+    for gone in ("checkpoints/step-00000004", "model", "result.json"):
+        path = cut / "runs/sharded" / gone
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run(cut, RunOptions(resume=True, **QUIET))  # one process reads the two processes' shards
+    assert_same(outcome(cut), outcome(two))
+
+
+def test_fsdp_with_an_adapter_is_a_located_error(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.replace("    lr: 0.01\n", "    peft: {kind: lora, r: 4}\n    lr: 0.01\n"))
+    with pytest.raises(TunecError) as err:
+        load_recipe(path)
+    (problem,) = err.value.problems
+    assert "stages[0]" in str(problem) and "`parallelism: fsdp` trains full models only for now" in str(problem)
+    assert problem.line == 12
