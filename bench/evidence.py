@@ -19,9 +19,9 @@ recipe trains on them) and the accuracy on the target task's test split; the
 base row is the starting model. ``acc`` ranks the choices by summed
 log-likelihood, ``acc_norm`` per character (see README, "Evaluation").
 
-The default is the reduced run for a CPU (``--max-steps 4`` per stage, the
-first ``--limit 20`` records of each task): it proves the machinery, its
-numbers are noise. ``--full`` trains every stage as its recipe says and
+The default is the reduced run for a CPU (``--max-steps 3`` per stage of
+``--batch-tokens 1536``, four rows, and the first ``--limit 10`` records of
+each task): it proves the machinery, its numbers are noise. ``--full`` trains every stage as its recipe says and
 scores every record (meant for a GPU). Without ../shared/data it prints
 ``skip: ...`` and exits 0.
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,17 +73,22 @@ def stages_of(recipe: Path) -> list[str]:
 
 
 def build(name: str, recipe: Path, model: Path, out: Path, limit: int | None, max_steps: int | None,
-          device: str) -> dict[str, Any]:
-    """Compile ``recipe`` for ``model`` and train it; the wall times."""
+          batch_tokens: int | None, device: str, base_cache: Path | None) -> dict[str, Any]:
+    """Compile ``recipe`` for ``model`` and train it; the wall times. ``base_cache``: an earlier build's
+    ``runs/.base-eval``, whose scores of the same starting model on the same records `tunec run` reuses."""
     sets = ["--set", f"tokenizer={{kind: local, path: {model}}}",
             "--set", f"stages.0.model={{kind: local, path: {model}}}"]
     for i, _ in enumerate(stages_of(recipe)):
         sets += ["--set", f"stages.{i}.eval={{accuracy: true, limit: {'null' if limit is None else limit}}}"]
     print(f"== {name}: {recipe.name}", flush=True)
     compile_s = tunec("compile", str(recipe), "-o", str(out), "--force", *sets)
+    if base_cache is not None and base_cache.is_dir():
+        shutil.copytree(base_cache, out / "runs" / base_cache.name, dirs_exist_ok=True)
     run_args = ["run", str(out), "--device", device, "--force", "--no-progress", "--eval-accuracy"]
     if max_steps is not None:
         run_args += ["--max-steps", str(max_steps)]
+    for stage in stages_of(recipe) if batch_tokens is not None else []:
+        run_args += ["--set", f"stages.{stage}.batch_tokens={batch_tokens}"]
     run_s = tunec(*run_args)
     return {"compile_s": round(compile_s, 1), "run_s": round(run_s, 1)}
 
@@ -115,7 +121,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every step and every record (for a GPU)")
     parser.add_argument("--limit", type=int, default=None, help="records per task [reduced: 20; --full: all]")
-    parser.add_argument("--max-steps", type=int, default=None, help="steps per stage [reduced: 4; --full: all]")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps per stage [reduced: 3; --full: all]")
+    parser.add_argument("--batch-tokens", type=int, default=None,
+                        help="tokens per step [reduced: 1536, four rows; --full: as the recipes say]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", type=Path, default=None, help="the model folder [default: bench/get_model.py's]")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the folder holding data/")
@@ -128,8 +136,9 @@ def main() -> None:
     if not (REPO / "recipes" / "../../shared").resolve().samefile(args.shared.resolve()):
         raise SystemExit("error: the evidence recipes read ../shared/data beside the repository; "
                          f"{args.shared} is another folder")
-    limit = args.limit if args.limit is not None else (None if args.full else 20)
-    max_steps = args.max_steps if args.max_steps is not None else (None if args.full else 4)
+    limit = args.limit if args.limit is not None else (None if args.full else 10)
+    max_steps = args.max_steps if args.max_steps is not None else (None if args.full else 3)
+    batch_tokens = args.batch_tokens if args.batch_tokens is not None else (None if args.full else 1536)
 
     from get_model import get_model
 
@@ -139,7 +148,9 @@ def main() -> None:
     timings, rows, base = {}, {}, None
     for name, (recipe, stage) in RECIPES.items():
         out = work / Path(recipe).stem
-        timings[name] = build(name, REPO / "recipes" / recipe, model, out, limit, max_steps, args.device)
+        cache = work / Path(RECIPES["instruction tuning"][0]).stem / "runs" / ".base-eval"
+        timings[name] = build(name, REPO / "recipes" / recipe, model, out, limit, max_steps, batch_tokens,
+                              args.device, cache if out != cache.parents[1] else None)
         saved = json.loads((out / "runs" / stage / "eval.json").read_text(encoding="utf-8"))
         if base is None:
             base = scores(saved["base"])
@@ -150,15 +161,17 @@ def main() -> None:
     rows = {"base (SmolLM2-135M-Instruct)": base, **rows}
     lines = table(rows)
     settings = (f"{'full' if args.full else 'reduced'}: max_steps {max_steps or 'as the recipes say'}, "
-                f"limit {limit or 'none'} per task, held-out = mean of {', '.join(HELD_OUT)}")
+                f"batch_tokens {batch_tokens or 'as the recipes say'}, limit {limit or 'none'} per task, "
+                f"held-out = mean of {', '.join(HELD_OUT)}")
     print()
     print(settings)
     for line in lines:
         print(line)
     import torch
 
-    result = {"format": "tunec.bench.evidence", "settings": {"full": args.full, "limit": limit, "max_steps": max_steps,
-                                                              "device": args.device, "model": str(model)},
+    result = {"format": "tunec.bench.evidence",
+              "settings": {"full": args.full, "limit": limit, "max_steps": max_steps, "batch_tokens": batch_tokens,
+                           "device": args.device, "model": str(model)},
               "machine": {"platform": platform.platform(), "torch": torch.__version__,
                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None},
               "held_out_tasks": list(HELD_OUT), "target": TARGET, "rows": rows, "timings": timings,

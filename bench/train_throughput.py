@@ -14,14 +14,18 @@ A benchmark, not a test: it measures, prints a table and writes JSON. See
    CUDA) in two modes with the same number of examples per step, each step
    split into the same number of accumulated micro-batches (``--micro-batches``):
    - **packed**: ``--rows`` packed rows of ``seq_len`` tokens per step, attention
-     kept inside documents (tunec's runtime forward: a block-diagonal mask for
-     SDPA, or flash attention's variable-length path when installed);
+     kept inside documents (tunec's runtime forward: transformers' packed-sequence
+     detection from ``position_ids``, flash attention's variable-length path
+     when installed);
    - **padded**: the same examples per step (the packed mode's average), in the
      same shuffled order, each batch padded to its longest example
      (transformers' ``DataCollatorWithPadding``-style dynamic padding), with a
      2D attention mask;
 4. reports non-padding tokens/s, examples/s, the padding share, MFU and the
    packed/padded ratio.
+
+Both modes compute the loss the same way: chunked over trained tokens, as the
+runtime does (``runtime/loss.py``), or through full logits with ``--loss full``.
 
 MFU = achieved model FLOP/s / the GPU's peak dense bf16 FLOP/s, counting
 ``6 * N * T`` FLOPs for full fine-tuning (``N`` parameters, ``T`` non-padding
@@ -163,6 +167,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="timed steps per mode [20; --tiny 3]")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first [3; --tiny 1]")
     ap.add_argument("--lora", action="store_true", help="LoRA (r=16, all-linear) instead of full fine-tuning")
+    ap.add_argument("--loss", choices=["chunked", "full"], default="chunked",
+                    help="the loss without full logits (the runtime's default), or through them")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s, for MFU")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
@@ -179,12 +185,14 @@ def main(argv=None) -> int:
     import torch
 
     from tunec.compiler.recipe import ConfigModel, LoraPeft
+    from tunec.runtime.loss import OutputHead, causal_lm
+    from tunec.runtime.loss import loss_sum as chunked_loss_sum
     from tunec.runtime.model import (
+        PackedLM,
         add_lora,
         attention_for,
         build_from_config,
         loss_sum,
-        packed_logits,
         pick_device,
     )
 
@@ -204,6 +212,16 @@ def main(argv=None) -> int:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     on_cuda = device.type == "cuda"
+    packed_lm = PackedLM(model, attn, chunked=args.loss == "chunked")
+    head = OutputHead.of(model)
+
+    def padded_loss(t: dict):
+        """The padded batch's summed loss, computed as the packed mode computes it."""
+        body = causal_lm(model).base_model  # the decoder stack, LoRA layers inside
+        hidden = body(input_ids=t["input_ids"], attention_mask=t["attention_mask"], use_cache=False).last_hidden_state
+        if args.loss == "chunked":
+            return chunked_loss_sum(head, hidden, t["labels"])
+        return loss_sum(head.logits(hidden), t["labels"])
 
     def step(batch: dict) -> None:
         """One optimizer step in ``micro_batches`` accumulated parts; the loss as tunec's runtime
@@ -213,13 +231,11 @@ def main(argv=None) -> int:
             t = {k: torch.from_numpy(v[part]).to(device) for k, v in batch.items()}
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):
                 if "position_ids" in t:
-                    logits = packed_logits(model, t["input_ids"], t["position_ids"], attn)
+                    loss = packed_lm(t["input_ids"], t["position_ids"], t["labels"])
                 else:
-                    logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"],
-                                   use_cache=False).logits
-                loss = loss_sum(logits, t["labels"])
+                    loss = padded_loss(t)
             (loss / trained).backward()
-            del logits, loss
+            del loss
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -255,6 +271,7 @@ def main(argv=None) -> int:
         "model": "tiny" if args.tiny else "qwen2.5-0.5b-architecture (random weights)",
         "parameters": n_params,
         "mode": "lora" if args.lora else "full",
+        "loss": args.loss,
         "flops_per_token": f"{4 if args.lora else 6}*N",
         "peak_tflops": peak,
         "attention": attn,

@@ -40,7 +40,9 @@ import numpy as np
 IGNORE = -100
 _MAX_MERGE = 64  # characters of the text before a span a boundary-merged token may hold
 _PROBE = "Q: caf\u00e9 12+3?\n  A:\tyes <x> \u00ab\u00bb end"
-_faithful: dict[int, bool] = {}
+# id(backend) -> (backend, answer): the backend is held so that its id cannot be reused by another
+# tokenizer while the answer is kept (a few at most: a worker has one tokenizer)
+_faithful: dict[int, tuple[Any, bool]] = {}
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,12 @@ class Intended:
 def faithful(backend: Any) -> bool:
     """Whether the tokenizer decodes what it encodes (byte-level BPE does; normalising ones do not)."""
     key = id(backend)
-    if key not in _faithful:
+    if key not in _faithful or _faithful[key][0] is not backend:
         ids = backend.encode(_PROBE, add_special_tokens=False).ids
-        _faithful[key] = backend.decode(ids, skip_special_tokens=False) == _PROBE
-    return _faithful[key]
+        if len(_faithful) >= 8:
+            _faithful.pop(next(iter(_faithful)))
+        _faithful[key] = (backend, backend.decode(ids, skip_special_tokens=False) == _PROBE)
+    return _faithful[key][1]
 
 
 def audit(backend: Any, ids: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray,

@@ -64,7 +64,7 @@ class Options:
     force: bool = False
     shard_rows: int = DEFAULT_SHARD_ROWS
     progress: bool = False
-    use_cache: bool = True  # False: compile every unit, read and store nothing
+    use_cache: bool = True  # False: compile every unit and link every stage; read and store nothing
     cache: Path | None = None  # the cache folder; None: $TUNEC_CACHE or the user's cache folder (at build time)
     executor: str = "local"  # local | ray (compiler/executors.py)
     ray_address: str | None = None  # a running Ray cluster; None: a local one for this compile
@@ -142,7 +142,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     units = compiled.units
     _warn_double_spaces(units, checked.templates)
     audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
-    findings = lint.for_compile(checked)  # prompt lint (compiler/lint.py): warnings, kept in the plan
+    findings = lint.for_compile(checked, options.cache_dir(), inputs)  # prompt lint: warnings, in the plan
 
     staging.mkdir()
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
@@ -166,7 +166,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
             local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
             settings = stage.model_copy(update={"model": local})
         link_keys[stage.name] = _link_key(settings, compiled.keys, linker, info)
-        kept = _kept_stage(out.resolve(), staging, stage.name, link_keys[stage.name])
+        kept = _kept_stage(out.resolve(), staging, stage.name, link_keys[stage.name]) if options.use_cache else None
         if kept is not None:  # its units and settings are those of the stage in OUT: its shards are kept
             logger.info(f"stage {stage.name}: unchanged, shards kept from the previous build")
             stages.append(kept.model_copy(update={"leakage": leaks.get(stage.name, {})}))

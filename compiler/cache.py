@@ -204,7 +204,7 @@ class Cache:
         self.put_arrays("units", key, *unit_to_arrays(unit))
 
     def entries(self) -> list[Path]:
-        out = []
+        out: list[Path] = []
         for kind in self.KINDS:
             folder = self.root / kind
             if folder.is_dir():
@@ -304,4 +304,5 @@ def unit_from_arrays(arrays: dict[str, np.ndarray], meta: dict) -> UnitResult | 
     if meta.get("format") != UNIT_FORMAT_VERSION or not isinstance(values, dict) \
             or set(arrays) | set(values) != names or set(arrays) & set(values):
         return None
-    return UnitResult(**arrays, **{k: _dec(v) for k, v in values.items()})
+    fields: dict[str, Any] = {**arrays, **{k: _dec(v) for k, v in values.items()}}
+    return UnitResult(**fields)

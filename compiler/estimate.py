@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import numpy as np
 
 from .load import LoadedRecipe
 from .plan import Estimate, PackedSet, StagePlan
-from .recipe import ConfigModel, HubModel, LocalModel, LoraPeft, Stage, StageModel
+from .recipe import ConfigModel, HubModel, LocalModel, LoraPeft, QLoraPeft, Stage, StageModel
 
 logger = logging.getLogger(__name__)
 
@@ -147,23 +148,31 @@ def flops(shape: Shape, peft: LoraPeft | None, positions: int, sum_sq: float) ->
     return (frozen + adapters) * positions, attention
 
 
-def activation_bytes(shape: Shape, rows: int, seq_len: int, checkpointed: bool) -> int:
+LOGITS_PER_CHUNK = 1 << 26  # the runtime's chunked loss: float32 logits per chunk (runtime/loss.py)
+
+
+def activation_bytes(shape: Shape, rows: int, seq_len: int, checkpointed: bool, chunked: bool = True) -> int:
     """Activations a micro-batch of ``rows`` packed rows keeps for the backward pass (bf16 autocast).
 
     Per token and layer: the two norms' float32 inputs and statistics (16·hidden), their bf16
     outputs (4·hidden), queries, keys, values, rotated copies and the attention output
     (2·(4·q + 4·kv)), and the MLP's five intermediate tensors (10·intermediate). The logits:
-    bf16, their float32 copy and log-softmax (10·vocab). With activation checkpointing each layer
-    keeps only its float32 input and one layer at a time is recomputed.
+    bf16, their float32 copy and log-softmax (10·vocab per token), or under the chunked loss one
+    chunk's float32 logits and their gradient (8·vocab for at most ``2**26 / vocab`` tokens). With
+    activation checkpointing each layer keeps only its float32 input and one layer at a time is
+    recomputed.
     """
     tokens = rows * seq_len
     attention = 2 * (4 * shape.q_width + 4 * shape.kv_width)
     layer = 16 * shape.hidden + 4 * shape.hidden + attention + 10 * shape.intermediate
-    logits = 10 * shape.vocab
     embeddings = 4 * shape.hidden
+    if chunked:
+        logits = min(tokens, max(64, LOGITS_PER_CHUNK // shape.vocab)) * 8 * shape.vocab
+    else:
+        logits = tokens * 10 * shape.vocab
     if checkpointed:
-        return tokens * (shape.layers * 4 * shape.hidden + layer + logits + embeddings)
-    return tokens * (shape.layers * layer + logits + embeddings)
+        return tokens * (shape.layers * 4 * shape.hidden + layer + embeddings) + logits
+    return tokens * (shape.layers * layer + embeddings) + logits
 
 
 def document_squares(out: Path, packed: PackedSet, pad_id: int) -> tuple[float, int]:
@@ -194,7 +203,7 @@ def estimate(stage: Stage, packed: PackedSet, shape: Shape | None, sum_sq: float
     seq_len = packed.seq_len
     rows_per_step = max(1, round(stage.batch_tokens / seq_len))  # one process (runtime/data.py, plan_batching)
     rows = max(packed.rows, 1)
-    steps = stage.max_steps if stage.max_steps is not None else max(1, -(-int(stage.epochs * rows) // rows_per_step))
+    steps = stage.max_steps if stage.max_steps is not None else max(1, math.ceil(stage.epochs * rows / rows_per_step))
     seen_rows = steps * rows_per_step
     passes = seen_rows / rows
     # `micro_batch_rows: auto` is found by trying at run time (runtime/memory.py); estimate its least, one row
@@ -213,14 +222,22 @@ def estimate(stage: Stage, packed: PackedSet, shape: Shape | None, sum_sq: float
     total, trainable, lora = params(shape, peft)
     linear, attention = flops(shape, peft, seen_rows * seq_len, sum_sq * passes)
     _, dense = flops(shape, peft, 0, float(seen_rows) * seq_len * seq_len)
-    state = total * 4 + trainable * 4 + trainable * 8
-    act = activation_bytes(shape, micro, seq_len, False)
-    act_ckpt = activation_bytes(shape, micro, seq_len, True)
+    if getattr(stage.objective, "reference", None) is not None:  # DPO, KTO: reference log-probs, one forward pass
+        linear += 2.0 * shape.matmul * packed.rows * seq_len
+        attention += 4.0 * shape.layers * shape.q_width * sum_sq
+        dense += 4.0 * shape.layers * shape.q_width * packed.rows * seq_len * seq_len
+    weights = total * 4
+    if isinstance(stage.peft, QLoraPeft):  # the base's matrices in 4-bit NF4 (half a byte each)
+        weights -= (shape.matmul - shape.head) * 4 - (shape.matmul - shape.head) // 2
+    state = weights + trainable * 4 + trainable * 8
+    chunked = getattr(stage, "chunked_loss", True)
+    act = activation_bytes(shape, micro, seq_len, False, chunked)
+    act_ckpt = activation_bytes(shape, micro, seq_len, True, chunked)
     seconds = {f"seconds_{g}": (linear + attention) / (peak * mfu) for g, (peak, _) in GPUS.items()}
     return Estimate.model_validate({
         **numbers, "params_total": total, "params_trainable": trainable, "params_lora": lora,
         "flops": linear + attention, "flops_linear": linear, "flops_attention": attention,
-        "flops_attention_dense": dense, "memory_weights": total * 4, "memory_gradients": trainable * 4,
+        "flops_attention_dense": dense, "memory_weights": weights, "memory_gradients": trainable * 4,
         "memory_optimizer": trainable * 8, "memory_activations": act, "memory_activations_checkpointed": act_ckpt,
         "memory_peak": state + act, "memory_peak_checkpointed": state + act_ckpt, **seconds})
 
@@ -240,11 +257,11 @@ print(json.dumps(config_here(json.load(sys.stdin)), default=str))
 
 def config_here(request: dict[str, Any]) -> dict[str, Any]:
     """``{"config": to_dict()}`` or ``{"error": message}`` for a config request, built in this process."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # validate has said what transformers thinks of the config
     try:
         if request["kind"] == "config":
             args = dict(request["config"])
@@ -255,6 +272,8 @@ def config_here(request: dict[str, Any]) -> dict[str, Any]:
         return {"config": json.loads(json.dumps(config.to_dict(), default=str))}
     except Exception as exc:  # noqa: BLE001 - any failure only means no estimate
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 @lru_cache(maxsize=32)
@@ -395,10 +414,3 @@ def summary_lines(stages: list[StagePlan], gpu: str, peak: float, memory: int | 
                                                   "lower micro_batch_rows or seq_len, or use LoRA"))
     return lines
 
-
-def over_memory(stages: list[StagePlan], memory: int | None) -> list[str]:
-    """Stages whose estimated peak memory exceeds ``memory`` bytes."""
-    if memory is None:
-        return []
-    return [sp.name for sp in stages if sp.estimate is not None and sp.estimate.memory_peak is not None
-            and sp.estimate.memory_peak > memory]

@@ -13,6 +13,7 @@ byte-identical to a local one.
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing
 import os
 from contextlib import contextmanager
@@ -103,7 +104,7 @@ def run_ray(units: Iterable[tuple[str, UnitSpec, list[Chunk]]], info: TokenizerI
         raise TunecError("--executor ray needs Ray: pip install 'tunec[ray]' (or `pip install ray`)") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_ray_unit)
         pending = {}

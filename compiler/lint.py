@@ -38,10 +38,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .check import Checked
 from .errors import Problem
+from .load import display_path
+from .plan import LintFinding
 from .recipe import LintConfig, PromptsourceTemplates, Task
 from .sandbox import OutOfTime, watchdog
 from .sources import Rows
@@ -297,13 +300,11 @@ def _template_places(checked: Checked, name: str, task: Task, sources: tuple[Tem
     k = 0
     for i, ref in enumerate(task.templates):
         here = location(loaded.problem(("tasks", name, "templates", i), ""))
-        if isinstance(ref, PromptsourceTemplates):
-            while k < len(sources) and sources[k].kind == "promptsource" and len(places) < len(sources):
-                s = sources[k]
-                places.append(f"{s.filename}:{s.first_line}" if s.filename else here)
+        if isinstance(ref, PromptsourceTemplates):  # one entry, many templates: each at its own line of its file
+            shown = display_path(loaded.resolve(ref.path))
+            while k < len(sources) and sources[k].kind == "promptsource" and sources[k].filename == shown:
+                places.append(f"{shown}:{sources[k].first_line}")
                 k += 1
-                if k < len(sources) and sources[k].filename != s.filename:
-                    break
         elif k < len(sources):
             places.append(here)
             k += 1
@@ -324,12 +325,41 @@ def lint_recipe(checked: Checked) -> list[Finding]:
     return lint(checked, rows)
 
 
+def for_compile(checked: Checked, cache: Path | None = None, inputs: dict | None = None) -> list[LintFinding]:
+    """``tunec compile``'s lint: each finding logged as a warning, all of them returned for the plan.
 
-def for_compile(checked: Checked) -> list[dict[str, Any]]:
-    """``tunec compile``'s lint: each finding logged as a warning, all of them returned for the plan."""
+    With a compile cache folder, the findings are kept there under a hash of what they depend on
+    (the recipe's text and overrides, its file's place, every input's content hash, tunec's
+    version), so a recompile whose units all come from the cache does not read the data again.
+    """
     import logging
 
-    findings = lint_recipe(checked)
+    from . import __version__
+    from .fileio import atomic_write_text, canonical_json, sha256_text
+
+    path = None
+    if cache is not None and inputs is not None:
+        loaded = checked.loaded
+        key = sha256_text(canonical_json({
+            "tunec": __version__, "recipe": loaded.text, "file": loaded.display, "inputs": inputs,
+            "overrides": [o.text for o in loaded.overrides]}))
+        path = cache / "lint" / f"{key}.json"
+    found: list[dict[str, Any]] | None = None
+    if path is not None and path.is_file():
+        try:
+            found = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            found = None  # a damaged entry: lint again
+    if found is None:
+        found = [f.as_dict() for f in lint_recipe(checked)]
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, canonical_json(found))
+            except OSError:
+                pass  # a cache that cannot be written only costs time
+    findings = [LintFinding.model_validate(f) for f in found]
     for f in findings:
-        logging.getLogger(__name__).warning(f"lint: {f}")
-    return [f.as_dict() for f in findings]
+        where = f"{f.location}: " if f.location else ""
+        logging.getLogger(__name__).warning(f"lint: {where}[{f.id}] {f.message}")
+    return findings

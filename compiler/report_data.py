@@ -4,10 +4,9 @@ Everything comes from the build itself (the compiler never imports torch, nor th
 ``plan.json`` through the one plan reader, packed rows through the numpy shard reader, and
 the files ``tunec run`` / ``tunec eval`` leave under ``runs/<stage>/`` read as JSON.
 
-``plan.json`` may carry keys that a newer compiler writes and this one's schema does not know
-yet: the prompt lint (a top-level ``"lint"`` list) and the cost estimates (an ``"estimate"``
-object per stage). They are taken from the raw JSON, so the report shows them whichever
-compiler wrote the plan, and says "not computed" where they are absent.
+The prompt lint (the plan's top-level ``"lint"`` list) and the cost estimates (an ``"estimate"``
+object per stage) are taken from the plan's JSON as it is, and shown generically (a table of
+whatever fields they hold); where a plan has none, the report says "not computed".
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ RUNS = "runs"
 METRICS = "metrics.jsonl"
 EVAL = "eval.json"
 RESULT = "result.json"
-_CONTRACT_TOP, _CONTRACT_STAGE = ("lint",), ("estimate",)
 
 
 @dataclass(frozen=True)
@@ -81,57 +79,43 @@ class Build:
 
 def load(out: Path, rows: int, seed: int | None) -> Build:
     out = Path(out)
-    plan, raw = read_plan_with_extras(out)
+    plan = read_plan(out)
+    raw = _raw(out)  # "not computed" (a key absent) and "no findings" (an empty list) read the same when typed
     stages_raw = {s.get("name"): s for s in raw.get("stages", []) if isinstance(s, dict)}
     estimates = {str(n): s["estimate"] for n, s in stages_raw.items() if s.get("estimate") is not None}
     lint = raw.get("lint")
-    if lint is not None and not isinstance(lint, list):
-        raise TunecError(f"{out / PLAN_FILE}: `lint` is {type(lint).__name__}, expected a list of findings")
     samples: dict[str, list[Row]] = {}
     if rows > 0:
-        from .tokens import load_local_tokenizer
-
-        backend = load_local_tokenizer(tokenizer_folder(plan, out)).backend_tokenizer
+        backend = decoder(tokenizer_folder(plan, out))
         for sp in plan.stages:
             samples[sp.name] = sample_rows(plan, out, sp, rows, plan.seed if seed is None else seed, backend)
     runs = {sp.name: read_run(out / RUNS / sp.name) for sp in plan.stages}
     return Build(out, plan, raw, lint, estimates, runs, samples)
 
 
-def read_plan_with_extras(out: Path) -> tuple[Plan, dict[str, Any]]:
-    """The typed plan and the raw JSON. A plan whose only unknown keys are the lint and estimate
-    keys of the contract above is read without them; any other mismatch is the plan reader's error."""
-    try:
-        plan = read_plan(out)
-    except TunecError as first:
-        raw = _raw(out)
-        if raw is None:
-            raise
-        stripped = dict(raw)
-        extra = [k for k in _CONTRACT_TOP if k in stripped and k not in Plan.model_fields]
-        for k in extra:
-            del stripped[k]
-        if isinstance(raw.get("stages"), list) and not any(k in StagePlan.model_fields for k in _CONTRACT_STAGE):
-            stages = [{k: v for k, v in s.items() if k not in _CONTRACT_STAGE} if isinstance(s, dict) else s
-                      for s in raw["stages"]]
-            extra += ["stages[].estimate"] if stages != raw["stages"] else []
-            stripped["stages"] = stages
-        if not extra:
-            raise
+def decoder(folder: Path):
+    """The build's tokenizer as a ``tokenizers.Tokenizer`` (all the report needs is decoding).
+
+    ``tokenizer.json`` read directly: importing transformers would take most of the report's time.
+    A folder without one goes through the compiler's tokenizer loader.
+    """
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        import tokenizers
+
         try:
-            plan = Plan.model_validate(stripped)
-        except ValueError:
-            raise first from None
-        return plan, raw
-    return plan, _raw(out) or {}
+            return tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, the user gets one line
+            raise TunecError(f"{path}: cannot load the tokenizer ({type(exc).__name__})") from None
+    from .tokens import load_local_tokenizer
+
+    return load_local_tokenizer(folder).backend_tokenizer
 
 
-def _raw(out: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None
-    return data if isinstance(data, dict) else None
+def _raw(out: Path) -> dict[str, Any]:
+    """``plan.json`` as JSON (the plan reader has just read it whole)."""
+    data = json.loads((out / PLAN_FILE).read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
 
 
 def sample_rows(plan: Plan, out: Path, sp: StagePlan, count: int, seed: int, backend) -> list[Row]:

@@ -254,18 +254,24 @@ def _hists(lengths: Lengths, seq_len: int) -> str:
 
 
 def _audit(a: str, sp: StagePlan) -> str:
-    out = [f'<h3 id="{a}-audit">Mask audit</h3>',
-           '<p>Passed at compile for every document: each trained span decodes to its completion (or '
-           "assistant turn) and the EOS, and nothing else (a document that fails stops the compile).</p>"]
+    failed = {t: c.audit_failures for t, c in sp.tasks.items() if c.audit_failures}
+    failed.update({f"{t} (eval)": ev.counts.audit_failures for t, ev in sp.eval.items() if ev.counts.audit_failures})
+    what = ("each trained span decodes to its completion (or assistant turn) and the EOS, and nothing else")
+    if failed:
+        verdict = (f'<p class="warn" data-audit="failed">{sum(failed.values()):,} document(s) failed the audit and '
+                   f"were kept (<code>audit: warn</code>): {e(', '.join(f'{t} {n:,}' for t, n in failed.items()))}. "
+                   f"Their trained tokens are not what the template says; check {what}.</p>")
+    else:
+        verdict = f'<p class="ok" data-audit="passed">Passed for every document at compile: {what}.</p>'
     rows = []
     for t, c in sp.tasks.items():
         merges = c.boundary_merges / c.examples if c.examples else 0.0
-        rows.append([t, c.examples, c.boundary_merges, _pct(merges), c.dropped, c.truncated])
-    out.append(_table(["task", "documents", "boundary merges", "share merged", "dropped (incl. nothing to train)",
-                       "truncated"], rows, cls="audit"))
-    out.append('<p class="muted small">A boundary merge is a first trained token that also holds prompt '
-               "characters; end prompts without a trailing space to avoid them.</p>")
-    return "".join(out)
+        rows.append([t, c.examples, c.audit_failures, c.boundary_merges, _pct(merges), c.dropped, c.truncated])
+    return (f'<h3 id="{a}-audit">Mask audit</h3>' + verdict
+            + _table(["task", "documents", "audit failures", "boundary merges", "share merged",
+                      "dropped (incl. nothing to train)", "truncated"], rows, cls="audit")
+            + '<p class="muted small">A boundary merge is a first trained token that also holds prompt '
+              "characters; end prompts without a trailing space to avoid them.</p>")
 
 
 def _evalsets(a: str, sp: StagePlan) -> str:

@@ -105,8 +105,9 @@ def paired_bars(rows: Sequence[tuple[str, float | None, float | None]], labels: 
                 title: str, width: int = 620) -> str:
     """Two horizontal bars per row (shares in [0, 1]): e.g. requested versus trained mixture share.
     A missing value (``None``) is drawn as no bar and labelled "-"."""
-    left, right, top, bar, gap = 130, 60, 40, 13, 12
-    h = top + len(rows) * (2 * bar + gap) + 6
+    right, top, bar, gap = 60, 40, 13, 12
+    left = min(max(90, 16 + 7 * max((len(r[0]) for r in rows), default=0)), width // 2)  # room for the names
+    h = top + len(rows) * (2 * bar + gap) + 20
     w = width - left - right
     out = [_open(width, h, title, "bars"), f'<text x="0" y="13" font-weight="600">{_e(title)}</text>']
     for i, label in enumerate(labels):
@@ -114,8 +115,9 @@ def paired_bars(rows: Sequence[tuple[str, float | None, float | None]], labels: 
         out.append(f'<rect x="{x}" y="20" width="11" height="11" fill="{PALETTE[i]}"/>'
                    f'<text x="{x + 15}" y="29">{_e(label)}</text>')
     for frac in (0, 0.25, 0.5, 0.75, 1):
-        out.append(f'<line x1="{left + frac * w:.1f}" x2="{left + frac * w:.1f}" y1="{top - 4}" y2="{h - 4}" '
-                   'stroke="#e3e6ea"/>')
+        out.append(f'<line x1="{left + frac * w:.1f}" x2="{left + frac * w:.1f}" y1="{top - 4}" y2="{h - 16}" '
+                   f'stroke="#e3e6ea"/><text x="{left + frac * w:.1f}" y="{h - 4}" text-anchor="middle" '
+                   f'fill="#555">{frac:.0%}</text>')
     for r, (name, a, b) in enumerate(rows):
         y = top + r * (2 * bar + gap)
         out.append(f'<text x="{left - 6}" y="{y + bar + 4}" text-anchor="end">{_e(name)}</text>')

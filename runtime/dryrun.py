@@ -20,7 +20,7 @@ import torch
 
 from tunec.compiler import estimate as est
 from tunec.compiler.errors import TunecError
-from tunec.compiler.plan import Plan, StagePlan, read_plan
+from tunec.compiler.plan import Estimate, Plan, StagePlan, read_plan
 from tunec.compiler.recipe import ConfigModel, HubModel, LocalModel, LoraPeft, StageModel
 
 from . import model as models
@@ -72,6 +72,15 @@ def local_device(choice: str) -> tuple[str, float, int | None]:
     return "cpu", est.cpu_peak(), int(ram)
 
 
+def _peak(e: Estimate, checkpointing: bool | str, memory: int) -> int:
+    """The peak a run would reach: with activation checkpointing when the stage asks for it, or under
+    `auto` when one micro-batch's activations would take over a quarter of the device (runtime/memory.py)."""
+    if e.memory_peak is None or e.memory_peak_checkpointed is None:
+        return 0
+    on = checkpointing is True or (checkpointing == "auto" and (e.memory_activations or 0) * 4 > memory)
+    return e.memory_peak_checkpointed if on else e.memory_peak
+
+
 def dry_run(out: str | Path, stage: str | None = None, overrides: tuple[str, ...] = (), max_steps: int | None = None,
             device: str = "auto", mfu: float = est.DEFAULT_MFU, echo: Callable[[str], None] = print) -> None:
     """Check and estimate each stage, ``echo`` its lines; a TunecError for anything a run would stop on."""
@@ -104,7 +113,7 @@ def dry_run(out: str | Path, stage: str | None = None, overrides: tuple[str, ...
         lines.extend(est.summary_lines([shown], name, peak, memory, mfu))
         for line in lines:
             echo(line)
-        if e.memory_peak is not None and memory is not None and e.memory_peak > memory:
+        if memory is not None and _peak(e, settings.activation_checkpointing, memory) > memory:
             too_big.append(sp.name)
     if too_big and memory is not None:
         raise TunecError([f"stage(s) {', '.join(too_big)}: the estimated peak memory exceeds the {name}'s "

@@ -80,7 +80,10 @@ class MetricsLog:
                                       refresh=False)
             step = record["step"]
             if step == 1 or step * 10 // self.total_steps > (step - 1) * 10 // self.total_steps:
-                self.note(f"step {step}/{self.total_steps}: loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+                # preference stages (runtime/preference.py) also show how often chosen beats rejected
+                reward = (f", rewards/accuracies {record['rewards/accuracies']:.2f}, rewards/margins "
+                          f"{record['rewards/margins']:.3f}" if "rewards/accuracies" in record else "")
+                self.note(f"step {step}/{self.total_steps}: loss {record['loss']:.4f}{reward}, lr {record['lr']:.2e}, "
                           f"{record['tokens_per_s']:,.0f} tokens/s")
 
     def advance(self, steps: int = 1) -> None:

@@ -109,7 +109,8 @@ class OutputHead:
         layer = self.layer
         if not isinstance(getattr(layer, "weight", None), torch.Tensor):  # peft wraps a head: its Linear inside
             layer = layer.get_base_layer()  # type: ignore[operator]
-        return int(layer.weight.shape[0])
+        weight: torch.Tensor = layer.weight  # type: ignore[assignment]  # a Linear's
+        return int(weight.shape[0])
 
 
 def _trained(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -169,11 +169,11 @@ def auto_micro_batch_rows(module, trainable: list[torch.nn.Parameter], data, mos
     """
     if device.type != "cuda":
         return min(4, most), f"micro_batch_rows auto: {min(4, most)} on the CPU"
-    most = min(most, len(data))  # every packed row has the same length: any rows are the worst case
     rng = torch.get_rng_state(), torch.cuda.get_rng_state(device)
     # AdamW's two float32 moments appear at the first step; hold their room now
     held = [torch.empty(2 * p.numel(), dtype=torch.float32, device=device) for p in trainable]
-    tensors = to_device(data.gather(np.arange(most)), device)
+    # every packed row has the same length: any rows are the worst case (repeated when the set is smaller)
+    tensors = to_device(data.gather(np.arange(most) % len(data)), device)
     peaks: dict[int, int] = {}
 
     def fits(n: int) -> bool:

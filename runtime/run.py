@@ -459,6 +459,9 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
                                       lockstep=sharded)
         log.write({"step": p.step, "eval_loss": losses, "eval_tokens": counts, **extra})
         log.note(f"step {p.step}: eval loss " + ", ".join(f"{k} {v:.4f}" for k, v in losses.items()))
+        if "eval_rewards/accuracies" in extra:
+            log.note(f"step {p.step}: eval rewards/accuracies "
+                     + ", ".join(f"{k} {v:.3f}" for k, v in extra["eval_rewards/accuracies"].items()))
         last["eval"], last["eval_step"] = losses, p.step
 
     def between_steps(p: Progress) -> None:

@@ -218,3 +218,14 @@ def test_parse_age():
     assert parse_age("1.5h") == 5400 and parse_age("2w") == 14 * 86400
     with pytest.raises(TunecError):
         parse_age("7 days")
+
+
+def test_executor_ray_without_ray_is_one_error_line(project, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as where it is not installed
+    result = CliRunner().invoke(main, ["compile", str(recipe(project)), "-o", str(project / "a"), "-j", "1",
+                                       "--executor", "ray"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1] == ("error: --executor ray needs Ray: pip install 'tunec[ray]' "
+                                                      "(or `pip install ray`)")

@@ -201,3 +201,37 @@ def test_an_architecture_not_modelled_gives_the_counts_without_model_numbers():
     packed = PackedSet(rows=10, seq_len=128, tokens=1000, trained_tokens=100, fill_rate=0.78, shards=[])
     est = estimate(stage, packed, None, 0.0, 0)
     assert est.steps == 3 and est.tokens_seen == 1200 and est.params_total is None and est.flops is None
+
+
+def test_a_reference_model_adds_one_forward_pass_over_the_rows():
+    from tunec.compiler.plan import PackedSet
+    from tunec.compiler.recipe import Stage
+
+    shape = shape_of(_config(LLAMA).to_dict())
+    packed = PackedSet(rows=10, seq_len=128, tokens=1000, trained_tokens=100, fill_rate=0.78, shards=[])
+
+    def stage(objective: str):
+        return Stage.model_validate({"name": "s", "objective": objective, "tasks": ["t"], "batch_tokens": 512,
+                                     "epochs": 2, "model": {"kind": "config", "config": LLAMA}})
+
+    with_ref, without = estimate(stage("dpo"), packed, shape, 5000.0, 40), estimate(stage("simpo"), packed, shape,
+                                                                                      5000.0, 40)
+    assert with_ref.flops_linear - without.flops_linear == 2 * shape.matmul * 10 * 128
+    assert with_ref.flops_attention - without.flops_attention == 4 * shape.layers * shape.q_width * 5000
+
+
+@pytest.mark.parametrize("rows, batch_tokens, epochs, max_steps", [
+    (266, 4096, 6, None), (7, 640, 1.5, None), (10, 5000, 2.5, None), (1, 100, 0.1, None), (50, 2048, 3, 7)])
+def test_steps_and_micro_batches_are_the_runtime_s(rows, batch_tokens, epochs, max_steps):
+    from tunec.compiler.plan import PackedSet
+    from tunec.compiler.recipe import Stage
+    from tunec.runtime.data import plan_batching
+
+    stage = Stage.model_validate({"name": "s", "objective": "sft", "tasks": ["t"], "batch_tokens": batch_tokens,
+                                  "epochs": epochs, "max_steps": max_steps, "micro_batch_rows": 3,
+                                  "model": {"kind": "config", "config": LLAMA}})
+    packed = PackedSet(rows=rows, seq_len=128, tokens=rows * 100, trained_tokens=rows * 10, fill_rate=0.78, shards=[])
+    est = estimate(stage, packed, None, 0.0, 0)
+    batching = plan_batching(rows, 128, batch_tokens, 3, epochs, max_steps, 1)
+    assert (est.steps, est.rows_per_step, est.micro_batch_rows) == (
+        batching.total_steps, batching.rows_per_step, batching.micro_batch_rows)

@@ -225,3 +225,52 @@ def test_the_rule_ids_are_the_schema_s():
     from tunec.compiler.recipe import LintRule
 
     assert tuple(get_args(LintRule)) == RULES
+
+
+PROMPTSOURCE = """\
+dataset: toy
+templates:
+  a1: !Template
+    answer_choices: positive ||| negative
+    id: a1
+    jinja: 'Review: {{ text }} Is it positive or negative? ||| {{ answer_choices[label] }}'
+    metadata: !TemplateMetadata {original_task: true}
+    name: fine
+    reference: ''
+  b2: !Template
+    answer_choices: positive ||| negative
+    id: b2
+    jinja: 'Review: {{ text }} What does the reviewer think? ||| {{ answer_choices[label] }}'
+    metadata: !TemplateMetadata {original_task: true}
+    name: no choices
+    reference: ''
+"""
+
+
+def test_a_promptsource_template_is_located_at_its_own_line(tmp_path):
+    (tmp_path / "templates.yaml").write_text(PROMPTSOURCE)
+    rows = [dict(r, label=int(r["label"] == "negative")) for r in reviews()]
+    recipe = write(tmp_path, f"- {{kind: promptsource, path: {tmp_path / 'templates.yaml'}}}\n", rows)
+    (f,) = findings(recipe)
+    assert (f.id, f.template) == ("choices-not-in-prompt", "no choices")
+    file, line = f.location.rsplit(":", 1)
+    assert Path(file).resolve() == (tmp_path / "templates.yaml").resolve()
+    assert "name: no choices" in "\n".join(PROMPTSOURCE.splitlines()[int(line) - 1:int(line) + 5])
+
+
+def test_a_recompile_reads_the_findings_from_the_cache(tmp_path, monkeypatch):
+    from tunec.compiler import lint as lint_mod
+    from tunec.compiler.build import Options, compile_recipe
+
+    templates, kw = BAD["choices-not-in-prompt"]
+    recipe = write(tmp_path, templates, **kw)
+    first = compile_recipe(recipe, tmp_path / "out", Options(workers=1)).lint
+
+    def no_data(checked):
+        raise AssertionError("the data was read again")
+
+    monkeypatch.setattr(lint_mod, "lint_recipe", no_data)
+    assert compile_recipe(recipe, tmp_path / "out", Options(workers=1)).lint == first
+    recipe.write_text(recipe.read_text() + "# changed\n")  # the recipe's text is part of the key
+    with pytest.raises(AssertionError, match="read again"):
+        compile_recipe(recipe, tmp_path / "out", Options(workers=1))

@@ -227,3 +227,53 @@ def test_dpo_learns_a_toy_preference_on_held_out_pairs(tmp_path, one_thread):
     assert evals[-1]["eval_loss"]["pairs"] < 0.6
     train = [r for r in metrics(out) if "loss" in r]
     assert train[-1]["rewards/margins"] > 0 and train[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.parametrize("objective", ["{kind: simpo}", "{kind: orpo}", "{kind: dpo, loss: ipo}", "{kind: kto}"])
+def test_every_objective_trains_and_logs_trl_metrics(tmp_path, objective, one_thread):
+    fmt = None
+    rows = sums(16)
+    if "kto" in objective:
+        rows = [{"q": r["q"], "answer": r["good"] if i % 2 else r["bad"], "ok": bool(i % 2)} for i, r in enumerate(rows)]
+        fmt = '{kind: unpaired, prompt: "Q: {{ q }}\\nA:", completion: answer, label: ok}'
+    kw = {"fmt": fmt} if fmt else {}
+    out = build(tmp_path, rows=rows, objective=objective, task_opts="    eval: {fraction: 0.25}\n",
+                stage_opts="    batch_tokens: 256\n    max_steps: 3\n    lr: 1.0e-3\n", **kw)
+    run(out, RunOptions(**QUIET))
+    records = metrics(out)
+    train = [r for r in records if "loss" in r]
+    assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
+    assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(train[-1])
+    if "kto" in objective:
+        assert "kl" in train[-1]
+        assert train[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) on every example at step 1
+    else:
+        assert {"rewards/accuracies", "rewards/margins"} <= set(train[-1])
+    (ev,) = [r for r in records if "eval_loss" in r]
+    assert set(ev["eval_loss"]) == {"pairs", "all"} and "eval_rewards/chosen" in ev
+    has_reference = (out / "runs" / "align" / "reference.safetensors").is_file()
+    assert has_reference == ("dpo" in objective or "kto" in objective)
+
+
+def test_reference_from_an_earlier_stage(tmp_path, one_thread):
+    """`reference: align` (an SFT stage) for a policy built afresh: the saved reference log-probs are the
+    SFT model's, and policy and reference differ at step 1."""
+    from safetensors.numpy import load_file as load_numpy
+    from tiny import tiny_llama
+
+    from tunec.runtime.outputs import load_for_inference
+
+    extra = ('  plain:\n    source: {kind: jsonl, path: pairs.jsonl}\n'
+             '    templates: [{kind: inline, prompt: "Q: {{ q }}\\nA:", completion: "{{ good }}"}]\n')
+    path_opts = ("    batch_tokens: 256\n    max_steps: 3\n    lr: 1.0e-2\n"
+                 "  - name: dpo\n    objective: {kind: dpo, reference: align}\n    tasks: [pairs]\n"
+                 f"    model: {tiny_llama(layers=2)}\n    batch_tokens: 256\n    max_steps: 2\n")
+    out = build(tmp_path, extra_task=extra, tasks="[plain]", objective="sft", stage_opts=path_opts)
+    run(out, RunOptions(**QUIET))
+    first = metrics(out, "dpo")[0]
+    assert abs(first["loss"] - math.log(2)) > 1e-4 and first["rewards/margins"] != 0.0
+    saved = load_numpy(out / "runs" / "dpo" / "reference.safetensors")["train"]
+    sft = PreferenceLM(load_for_inference(out, "align"), "sdpa")
+    data = ShardSet(out, read_plan(out).stage("dpo").train)
+    again, _ = set_logps(sft, data, 4, Dist(), torch.device("cpu"), nullcontext)
+    np.testing.assert_allclose(saved, again, rtol=1e-5, atol=1e-5)

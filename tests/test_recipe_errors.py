@@ -98,9 +98,10 @@ def test_problems_carry_file_line_col_and_field(write_recipe):
 def test_unknown_field_without_close_name_lists_allowed_fields(write_recipe):
     path = write_recipe(VALID.replace("    objective: sft\n", "    objective: sft\n    zzz: 1\n"))
     assert errors(path) == [
-        "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: batch_tokens, budget, checkpoint_every_steps, epochs, "
-        "eval_every_steps, held_out, log_every_steps, lr, max_grad_norm, max_steps, micro_batch_rows, mixture, "
-        "model, name, objective, peft, tasks, warmup_steps, weight_decay"
+        "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: activation_checkpointing, batch_tokens, budget, "
+        "checkpoint_every_steps, chunked_loss, epochs, eval, eval_every_steps, held_out, log_every_steps, lr, "
+        "max_grad_norm, max_steps, micro_batch_rows, mixture, model, name, objective, parallelism, peft, tasks, "
+        "warmup_steps, weight_decay"
     ]
 
 
@@ -136,7 +137,7 @@ def test_misspelt_kinds_everywhere(write_recipe):
         "expected one of: library, file, inline, promptsource",
         # the `objective: sfft` shorthand has no `kind:` key: the error is at `objective`
         "R:9:5: stages[0].objective: unknown kind 'sfft' (did you mean 'sft'?); expected one of: sft, lm",
-        "R:12:12: stages[0].peft: unknown kind 'lora_' (did you mean 'lora'?); expected one of: none, lora",
+        "R:12:12: stages[0].peft: unknown kind 'lora_' (did you mean 'lora'?); expected one of: none, lora, qlora",
     ]
 
 

@@ -410,3 +410,41 @@ def test_chart_docstring_examples():
 
     result = doctest.testmod(report_svg)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_damaged_shard_or_tokenizer_is_one_line(build):
+    runner = CliRunner()
+    shard = build / read_plan(build).stages[0].train.shards[0].path
+    shard.write_bytes(shard.read_bytes()[:-4])
+    result = runner.invoke(main, ["report", str(build)])
+    assert result.exit_code == 1 and result.output.startswith(f"error: {shard}: ") and "Traceback" not in result.output
+    assert not (build / "report.html").exists()
+    result = runner.invoke(main, ["report", str(build), "--rows", "0"])  # the shards are not read without rows
+    assert result.exit_code == 0, result.output
+    shutil.rmtree(build / "tokenizer")
+    result = runner.invoke(main, ["report", str(build), "--rows", "1"])
+    assert result.exit_code == 1 and "tokenizer folder is missing" in result.output
+
+
+def test_the_report_imports_neither_torch_nor_transformers(demo_build):
+    """The compiler never imports torch; the report decodes with `tokenizers` alone, so it starts fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from tunec.compiler.report import render; "
+            f"assert 'class=\"packed\"' in render({str(demo_build)!r}, rows=2); "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_the_mask_audit_verdict_follows_the_plan(build):
+    assert 'data-audit="passed"' in render(build, rows=0)
+    raw = json.loads((build / "plan.json").read_text())
+    raw["stages"][0]["tasks"]["plurals"]["audit_failures"] = 3  # as `audit: warn` records documents it kept
+    (build / "plan.json").write_text(json.dumps(raw))
+    text = render(build, rows=0)
+    assert 'data-audit="failed"' in text and "3 document(s) failed the audit" in text and "plurals 3" in text
+    row = re.search(r"<tr><td>plurals</td>(.*?)</tr>", re.search(r'<table class="audit">(.*?)</table>', text)[1])[1]
+    assert re.findall(r">([\d,.%]+)<", row)[:2] == ["800", "3"]

@@ -77,8 +77,11 @@ def validate(recipe: str, overrides: tuple[str, ...], with_lint: bool) -> None:
         if with_lint:
             from .compiler.lint import lint_recipe
 
-            for finding in lint_recipe(checked):
+            found = lint_recipe(checked)
+            for finding in found:
                 click.echo(f"lint: {finding}")
+            if not found:
+                click.echo("lint: no findings")
     except TunecError as exc:
         raise _fail(exc) from None
     r = checked.recipe
