@@ -19,9 +19,10 @@ recipe trains on them) and the accuracy on the target task's test split; the
 base row is the starting model. ``acc`` ranks the choices by summed
 log-likelihood, ``acc_norm`` per character (see README, "Evaluation").
 
-The default is the reduced run for a CPU (``--max-steps 3`` per stage of
-``--batch-tokens 1536``, four rows, and the first ``--limit 10`` records of
-each task): it proves the machinery, its numbers are noise. ``--full`` trains every stage as its recipe says and
+The default is the reduced run for a CPU (``--max-steps 2`` per stage of
+``--batch-tokens 768``, two rows, and only the first ``--limit 8`` test rows of
+each eval task compiled, which bounds the eval loss pass as well as the
+accuracy): it proves the machinery, its numbers are noise. ``--full`` trains every stage as its recipe says and
 scores every record (meant for a GPU). Without ../shared/data it prints
 ``skip: ...`` and exits 0.
 
@@ -78,8 +79,8 @@ def build(name: str, recipe: Path, model: Path, out: Path, limit: int | None, ma
     ``runs/.base-eval``, whose scores of the same starting model on the same records `tunec run` reuses."""
     sets = ["--set", f"tokenizer={{kind: local, path: {model}}}",
             "--set", f"stages.0.model={{kind: local, path: {model}}}"]
-    for i, _ in enumerate(stages_of(recipe)):
-        sets += ["--set", f"stages.{i}.eval={{accuracy: true, limit: {'null' if limit is None else limit}}}"]
+    for task in (*HELD_OUT, TARGET) if limit is not None else ():  # eval loss and accuracy: the first rows only
+        sets += ["--set", f"tasks.{task}.eval={{split: test, stop: {limit}}}"]
     print(f"== {name}: {recipe.name}", flush=True)
     compile_s = tunec("compile", str(recipe), "-o", str(out), "--force", *sets)
     if base_cache is not None and base_cache.is_dir():
@@ -120,10 +121,11 @@ def table(rows: dict[str, dict[str, Any]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every step and every record (for a GPU)")
-    parser.add_argument("--limit", type=int, default=None, help="records per task [reduced: 20; --full: all]")
-    parser.add_argument("--max-steps", type=int, default=None, help="steps per stage [reduced: 3; --full: all]")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="test rows per eval task, compiled [reduced: 8; --full: all]")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps per stage [reduced: 2; --full: all]")
     parser.add_argument("--batch-tokens", type=int, default=None,
-                        help="tokens per step [reduced: 1536, four rows; --full: as the recipes say]")
+                        help="tokens per step [reduced: 768, two rows; --full: as the recipes say]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", type=Path, default=None, help="the model folder [default: bench/get_model.py's]")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the folder holding data/")
@@ -136,9 +138,9 @@ def main() -> None:
     if not (REPO / "recipes" / "../../shared").resolve().samefile(args.shared.resolve()):
         raise SystemExit("error: the evidence recipes read ../shared/data beside the repository; "
                          f"{args.shared} is another folder")
-    limit = args.limit if args.limit is not None else (None if args.full else 10)
-    max_steps = args.max_steps if args.max_steps is not None else (None if args.full else 3)
-    batch_tokens = args.batch_tokens if args.batch_tokens is not None else (None if args.full else 1536)
+    limit = args.limit if args.limit is not None else (None if args.full else 8)
+    max_steps = args.max_steps if args.max_steps is not None else (None if args.full else 2)
+    batch_tokens = args.batch_tokens if args.batch_tokens is not None else (None if args.full else 768)
 
     from get_model import get_model
 

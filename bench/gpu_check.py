@@ -200,7 +200,7 @@ def check_train(args, device) -> dict:
     figures = {"parameters": n_params, "losses": losses, "tokens_per_s": tokens_per_s, "mfu": mfu,
                "precision": precision.name, "fused_adamw": fused, "attention": attn}
     return {"ok": ok, "figures": figures,
-            "detail": f"{n_params / 1e6:.0f} M params, {precision.name}, {attn}, fused AdamW {fused}: loss "
+            "detail": f"{n_params / 1e6:.1f} M params, {precision.name}, {attn}, fused AdamW {fused}: loss "
                       f"{losses[0]:.3f} -> {losses[-1]:.3f}, {tokens_per_s:,.0f} tokens/s"
                       + (f", MFU {mfu:.1%}" if mfu is not None else "")}
 

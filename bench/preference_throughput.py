@@ -77,7 +77,8 @@ def compile_pairs(shared: Path, work: Path, seq_len: int) -> tuple[Path, str]:
         "# Written by bench/preference_throughput.py\n"
         f"tokenizer: {{kind: local, path: {tokenizer}}}\nseq_len: {seq_len}\nseed: 0\n"
         f"tasks:\n  pairs:\n{task}"
-        "stages:\n  - {name: dpo, objective: dpo, tasks: [pairs], model: {kind: config, config: {model_type: llama}}}\n")
+        "stages:\n  - {name: dpo, objective: dpo, tasks: [pairs],\n"
+        "     model: {kind: config, config: {model_type: llama}}}\n")
     out = work / "build"
     compile_recipe(recipe, out, Options(workers=1))
     return out, what
@@ -142,7 +143,7 @@ def main() -> int:
     order = np.resize(order, need)  # repeats when there are fewer rows than the steps need
 
     spec = dict(TINY if args.tiny else QWEN25_05B)
-    model_type = spec.pop("model_type")
+    model_type = str(spec.pop("model_type"))
     config = AutoConfig.for_model(model_type, **spec)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa").to(device)

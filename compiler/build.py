@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock
+from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock, preference
 from .cache import code_versions, default_dir
 from .check import Checked, check
 from .errors import Problem, TunecError
@@ -141,6 +141,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
         options.on_units(compiled.reused, compiled.rebuilt)
     units = compiled.units
     _warn_double_spaces(units, checked.templates)
+    preference.warn_checks(units)  # pairs dropped under `format.checks: warn`
     audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
     findings = lint.for_compile(checked, options.cache_dir(), inputs)  # prompt lint: warnings, in the plan
 

@@ -160,8 +160,6 @@ class CacheInfo:
 class Cache:
     """A folder of content-addressed entries (``units/``: compiled units; ``leak/``: leakage keys)."""
 
-    KINDS = ("units", "leak")
-
     def __init__(self, root: Path):
         self.root = Path(root)
 
@@ -204,12 +202,10 @@ class Cache:
         self.put_arrays("units", key, *unit_to_arrays(unit))
 
     def entries(self) -> list[Path]:
-        out: list[Path] = []
-        for kind in self.KINDS:
-            folder = self.root / kind
-            if folder.is_dir():
-                out.extend(p for p in folder.glob("??/*") if p.is_file() and not p.name.startswith("."))
-        return sorted(out)
+        """Every entry in the folder: units, leakage keys, and what other steps keep here (lint findings)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith("."))
 
     def info(self) -> CacheInfo:
         stats = [p.stat() for p in self.entries()]
@@ -227,10 +223,9 @@ class Cache:
             if older_than is None or now - st.st_mtime > older_than:
                 path.unlink(missing_ok=True)
                 removed, size = removed + 1, size + st.st_size
-        for kind in self.KINDS:
-            for tmp in (self.root / kind).glob("??/.*.tmp"):
-                if now - tmp.stat().st_mtime > 3600:  # an hour: no write takes that long
-                    tmp.unlink(missing_ok=True)
+        for tmp in self.root.rglob(".*.tmp") if self.root.is_dir() else ():
+            if tmp.is_file() and now - tmp.stat().st_mtime > 3600:  # an hour: no write takes that long
+                tmp.unlink(missing_ok=True)
         return removed, size
 
 

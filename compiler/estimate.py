@@ -355,7 +355,7 @@ def device(gpu: str) -> tuple[float, int | None]:
 def _size(n: float | None) -> str:
     if n is None:
         return "?"
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f}"
@@ -392,7 +392,9 @@ def summary_lines(stages: list[StagePlan], gpu: str, peak: float, memory: int | 
         lines.append(f"  tokens               {e.tokens_seen:,} seen, {e.tokens_trained:,} trained "
                      f"({e.positions:,} positions with padding)")
         if e.params_total is None:
-            lines.append("  model                not modelled: no parameter, FLOP, memory or time estimates")
+            lines.append("  model                no parameter, FLOP, memory or time estimates: its config was not "
+                         "readable offline (a hub model not in the cache) or its architecture is not modelled "
+                         f"({', '.join(SUPPORTED)})")
             continue
         lora = f", LoRA {e.params_lora:,}" if e.params_lora else ""
         lines.append(f"  parameters           {e.params_total:,} total, {e.params_trainable:,} trainable{lora}")

@@ -180,7 +180,7 @@ def find(train: dict[str, Hashed], evals: dict[str, Hashed]) -> dict[str, Leak]:
         for j, t in enumerate(names):
             by_example[j] = (k.example != 0) & np.isin(k.example, whole[t])
             by_text[j, owner[np.isin(k.texts, text[t])]] = True
-        whole_hit: np.ndarray = by_example.any(axis=0)
+        whole_hit = np.any(by_example, axis=0, keepdims=False).astype(bool, copy=False)
         hits = np.where(whole_hit[None, :], by_example, by_text)
         leaked = hits.any(axis=0)
         leak = Leak(examples=n, leaked=int(leaked.sum()))

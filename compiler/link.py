@@ -85,7 +85,9 @@ class Linker:
 
     def _counts(self, task, unit: UnitResult, labelled, docs_idx: np.ndarray, rate: float | None) -> TaskCounts:
         _, keep, trained = labelled
-        names = self.template_names[task] or ["messages"]
+        # a task without templates: a chat `messages` column, or preference pairs (unpaired: examples)
+        names = self.template_names[task] or ["messages" if unit.side is None else "pairs" if unit.group == 2
+                                              else "examples"]
         template = np.where(unit.template[docs_idx] == MESSAGES, 0, unit.template[docs_idx])
         return TaskCounts(
             examples=len(docs_idx),

@@ -28,6 +28,7 @@ then. The static checks of a recipe that uses these formats are here too.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -49,12 +50,16 @@ if TYPE_CHECKING:
     from .load import LoadedRecipe
     from .units import Chunk, UnitResult, _Unit
 
+logger = logging.getLogger(__name__)
+
 CHOSEN, REJECTED = 0, 1
 DESIRABLE, UNDESIRABLE = 0, 1
 CHECKS = ("identical", "whitespace_only", "empty")
 _CHECK_WORDS = {"identical": "chosen and rejected are the same text",
                 "whitespace_only": "chosen and rejected differ only in whitespace",
                 "empty": "a response is empty"}
+_CHECK_SHORT = {"identical": "identical", "whitespace_only": "differing only in whitespace",
+                "empty": "with an empty response"}
 
 
 def is_jinja(value: str) -> bool:
@@ -131,6 +136,15 @@ def stage_problems(loaded: "LoadedRecipe") -> list[Problem]:
                                            f"{did_you_mean(ref, earlier)}"))
         earlier.append(stage.name)
     return problems
+
+
+def warn_checks(units: dict) -> None:
+    """One warning per task part whose pairs `format.checks: warn` dropped (the counts are in the plan too)."""
+    for (task, part), unit in sorted(units.items()):
+        if unit.checks:
+            found = ", ".join(f"{n} {_CHECK_SHORT[k]}" for k, n in sorted(unit.checks.items()))
+            logger.warning(f"task '{task}', {part}: dropped {sum(unit.checks.values())} pair(s): {found} "
+                           "(`format.checks: warn`)")
 
 
 # ----------------------------------------------------------------- rendering rows

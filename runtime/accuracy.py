@@ -26,6 +26,7 @@ import copy
 import inspect
 import json
 import logging
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,8 +47,6 @@ from .dist import Dist
 
 logger = logging.getLogger(__name__)
 
-EVAL = "eval.json"
-PREDICTIONS = "predictions"
 GROUPS = ("trained", "held-out")
 METRICS = ("chance", "majority", "acc", "acc_norm", "acc_calibrated")
 
@@ -278,15 +277,16 @@ def describe_base(sp: StagePlan) -> str:
 
 def run_eval(out: Path, plan: Plan, stage: str, base: bool, tasks: tuple[str, ...], limit: int | None,
              device: str, model: str | None = None, generation: bool = False,
-             max_new_tokens: int = 32) -> dict[str, Any]:
-    """Evaluate and write ``runs/<stage>/eval.json`` and the predictions; returns what eval.json holds.
+             max_new_tokens: int = 32, shots: int = 0) -> dict[str, Any]:
+    """Evaluate and write ``runs/<stage>/eval.json`` (``eval-Kshot.json`` for ``shots`` K) and the
+    predictions; returns what the file holds.
 
     The build folder's lock is held throughout: a `tunec run` replacing the stage's folder meanwhile
     would mix two models' results."""
     lock = BuildLock(out, "eval").acquire()
     try:
         return evaluate_stage(Path(out), plan, stage, base, tasks, limit, models.pick_device(device), Dist(),
-                              model=model, generation=generation, max_new_tokens=max_new_tokens)
+                              model=model, generation=generation, max_new_tokens=max_new_tokens, shots=shots)
     finally:
         lock.release()
 
@@ -421,11 +421,21 @@ def content_free_prompts(plan: Plan, sp: StagePlan, task: str, tokenizer) -> dic
 
 def evaluate_stage(out: Path, plan: Plan, stage: str, base: bool, tasks: tuple[str, ...], limit: int | None,
                    dev: torch.device, dist: Dist, model: str | None = None, generation: bool = False,
-                   max_new_tokens: int = 32) -> dict[str, Any]:
+                   max_new_tokens: int = 32, shots: int = 0) -> dict[str, Any]:
     """:func:`run_eval` without the lock (``tunec run`` holds it already). Under torchrun every rank scores
     a share of each task's records and rank 0 writes the files. ``model`` (``--model``): a stage or a
-    folder, scored on this stage's eval sets and written under ``model``."""
-    scoring = Scoring.prepare(out, plan, stage, tasks, limit, generation, max_new_tokens)
+    folder, scored on this stage's eval sets and written under ``model``. ``shots``: the eval sets of
+    the recipe compiled again with that many exemplars per example (:mod:`tunec.runtime.eval_shots`)."""
+    if not shots:
+        scoring = Scoring.prepare(out, plan, stage, tasks, limit, generation, max_new_tokens)
+    else:
+        from .eval_shots import few_shot_build
+
+        _, names, made = select_tasks(plan, stage, tasks, generation)
+        with tempfile.TemporaryDirectory(prefix="tunec-shots-") as tmp:  # read whole before it goes
+            shown = few_shot_build(out, plan, [*names, *made], shots, Path(tmp) / "build")
+            scoring = Scoring.prepare(Path(tmp) / "build", shown, stage, tuple([*names, *made]), limit, generation,
+                                      max_new_tokens)
     result = outputs.read_result(out, stage)
     if result is None and not base and model is None:
         raise TunecError(f"stage `{stage}` has not run (no {outputs.run_dir(out, stage) / outputs.RESULT}); "
@@ -450,32 +460,37 @@ def evaluate_stage(out: Path, plan: Plan, stage: str, base: bool, tasks: tuple[s
                     + (f", {dist.world_size} ranks" if dist.active else ""))
     metrics, predictions = scoring.score(loaded, scoring.names, dev, dist)
     part = scoring.part(label, fp, limit, metrics)
+    part["shots"] = shots
     if not dist.is_main:
         return {}
-    return write_part(out, stage, which, part, predictions, result.fingerprint if result else None)
+    return write_part(out, stage, which, part, predictions, result.fingerprint if result else None, shots)
 
 
 def write_part(out: Path, stage: str, which: str, part: dict[str, Any], predictions: dict[str, list[dict]],
-               stage_fingerprint: str | None) -> dict[str, Any]:
+               stage_fingerprint: str | None, shots: int = 0) -> dict[str, Any]:
     """Put one model's results into ``runs/<stage>/eval.json`` (``which``: stage, base or model) and its
     predictions into ``predictions/`` (``predictions/<which>/`` but for the stage); the stage's results of
     an earlier training of the stage are dropped."""
+    from .eval_shots import eval_name, predictions_name
+
     rd = outputs.run_dir(out, stage)
-    saved = read_eval(out, stage) or {}
+    saved = read_eval(out, stage, shots) or {}
     if "stage" in saved and saved["stage"].get("fingerprint") != stage_fingerprint:
         saved.pop("stage")  # of an earlier training of the stage
     saved.update({"format": "tunec.eval", "stage_name": stage, which: part})
-    folder = rd / PREDICTIONS if which == "stage" else rd / PREDICTIONS / which
+    folder = rd / predictions_name(shots) if which == "stage" else rd / predictions_name(shots) / which
     folder.mkdir(parents=True, exist_ok=True)
     for t, found in predictions.items():
         atomic_write_text(folder / f"{t}.jsonl",
                           "".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in found))
-    atomic_write_json(rd / EVAL, saved)
+    atomic_write_json(rd / eval_name(shots), saved)
     return saved
 
 
-def read_eval(out: Path, stage: str) -> dict[str, Any] | None:
-    path = outputs.run_dir(out, stage) / EVAL
+def read_eval(out: Path, stage: str, shots: int = 0) -> dict[str, Any] | None:
+    from .eval_shots import eval_name
+
+    path = outputs.run_dir(out, stage) / eval_name(shots)
     if not path.is_file():
         return None
     try:

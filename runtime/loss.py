@@ -124,6 +124,12 @@ def _trained(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, 
     return where, hidden.reshape(b * t, h).index_select(0, where), flat.index_select(0, where)
 
 
+def _zero(head: OutputHead, hidden: torch.Tensor) -> torch.Tensor:
+    """0, computed from every parameter a loss uses (one token through the head): with nothing trained in a
+    micro-batch, DDP still gets a gradient, of zeros, for each parameter it waits for."""
+    return head.logits(hidden.reshape(-1, hidden.shape[-1])[:1]).sum() * 0.0
+
+
 def _chunked(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], h: torch.Tensor, y: torch.Tensor,
              chunk: int) -> list[torch.Tensor]:
     """``fn`` over chunks of ``(h, y)``, each chunk's intermediates freed after its forward and recomputed in
@@ -140,7 +146,7 @@ def loss_sum(head: OutputHead, hidden: torch.Tensor, labels: torch.Tensor, chunk
     """Summed token cross-entropy (float32) of ``hidden`` ``[B, T, H]`` against unshifted ``labels`` ``[B, T]``."""
     _, h, y = _trained(hidden, labels)
     if h.shape[0] == 0:
-        return hidden.sum() * 0.0  # no trained token: a zero that still belongs to the graph (DDP, FSDP)
+        return _zero(head, hidden)
     if liger_usable(head, hidden):
         return _liger_loss(head, h, y)
 
@@ -158,7 +164,7 @@ def token_logprobs(head: OutputHead, hidden: torch.Tensor, labels: torch.Tensor,
     where, h, y = _trained(hidden, labels)
     out = torch.zeros(b * t, dtype=torch.float32, device=hidden.device)
     if h.shape[0] == 0:
-        return (out + hidden.sum() * 0.0).reshape(b, t)
+        return (out + _zero(head, hidden)).reshape(b, t)
 
     def piece(hc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
         return torch.log_softmax(head.logits(hc), dim=-1).gather(1, yc[:, None]).squeeze(1)

@@ -129,10 +129,10 @@ def pair_losses(objective: Objective, chosen: torch.Tensor, rejected: torch.Tens
     if isinstance(objective, DpoObjective):
         assert ref_chosen is not None and ref_rejected is not None, "DPO needs reference log-probs"
         pc, pr, rc, rr = chosen, rejected, ref_chosen, ref_rejected
-        if objective.loss == "ipo":
-            pc, pr, rc, rr = avg_c, avg_r, ref_chosen / n_chosen, ref_rejected / n_rejected
         beta, ls = objective.beta, objective.label_smoothing
         logits = (pc - pr) - (rc - rr)
+        if objective.loss == "ipo":  # per-token log-ratios (as TRL, with the IPO authors); rewards stay summed
+            logits = (pc - rc) / n_chosen - (pr - rr) / n_rejected
         if objective.loss == "sigmoid":
             losses = -F.logsigmoid(beta * logits) * (1 - ls) - F.logsigmoid(-beta * logits) * ls
         elif objective.loss == "robust":

@@ -23,6 +23,9 @@ Fixtures:
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Callable
@@ -111,12 +114,26 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _session_unit_cache(tmp_path_factory: pytest.TempPathFactory):
-    """``TUNEC_CACHE`` in a temporary folder from the start, for module and session fixtures that compile."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TUNEC_CACHE", str(tmp_path_factory.mktemp("tunec-cache-session")))
-        yield
+_SESSION_CACHE: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """``TUNEC_CACHE`` in a temporary folder before any test module is imported: module-level
+    environments (``ENV = dict(os.environ, ...)`` for subprocesses) and module or session fixtures
+    that compile never reach the user's cache."""
+    folder = tempfile.mkdtemp(prefix="tunec-test-cache-")
+    _SESSION_CACHE.append(os.environ.get("TUNEC_CACHE", ""))
+    os.environ["TUNEC_CACHE"] = folder
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _SESSION_CACHE:
+        shutil.rmtree(os.environ.get("TUNEC_CACHE", ""), ignore_errors=True)
+        before = _SESSION_CACHE.pop()
+        if before:
+            os.environ["TUNEC_CACHE"] = before
+        else:
+            os.environ.pop("TUNEC_CACHE", None)
 
 
 @pytest.fixture(autouse=True)

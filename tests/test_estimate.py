@@ -22,6 +22,10 @@ CONFIGS = {
     "qwen3": dict(LLAMA, model_type="qwen3", head_dim=32),
     "mistral": dict(LLAMA, model_type="mistral"),
     "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=512, n_positions=128),
+    # Qwen2.5-0.5B's architecture (its config.json's sizes): 494,032,768 parameters
+    "qwen2.5-0.5b": dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                         num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True,
+                         max_position_embeddings=32768),
 }
 LORAS = {
     "none": None,
@@ -235,3 +239,17 @@ def test_steps_and_micro_batches_are_the_runtime_s(rows, batch_tokens, epochs, m
     batching = plan_batching(rows, 128, batch_tokens, 3, epochs, max_steps, 1)
     assert (est.steps, est.rows_per_step, est.micro_batch_rows) == (
         batching.total_steps, batching.rows_per_step, batching.micro_batch_rows)
+
+
+def test_tunec_plan_needs_no_torch(demo):
+    """The estimates are the compiler's: `compile` made them (test_cli checks it imports no torch), and
+    `tunec plan` prints them without importing torch either."""
+    import subprocess
+    import sys
+
+    _, out = demo
+    code = ("import sys\nfrom tunec.cli import main\ntry:\n    main(['plan', %r, '--gpu', 'cpu'])\n"
+            "except SystemExit as exc:\n    assert exc.code == 0, exc.code\nprint('torch' in sys.modules)\n" % str(out))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "time on cpu" in result.stdout and result.stdout.strip().splitlines()[-1] == "False"

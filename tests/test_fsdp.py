@@ -144,3 +144,32 @@ def test_fsdp_with_an_adapter_is_a_located_error(tmp_path):
     (problem,) = err.value.problems
     assert "stages[0]" in str(problem) and "`parallelism: fsdp` trains full models only for now" in str(problem)
     assert problem.line == 12
+
+
+def test_the_gathered_model_is_the_trained_one_tied_embeddings_included():
+    from tunec.compiler.recipe import ConfigModel
+    from tunec.runtime import fsdp
+    from tunec.runtime.dist import Dist
+    from tunec.runtime.memory import Precision
+    from tunec.runtime.model import PackedLM, build_from_config
+
+    config = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "tie_word_embeddings": True}
+    model, attn = build_from_config(ConfigModel(kind="config", config=config), 0, "sdpa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    packed = PackedLM(model, attn)
+    assert len(fsdp.decoder_layers(model)) == 2  # each its own FSDP unit
+    try:
+        fsdp.shard(packed, model, Precision(), torch.device("cpu"))
+        assert fsdp.is_sharded(packed)
+        copy = fsdp.gathered(packed, model, Dist())
+    finally:
+        fsdp.release()
+    assert copy.get_output_embeddings().weight is copy.get_input_embeddings().weight
+    after = copy.state_dict()
+    assert set(after) == set(before)
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, msg=name)
+    ids = torch.randint(0, 256, (1, 12))
+    torch.testing.assert_close(copy(input_ids=ids).logits, build_from_config(
+        ConfigModel(kind="config", config=config), 0, "sdpa")[0](input_ids=ids).logits)

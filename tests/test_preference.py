@@ -6,6 +6,7 @@ Every build here uses the demo tokenizer and small JSONL files written by the te
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,7 @@ def test_each_pair_is_two_documents_in_one_row_masked_on_response_and_eos(tmp_pa
     plan = read_plan(out)
     counts = plan.stage("align").tasks["pairs"]
     assert counts.pairs == len(rows) and counts.examples == 2 * len(rows)
+    assert counts.templates == {"pairs": 2 * len(rows)}  # what `tunec inspect` lists
     train = plan.stage("align").train
     assert 0 < train.fill_rate <= 1 and train.tokens == sum(len(d["ids"]) for d in docs)
     header, _ = read_header(out / train.shards[0].path)
@@ -188,7 +190,7 @@ def test_truncation_drops_or_cuts_the_pair_as_a_whole(tmp_path):
     assert c["ids"][:-2] == r["ids"][:-2]
 
 
-def test_identical_pairs_are_an_error_or_dropped_and_counted(tmp_path):
+def test_identical_pairs_are_an_error_or_dropped_and_counted(tmp_path, caplog):
     rows = sums(6)
     rows[2]["bad"] = rows[2]["good"]
     rows[4]["bad"] = rows[4]["good"] + "  "
@@ -196,9 +198,12 @@ def test_identical_pairs_are_an_error_or_dropped_and_counted(tmp_path):
     assert problems == ["task 'pairs', train row 2: chosen and rejected are the same text; fix the row, or set "
                         "`format.checks: warn` to drop such pairs (counted in the plan)"]
     fmt = FORMAT[:-1] + ", checks: warn}"
-    out = build(tmp_path, rows=rows, fmt=fmt)
+    with caplog.at_level(logging.WARNING, logger="tunec.compiler.preference"):
+        out = build(tmp_path, rows=rows, fmt=fmt)
     counts = read_plan(out).stage("align").tasks["pairs"]
     assert counts.pairs == 4 and counts.checks == {"identical": 1, "whitespace_only": 1}
+    assert "task 'pairs', train: dropped 2 pair(s): 1 identical, 1 differing only in whitespace " \
+        "(`format.checks: warn`)" in caplog.text
 
 
 # ----------------------------------------------------------------- located errors

@@ -8,6 +8,7 @@ paper's formula written out again; tunec's packed path must agree to 1e-5.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from contextlib import nullcontext
@@ -230,7 +231,7 @@ def test_dpo_learns_a_toy_preference_on_held_out_pairs(tmp_path, one_thread):
 
 
 @pytest.mark.parametrize("objective", ["{kind: simpo}", "{kind: orpo}", "{kind: dpo, loss: ipo}", "{kind: kto}"])
-def test_every_objective_trains_and_logs_trl_metrics(tmp_path, objective, one_thread):
+def test_every_objective_trains_and_logs_trl_metrics(tmp_path, objective, one_thread, caplog):
     fmt = None
     rows = sums(16)
     if "kto" in objective:
@@ -239,8 +240,11 @@ def test_every_objective_trains_and_logs_trl_metrics(tmp_path, objective, one_th
     kw = {"fmt": fmt} if fmt else {}
     out = build(tmp_path, rows=rows, objective=objective, task_opts="    eval: {fraction: 0.25}\n",
                 stage_opts="    batch_tokens: 256\n    max_steps: 3\n    lr: 1.0e-3\n", **kw)
-    run(out, RunOptions(**QUIET))
+    with caplog.at_level(logging.INFO, logger="tunec.runtime.log"):
+        run(out, RunOptions(**QUIET))
     records = metrics(out)
+    progress = [m for m in caplog.messages if m.startswith("step 3/3: loss")]
+    assert len(progress) == 1 and ("rewards/accuracies" in progress[0]) == ("kto" not in objective)
     train = [r for r in records if "loss" in r]
     assert len(train) == 3 and all(math.isfinite(r["loss"]) for r in train)
     assert {"rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(train[-1])
@@ -277,3 +281,28 @@ def test_reference_from_an_earlier_stage(tmp_path, one_thread):
     data = ShardSet(out, read_plan(out).stage("dpo").train)
     again, _ = set_logps(sft, data, 4, Dist(), torch.device("cpu"), nullcontext)
     np.testing.assert_allclose(saved, again, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_reference_is_the_base_with_the_adapter_disabled(tmp_path, one_thread):
+    """With LoRA, `reference: initial` is the base model: the saved reference log-probs equal the base's
+    (the stage's starting weights, rebuilt from the same seeded config), and training moves the adapter only."""
+    from safetensors.numpy import load_file as load_numpy
+    from tiny import tiny_llama
+
+    from tunec.compiler.recipe import ConfigModel
+    from tunec.runtime.model import build_from_config
+
+    out = build(tmp_path, rows=sums(16), stage_opts="    batch_tokens: 256\n    max_steps: 2\n    lr: 1.0e-2\n"
+                "    peft: {kind: lora, r: 4, alpha: 8, dropout: 0.0}\n")
+    run(out, RunOptions(**QUIET))
+    plan = read_plan(out)
+    spec = plan.stage("align").settings.model
+    assert isinstance(spec, ConfigModel) and "llama" in tiny_llama()
+    base, _ = build_from_config(spec, plan.seed, "sdpa")
+    data = ShardSet(out, plan.stage("align").train)
+    want, _ = set_logps(PreferenceLM(base.eval(), "sdpa"), data, 4, Dist(), torch.device("cpu"), nullcontext)
+    saved = load_numpy(out / "runs" / "align" / "reference.safetensors")["train"]
+    np.testing.assert_allclose(saved, want, rtol=1e-5, atol=1e-5)
+    first, second = [r for r in metrics(out) if "loss" in r]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and second["rewards/margins"] != 0.0
+    assert (out / "runs" / "align" / "adapter").is_dir()

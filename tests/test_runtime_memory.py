@@ -113,6 +113,10 @@ def test_no_trained_token_gives_a_zero_in_the_graph():
     loss = loss_sum(OutputHead.of(model), packed_hidden(model, ids, pos, attn), torch.full_like(labels, IGNORE))
     assert float(loss.detach()) == 0.0 and loss.requires_grad
     loss.backward()  # a rank whose micro-batch trains nothing still takes part in the gradient reduction
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing  # DDP waits for a gradient of every parameter, the output layer's included
+    logps = token_logprobs(OutputHead.of(model), packed_hidden(model, ids, pos, attn), torch.full_like(labels, IGNORE))
+    assert logps.shape == labels.shape and not logps.detach().any() and logps.requires_grad
 
 
 def test_chunk_size_bounds_the_logits_in_memory():

@@ -119,9 +119,8 @@ def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_r
                                "over through the cache)")
 
     def said(reused: list[tuple[str, str]], rebuilt: list[tuple[str, str]]) -> None:
-        names = lambda parts: ", ".join(f"{t}/{p}" for t, p in parts)  # noqa: E731
-        click.echo(f"units: {len(reused)} reused, {len(rebuilt)} rebuilt" + (f" ({names(rebuilt)})" if rebuilt and
-                                                                               reused else ""))
+        which = ", ".join(f"{t}/{p}" for t, p in rebuilt) if rebuilt and reused else ""  # an incremental build
+        click.echo(f"units: {len(reused)} reused, {len(rebuilt)} rebuilt" + (f" ({which})" if which else ""))
 
     options = Options(
         workers=workers or os.cpu_count() or 1,
@@ -392,9 +391,12 @@ def _conversation(path: str | None, items: tuple[str, ...]) -> list[dict] | None
               "decoding, exact match and token F1.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True,
               help="With --generate: the longest answer generated.")
+@click.option("--shots", type=click.IntRange(min=0, max=1000), default=0, show_default=True,
+              help="Exemplars from each task's train rows before every example (the recipe compiled again "
+              "with `few_shot: {shots: K}`); results in eval-Kshot.json.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def eval_cmd(out: str, stage: str | None, base: bool, tasks: tuple[str, ...], model: str | None, limit: int | None,
-             generation: bool, max_new_tokens: int, device: str) -> None:
+             generation: bool, max_new_tokens: int, shots: int, device: str) -> None:
     """Accuracy on the stage's eval sets with answer choices, by rank classification (log-likelihood of each
     choice after the prompt). Results: OUT/runs/<stage>/eval.json and predictions/<task>.jsonl.
     """
@@ -411,10 +413,13 @@ def eval_cmd(out: str, stage: str | None, base: bool, tasks: tuple[str, ...], mo
         else:
             name = plan.stages[-1].name if model is not None else accuracy.last_run_stage(Path(out), plan)
         saved = accuracy.run_eval(Path(out), plan, name, base, tasks, limit, device, model, generation,
-                                  max_new_tokens)
+                                  max_new_tokens, shots)
     except TunecError as exc:
         raise _fail(exc) from None
-    click.echo(f"stage {name}: accuracy by rank classification ({out}/runs/{name}/eval.json)")
+    from .runtime.eval_shots import eval_name
+
+    click.echo(f"stage {name}: accuracy by rank classification{f', {shots}-shot' if shots else ''} "
+               f"({out}/runs/{name}/{eval_name(shots)})")
     for line in accuracy.table(saved):
         click.echo(line)
 
