@@ -19,10 +19,11 @@ recipe trains on them) and the accuracy on the target task's test split; the
 base row is the starting model. ``acc`` ranks the choices by summed
 log-likelihood, ``acc_norm`` per character (see README, "Evaluation").
 
-The default is the reduced run for a CPU (``--max-steps 2`` per stage of
-``--batch-tokens 768``, two rows, and only the first ``--limit 8`` test rows of
+The default is the reduced run for a CPU (``--max-steps 1`` per stage of
+``--batch-tokens 384``, one row, and only the first ``--limit 3`` test rows of
 each eval task compiled, which bounds the eval loss pass as well as the
-accuracy): it proves the machinery, its numbers are noise. ``--full`` trains every stage as its recipe says and
+accuracy): it proves the machinery end to end, its numbers are noise. Raise
+the three options for a longer CPU run. ``--full`` trains every stage as its recipe says and
 scores every record (meant for a GPU). Without ../shared/data it prints
 ``skip: ...`` and exits 0.
 
@@ -122,10 +123,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="every step and every record (for a GPU)")
     parser.add_argument("--limit", type=int, default=None,
-                        help="test rows per eval task, compiled [reduced: 8; --full: all]")
-    parser.add_argument("--max-steps", type=int, default=None, help="steps per stage [reduced: 2; --full: all]")
+                        help="test rows per eval task, compiled [reduced: 3; --full: all]")
+    parser.add_argument("--max-steps", type=int, default=None, help="steps per stage [reduced: 1; --full: all]")
     parser.add_argument("--batch-tokens", type=int, default=None,
-                        help="tokens per step [reduced: 768, two rows; --full: as the recipes say]")
+                        help="tokens per step [reduced: 384, one row; --full: as the recipes say]")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--model", type=Path, default=None, help="the model folder [default: bench/get_model.py's]")
     parser.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the folder holding data/")
@@ -138,9 +139,9 @@ def main() -> None:
     if not (REPO / "recipes" / "../../shared").resolve().samefile(args.shared.resolve()):
         raise SystemExit("error: the evidence recipes read ../shared/data beside the repository; "
                          f"{args.shared} is another folder")
-    limit = args.limit if args.limit is not None else (None if args.full else 8)
-    max_steps = args.max_steps if args.max_steps is not None else (None if args.full else 2)
-    batch_tokens = args.batch_tokens if args.batch_tokens is not None else (None if args.full else 768)
+    limit = args.limit if args.limit is not None else (None if args.full else 3)
+    max_steps = args.max_steps if args.max_steps is not None else (None if args.full else 1)
+    batch_tokens = args.batch_tokens if args.batch_tokens is not None else (None if args.full else 384)
 
     from get_model import get_model
 

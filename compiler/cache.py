@@ -18,8 +18,8 @@ rename), and every read checks the magic and the hash: a damaged or cut entry
 is removed and rebuilt, never used. A hit touches the file, so ``tunec cache
 prune --older-than`` removes what no compile has used for that long.
 
->>> plain({"b": (1, 2), "a": None})
-{'a': None, 'b': [1, 2]}
+>>> plain({"a": (1, 2), "b": None})
+{'a': [1, 2], 'b': None}
 >>> parse_age("36h"), parse_age("2d"), parse_age("90s")
 (129600.0, 172800.0, 90.0)
 """

@@ -688,15 +688,18 @@ class Stage(Strict):
 
     @model_validator(mode="after")
     def _runtime_combinations(self) -> "Stage":
+        found = []
         if isinstance(self.parallelism, FsdpParallelism) and self.micro_batch_rows == "auto":
-            raise ValueError("`micro_batch_rows: auto` tries sizes on one process, which FSDP's collective passes "
-                             "do not allow; give a number with `parallelism: fsdp`")
+            found.append("`micro_batch_rows: auto` tries sizes on one process, which FSDP's collective passes "
+                         "do not allow; give a number with `parallelism: fsdp`")
         if isinstance(self.parallelism, FsdpParallelism) and not isinstance(self.peft, NoPeft):
-            raise ValueError(f"`parallelism: fsdp` trains full models only for now; use `peft: none` or "
-                             f"`parallelism: ddp` with `peft: {self.peft.kind}`")
+            found.append(f"`parallelism: fsdp` trains full models only for now; use `peft: none` or "
+                         f"`parallelism: ddp` with `peft: {self.peft.kind}`")
         if isinstance(self.peft, QLoraPeft) and not isinstance(self.model, (LocalModel, HubModel)):
-            raise ValueError("`peft: qlora` quantizes a pretrained base: give `model: {kind: hub, ...}` or "
-                             "`{kind: local, ...}`")
+            found.append("`peft: qlora` quantizes a pretrained base: give `model: {kind: hub, ...}` or "
+                         "`{kind: local, ...}`")
+        if found:
+            raise ValueError("; ".join(found))
         return self
 
 

@@ -127,7 +127,7 @@ def score(model, backend, info: TokenizerInfo, record: dict, chat: bool, seq_len
         if enc.spans[0][0] == 0:
             raise TunecError(f"row {record.get('row')}: the prompt is empty; nothing predicts choice {choice!r}")
     shared = _shared_prefix(encoded)
-    head, cache, arg = None, None, _cache_argument(model)
+    head, cache, arg = None, None, _cache_argument(model) or ""
     if arg and shared and all(len(e.ids) <= seq_len for e in encoded):
         out = model(input_ids=torch.tensor([encoded[0].ids[:shared]], device=device), use_cache=True)
         cache = getattr(out, arg, None)
@@ -546,6 +546,8 @@ def _grid(saved: dict[str, Any], section: str | None, metrics: tuple[str, ...], 
         g = main["groups"].get(group)
         if g:
             rows.append(["mean", group, "", *[fmt(g.get(x)) for x in extra], *cells("groups", group)])
+    if not rows:  # the model scored last had no task of this kind
+        return []
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
             for r in [header, *rows]]

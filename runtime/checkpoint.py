@@ -93,6 +93,7 @@ def save(folder: Path, step: int, model, optimizer, scheduler, state: dict, dist
         torch.save(dict(saved, optimizer=optimizer.state_dict()), tmp / "optimizer.pt")
         for name in ("trainable.safetensors", "optimizer.pt"):
             _fsync(tmp / name)  # the rename below must not outrun the data on a power cut
+    if dist.is_main:  # last: dcp.save returns once every rank's shards and the metadata are written
         atomic_write_json(tmp / "state.json", dict(state, step=step))
     dist.barrier()  # every rank's RNG file is in place
     if dist.is_main:

@@ -216,7 +216,7 @@ def add_lora(model, peft: LoraPeft, seed: int):
 
     config = LoraConfig(
         r=peft.r,
-        lora_alpha=peft.alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales as well
+        lora_alpha=peft.alpha,  # type: ignore[arg-type,unused-ignore]  # older peft annotates int; a float scales as well
         lora_dropout=peft.dropout,
         target_modules=peft.target_modules,
         use_dora=peft.use_dora,

@@ -160,6 +160,7 @@ def run(out: str | Path, options: RunOptions = RunOptions()) -> list[outputs.Sta
         with _hold(out, dist, device):
             return _run(out, options, dist, device)
     finally:
+        fsdp.release()  # the one-process group of an FSDP stage, when one stopped early
         distmod.shutdown(dist)
 
 
@@ -423,6 +424,10 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     state: dict[str, Any] = {}
     if ckpt is not None:
         state = checkpoint.load(ckpt, model, optimizer, scheduler, dist, loop.scaler)
+        if state.get("rows_per_step", batching.rows_per_step) != batching.rows_per_step:  # another process count
+            raise TunecError(f"{ckpt}: saved by {state.get('world_size')} process(es) taking {state['rows_per_step']} "
+                             f"rows per step; with {dist.world_size} a step takes {batching.rows_per_step}, so the "
+                             "data order would differ; resume with a process count that divides the step's rows")
         progress = Progress(state["step"], state["tokens"], state["trained_tokens"])
         if "window" in state:  # the loss since the last record, so the next record reads as uninterrupted
             progress.window.update(state["window"])

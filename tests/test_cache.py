@@ -81,6 +81,7 @@ def changed(before: dict[str, str], after: dict[str, str]) -> set[str]:
 ALL = {"add/train", "add/eval", "more/train"}
 
 
+@pytest.mark.slow  # thirteen compiles
 def test_each_input_invalidates_the_units_it_reaches_and_nothing_else(project):
     base = keys(project, recipe(project))
     assert set(base) == ALL
@@ -238,3 +239,48 @@ def test_executor_ray_without_ray_is_one_error_line(project, monkeypatch):
     assert result.exit_code == 1
     assert result.output.strip().splitlines()[-1] == ("error: --executor ray needs Ray: pip install 'tunec[ray]' "
                                                       "(or `pip install ray`)")
+
+
+def test_the_module_examples_hold():
+    import doctest
+
+    assert doctest.testmod(cache_mod).failed == 0
+
+
+def test_which_files_each_part_reads(tmp_path):
+    """A part's key reads the files its rows come from: its split, an eval file, the train split when
+    its few-shot exemplars or its eval fraction come from there; never the other files."""
+    from tunec.compiler.check import check
+    from tunec.compiler.load import load_recipe
+    from tunec.compiler.sources import part_inputs
+
+    for name in ("train", "test", "extra"):
+        _rows(tmp_path / f"{name}.jsonl", 0, 6)
+    t = '{kind: inline, name: t, prompt: "{{ q }}", completion: " {{ a }}"}'
+    (tmp_path / "r.yaml").write_text("\n".join([
+        f"tokenizer: {{kind: local, path: {TOKENIZER}}}",
+        "seq_len: 64",
+        "tasks:",
+        f"  split: {{source: {{kind: jsonl, path: {{train: train.jsonl, test: test.jsonl}}}}, templates: [{t}],"
+        " eval: {split: test}}",
+        f"  shots: {{source: {{kind: jsonl, path: {{train: train.jsonl, test: test.jsonl}}}}, templates: [{t}],"
+        " eval: {split: test}, few_shot: {shots: 1}}",
+        f"  frac: {{source: {{kind: jsonl, path: train.jsonl}}, templates: [{t}], eval: {{fraction: 0.5}}}}",
+        f"  file: {{source: {{kind: jsonl, path: train.jsonl}}, templates: [{t}], eval: {{file: extra.jsonl}}}}",
+        "stages:",
+        f"  - {{name: s, objective: sft, tasks: [split, shots, frac, file], model: {MODEL}}}",
+    ]) + "\n", encoding="utf-8")
+    loaded = check(load_recipe(tmp_path / "r.yaml")).loaded
+
+    def files(task: str, part: str) -> set[str]:
+        options, content = part_inputs(loaded, task, loaded.recipe.tasks[task], part)
+        assert "path" not in options["source"] and "leakage" not in options
+        return set(content)
+
+    assert files("split", "train") == {"split:train"} and files("split", "eval") == {"split:test"}
+    assert files("shots", "eval") == {"split:test", "split:train"}
+    assert files("frac", "train") == files("frac", "eval") == {"split:train"}
+    assert files("file", "train") == {"split:train"} and files("file", "eval") == {"eval_file"}
+    # a train part's key leaves out the eval selection, unless its rows depend on it
+    assert "eval" not in part_inputs(loaded, "split", loaded.recipe.tasks["split"], "train")[0]
+    assert "eval" in part_inputs(loaded, "frac", loaded.recipe.tasks["frac"], "train")[0]

@@ -24,6 +24,7 @@ from tiny import DEMO, QUIET, Interrupt, interrupt_after, tiny_llama
 from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.errors import TunecError
 from tunec.compiler.load import load_recipe
+from tunec.runtime import checkpoint
 from tunec.runtime.run import RunOptions, run
 
 RECIPE = f"""
@@ -98,8 +99,18 @@ def torchrun(out: Path, nproc: int, *extra: str) -> str:
     return stdout + stderr
 
 
+def resumed(out: Path, caplog, at: int) -> None:
+    """``tunec run --resume`` that really continues from checkpoint ``at`` (not a fresh start)."""
+    ckpt = out / f"runs/sharded/checkpoints/step-{at:08d}"
+    assert checkpoint.problem(ckpt) is None and (ckpt / "dcp" / ".metadata").is_file()
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(out, RunOptions(resume=True, **QUIET))
+    assert any(f"resuming at step {at}" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.slow
-def test_one_process_fsdp_trains_as_ddp_and_resumes_exactly(compiled, tmp_path):
+def test_one_process_fsdp_trains_as_ddp_and_resumes_exactly(compiled, tmp_path, caplog):
     shutil.copytree(compiled["ddp"], tmp_path / "ddp")
     run(tmp_path / "ddp", RunOptions(**QUIET))
     shutil.copytree(compiled["fsdp"], tmp_path / "fsdp")
@@ -111,12 +122,12 @@ def test_one_process_fsdp_trains_as_ddp_and_resumes_exactly(compiled, tmp_path):
     out = shutil.copytree(compiled["fsdp"], tmp_path / "interrupted")
     with pytest.raises(Interrupt):
         run(out, RunOptions(on_step=interrupt_after(3), **QUIET))
-    run(out, RunOptions(resume=True, **QUIET))  # from the step-2 checkpoint
+    resumed(out, caplog, 2)
     assert_same(outcome(out), fsdp)
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_a_two_process_checkpoint_resumes_in_one(compiled, tmp_path):
+def test_two_processes_match_one_and_a_two_process_checkpoint_resumes_in_one(compiled, tmp_path, caplog):
     one = shutil.copytree(compiled["fsdp"], tmp_path / "one")
     run(one, RunOptions(**QUIET))
     two = shutil.copytree(compiled["fsdp"], tmp_path / "two")
@@ -132,7 +143,7 @@ def test_two_processes_match_one_and_a_two_process_checkpoint_resumes_in_one(com
     for gone in ("checkpoints/step-00000004", "model", "result.json"):
         path = cut / "runs/sharded" / gone
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    run(cut, RunOptions(resume=True, **QUIET))  # one process reads the two processes' shards
+    resumed(cut, caplog, 2)  # one process reads the two processes' shards
     assert_same(outcome(cut), outcome(two))
 
 
@@ -173,3 +184,15 @@ def test_the_gathered_model_is_the_trained_one_tied_embeddings_included():
     ids = torch.randint(0, 256, (1, 12))
     torch.testing.assert_close(copy(input_ids=ids).logits, build_from_config(
         ConfigModel(kind="config", config=config), 0, "sdpa")[0](input_ids=ids).logits)
+
+
+def test_a_checkpoint_whose_steps_took_other_rows_is_refused(compiled, tmp_path):
+    out = shutil.copytree(compiled["fsdp"], tmp_path / "build")
+    with pytest.raises(Interrupt):
+        run(out, RunOptions(on_step=interrupt_after(2), **QUIET))
+    state = out / "runs/sharded/checkpoints/step-00000002/state.json"
+    saved = json.loads(state.read_text())
+    assert saved["rows_per_step"] == 6
+    state.write_text(json.dumps(dict(saved, rows_per_step=4, world_size=2)))  # as 2 processes would round 5 rows
+    with pytest.raises(TunecError, match=r"saved by 2 process\(es\) taking 4 rows per step; with 1 a step takes 6"):
+        run(out, RunOptions(resume=True, **QUIET))

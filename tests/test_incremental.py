@@ -42,6 +42,7 @@ def compile_(path: Path, out: Path, **kw) -> tuple[list, list]:
     return said[0]
 
 
+@pytest.mark.slow  # five compiles of the demo collection
 def test_one_template_edit_rebuilds_its_task_only_and_matches_a_clean_build(collection, tmp_path, caplog):
     out = tmp_path / "out"
     reused, rebuilt = compile_(collection, out)

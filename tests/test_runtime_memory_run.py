@@ -52,15 +52,17 @@ def compiled(tmp_path_factory) -> Path:
     return folder / "build"
 
 
-def trained(compiled: Path, into: Path, *overrides: str, resume_with: tuple[str, ...] | None = None):
+def trained(compiled: Path, into: Path, *overrides: str, resume_with: tuple[str, ...] | None = None, caplog=None):
     out = into / "build"
     shutil.copytree(compiled, out)
     if resume_with is None:
         run(out, RunOptions(overrides=overrides, **QUIET))
     else:
         with pytest.raises(Interrupt):
-            run(out, RunOptions(overrides=overrides, on_step=interrupt_after(2), **QUIET))
-        run(out, RunOptions(overrides=resume_with, resume=True, **QUIET))
+            run(out, RunOptions(overrides=overrides, on_step=interrupt_after(3), **QUIET))
+        with caplog.at_level("INFO"):
+            run(out, RunOptions(overrides=resume_with, resume=True, **QUIET))
+        assert any("resuming at step 2" in r.getMessage() for r in caplog.records)  # not a fresh start
     losses = [json.loads(line)["loss"] for line in (out / "runs/sft/metrics.jsonl").read_text().splitlines()
               if "loss" in json.loads(line)]
     return losses, load_file(str(out / "runs/sft/model/model.safetensors"))
@@ -75,7 +77,7 @@ def same(a, b) -> None:
 
 
 @pytest.mark.slow
-def test_memory_settings_do_not_change_what_is_trained(compiled, tmp_path):
+def test_memory_settings_do_not_change_what_is_trained(compiled, tmp_path, caplog):
     chunked = trained(compiled, tmp_path / "chunked")
     full = trained(compiled, tmp_path / "full", "stages.sft.chunked_loss=false")
     recomputed = trained(compiled, tmp_path / "ckpt", "stages.sft.activation_checkpointing=true",
@@ -83,7 +85,8 @@ def test_memory_settings_do_not_change_what_is_trained(compiled, tmp_path):
     same(chunked, full)
     same(chunked, recomputed)
     resumed = trained(compiled, tmp_path / "resumed", resume_with=(
-        "stages.sft.micro_batch_rows=1", "stages.sft.activation_checkpointing=true", "stages.sft.chunked_loss=false"))
+        "stages.sft.micro_batch_rows=1", "stages.sft.activation_checkpointing=true", "stages.sft.chunked_loss=false"),
+        caplog=caplog)
     same(chunked, resumed)
 
 
