@@ -143,7 +143,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     _warn_double_spaces(units, checked.templates)
     preference.warn_checks(units)  # pairs dropped under `format.checks: warn`
     audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
-    findings = lint.for_compile(checked, options.cache_dir(), inputs)  # prompt lint: warnings, in the plan
+    findings = lint.for_compile(checked, options.cache_dir())  # prompt lint: warnings, in the plan
 
     staging.mkdir()
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
@@ -180,7 +180,8 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
                 evals[t] = linker.eval(stage, t, unit, held_out=t in stage.held_out)
         stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
                                 leakage=leaks.get(stage.name, {})))
-    stages = estimate.estimated(loaded, staging, stages, info.pad_id)  # cost per stage (compiler/estimate.py)
+    stages = estimate.estimated(loaded, staging, stages, info.pad_id,  # cost per stage (compiler/estimate.py)
+                                options.cache_dir())
 
     recipe_hash = sha256_text(canonical_json({
         "format_version": FORMAT_VERSION,

@@ -276,6 +276,74 @@ def config_here(request: dict[str, Any]) -> dict[str, Any]:
         hf_logging.set_verbosity(before)
 
 
+CONFIG_FORMAT = 1  # bump when what a cached config entry holds changes
+
+
+def config_key(request: dict[str, Any]) -> str | None:
+    """The cache key of a config request: sha256 of the request, the content of the ``config.json``
+    it reads (a local model folder's, or the hub cache's copy for a hub model), and the transformers
+    version that builds the config; None when that file is not there to hash (nothing is cached)."""
+    from importlib import metadata
+
+    from .fileio import canonical_json, sha256_text
+    from .sources import file_hash
+
+    content = None
+    if request["kind"] == "pretrained":
+        path = _config_file(request)
+        if path is None:
+            return None
+        content = file_hash(path)
+    try:
+        transformers = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        transformers = "absent"
+    return sha256_text(canonical_json({"format": CONFIG_FORMAT, "request": request, "config_json": content,
+                                       "transformers": transformers}))
+
+
+def _config_file(request: dict[str, Any]) -> Path | None:
+    """The ``config.json`` a pretrained request reads, without any download."""
+    target = Path(request["target"])
+    if target.is_dir():
+        return target / "config.json" if (target / "config.json").is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(request["target"], "config.json", revision=request.get("revision"))
+    except Exception:  # noqa: BLE001 - an id the hub cache cannot resolve: nothing to hash
+        return None
+    return Path(found) if isinstance(found, str) and Path(found).is_file() else None
+
+
+def _cached_config(request_json: str, cache: Path | None) -> tuple[dict[str, Any] | None, str | None]:
+    """:func:`_config`, read from and kept in the compile cache folder (``config/``) when one is given:
+    a recompile then builds no config and starts no child process. Only configs are kept, never
+    errors (a hub model may be downloaded before the next compile)."""
+    from .fileio import atomic_write_text, canonical_json
+
+    key = config_key(json.loads(request_json)) if cache is not None else None
+    if cache is None or key is None:
+        return _config(request_json)
+    path = cache / "config" / key[:2] / f"{key}.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, dict) and isinstance(stored.get("config"), dict):
+            return stored["config"], None
+    except (OSError, ValueError):
+        pass  # absent or damaged: build it again
+    config, why = _config(request_json)
+    if config is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, canonical_json({"config": config}))
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return config, why
+
+
 @lru_cache(maxsize=32)
 def _config(request_json: str) -> tuple[dict[str, Any] | None, str | None]:
     request = json.loads(request_json)
@@ -291,9 +359,11 @@ def _config(request_json: str) -> tuple[dict[str, Any] | None, str | None]:
     return got.get("config"), got.get("error")
 
 
-def model_config(stage: Stage, stages: dict[str, Stage]) -> tuple[dict[str, Any] | None, str | None]:
+def model_config(stage: Stage, stages: dict[str, Stage],
+                 cache: Path | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """The transformers config (``to_dict()``) a stage's model has, or ``(None, why)``; a stage that
-    starts from an earlier one has that one's architecture."""
+    starts from an earlier one has that one's architecture. ``cache``: the compile cache folder,
+    where configs are kept by content (:func:`config_key`)."""
     model = stage.model
     seen = {stage.name}
     while isinstance(model, StageModel):
@@ -309,15 +379,17 @@ def model_config(stage: Stage, stages: dict[str, Stage]) -> tuple[dict[str, Any]
         request = {"kind": "pretrained", "target": model.id, "revision": model.revision}
     else:
         return None, "unknown model kind"
-    return _config(json.dumps(request, sort_keys=True))
+    return _cached_config(json.dumps(request, sort_keys=True), cache)
 
 
-def estimated(loaded: LoadedRecipe, out: Path, stages: list[StagePlan], pad_id: int) -> list[StagePlan]:
-    """The compile's hook: each stage plan with its ``estimate`` (shards already written under ``out``)."""
+def estimated(loaded: LoadedRecipe, out: Path, stages: list[StagePlan], pad_id: int,
+              cache: Path | None = None) -> list[StagePlan]:
+    """The compile's hook: each stage plan with its ``estimate`` (shards already written under ``out``);
+    ``cache``: the compile cache folder, where model configs are kept."""
     by_name = {s.name: s.settings for s in stages}
     done = []
     for sp in stages:
-        config, why = model_config(sp.settings, by_name)
+        config, why = model_config(sp.settings, by_name, cache)
         shape = shape_of(config) if config is not None else None
         if shape is None:
             what = why or f"architecture '{(config or {}).get('model_type')}' is not modelled ({', '.join(SUPPORTED)})"

@@ -34,7 +34,9 @@ duplicate-examples      rows of a task repeat another row exactly (more than ``d
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -50,6 +52,8 @@ from .sandbox import OutOfTime, watchdog
 from .sources import Rows
 from .templates import Renderer, TemplateSource
 
+# Bump when a rule, or what it reads, changes: findings cached by an older version are then never used.
+RULES_VERSION = 1
 SAMPLE_ROWS = 2000  # rows rendered per task: enough for shares and counts, cheap beside a compile
 _MAX_LABELS = 20  # a task with at most this many distinct completions is read as a classification task
 _WORD = re.compile(r"\w+")
@@ -206,9 +210,10 @@ def _render(task: Task, sources: tuple[TemplateSource, ...], rows: Rows) -> list
         return [[] for _ in sources]
     out: list[list[_Pair]] = [[] for _ in sources]
     count = min(rows.count, SAMPLE_ROWS)
+    columns = rows.slice(0, count)  # only the sampled rows leave Arrow
     with watchdog():  # one timer for the task's renderings, as a compile chunk has
         for i in range(count):
-            row = {k: v[i] for k, v in rows.columns.items()}
+            row = {k: v[i] for k, v in columns.items()}
             for t in range(len(sources)):
                 try:
                     ctx, choices = template_context(task.answer_choices, compiled, renderer, t, row, 0)
@@ -278,17 +283,20 @@ def _squeezed(source: TemplateSource) -> str:
 
 def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
     """``(repeated rows, first row, its first repeat)`` over all rows, or None when none repeats."""
-    seen: dict[str, int] = {}
+    seen: dict[bytes, int] = {}  # a row's 128-bit digest -> its first position
     count, first = 0, None
-    names = sorted(rows.columns)
-    for i in range(rows.count):
-        key = json.dumps([rows.columns[c][i] for c in names], default=str, ensure_ascii=False)
-        if key in seen:
-            count += 1
-            if first is None:
-                first = (int(rows.index[seen[key]]), int(rows.index[i]))
-        else:
-            seen[key] = i
+    for lo, columns in rows.slices():  # a slice of rows out of Arrow at a time
+        names = sorted(columns)
+        for j in range(len(columns[names[0]]) if names else 0):
+            text = json.dumps([columns[c][j] for c in names], default=str, ensure_ascii=False)
+            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+            i = lo + j
+            if key in seen:
+                count += 1
+                if first is None:
+                    first = (int(rows.index[seen[key]]), int(rows.index[i]))
+            else:
+                seen[key] = i
     return None if first is None else (count, *first)
 
 
@@ -312,53 +320,112 @@ def _template_places(checked: Checked, name: str, task: Task, sources: tuple[Tem
     return places
 
 
-def lint_recipe(checked: Checked) -> list[Finding]:
-    """``tunec validate --lint``: load each used task's rows (train part, else eval part) and lint them."""
+def lint_part(checked: Checked, name: str) -> str:
+    """The part of task ``name`` the rules read: the one it trains on, its eval part when it is only evaluated."""
+    task = checked.recipe.tasks[name]
+    trained = any(name in s.tasks for s in checked.recipe.stages)
+    return "train" if trained or task.eval is None else "eval"
+
+
+def task_key(checked: Checked, name: str, part: str) -> str:
+    """sha256 of everything one task's findings depend on, computed without reading its rows.
+
+    The rules read the task's rows (the options that select and map them and the content of
+    the files they come from, as a compile unit's key has them), its templates (texts, kinds,
+    answer choices, separators) and where each is located in messages, the place of the
+    task's ``source`` entry, the recipe's ``lint`` settings, and the code of the rules.
+    """
+    from . import __version__
+    from .cache import code_versions, plain
+    from .fileio import canonical_json, sha256_text
+    from .sources import part_inputs
+
+    loaded = checked.loaded
+    task = checked.recipe.tasks[name]
+    sources = checked.templates[name]
+    options, content = part_inputs(loaded, name, task, part)
+    return sha256_text(canonical_json({
+        "code": code_versions(), "tunec": __version__, "rules": RULES_VERSION,
+        "config": checked.recipe.lint.model_dump(mode="json"),
+        "task": name, "part": part, "options": options, "content": content,
+        "templates": plain(list(sources)), "places": _template_places(checked, name, task, sources),
+        "source_at": location(loaded.problem(("tasks", name, "source"), "")),
+    }))
+
+
+def lint_recipe(checked: Checked, cache: Path | None = None) -> list[Finding]:
+    """Lint each used task's rows (train part, else eval part), in recipe order.
+
+    With a cache folder, each task's findings are kept there under :func:`task_key`, so a
+    recompile lints again only the tasks whose rows, templates or settings changed (a
+    template edited in one task lints that task alone) and reads no data for the others.
+    """
     from .sources import load_part
 
-    rows = {}
+    config: LintConfig = checked.recipe.lint
+    out: list[Finding] = []
     for name in checked.used_tasks():
         task = checked.recipe.tasks[name]
-        trained = any(name in s.tasks for s in checked.recipe.stages)
-        part = "train" if trained or task.eval is None else "eval"
-        rows[name] = load_part(checked.loaded, name, task, part)
-    return lint(checked, rows)
+        part = lint_part(checked, name)
+        path = None
+        if cache is not None:
+            key = task_key(checked, name, part)
+            path = cache / "lint" / key[:2] / f"{key}.json"
+            stored = _read_findings(path)
+            if stored is not None:
+                out.extend(stored)
+                continue
+        found = [f for f in _task_findings(checked, name, task, load_part(checked.loaded, name, task, part), config)
+                 if f.id not in config.disable]
+        if path is not None:
+            _write_findings(path, found)
+        out.extend(found)
+    return out
 
 
-def for_compile(checked: Checked, cache: Path | None = None, inputs: dict | None = None) -> list[LintFinding]:
+_FINDING_KEYS = {"id", "message", "location", "task", "template"}
+
+
+def _read_findings(path: Path) -> list[Finding] | None:
+    """A task's stored findings; None when there are none stored, or the entry is not whole and valid
+    (it is then linted again and rewritten)."""
+    import logging
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        data = None
+    ok = isinstance(data, list) and all(isinstance(f, dict) and set(f) == _FINDING_KEYS for f in data)
+    if not ok:
+        logging.getLogger(__name__).warning(f"cache: lint entry {path} is damaged; linting the task again")
+        return None
+    try:
+        os.utime(path)  # last use, for `tunec cache prune --older-than`
+    except OSError:
+        pass
+    return [Finding(**f) for f in data]
+
+
+def _write_findings(path: Path, found: list[Finding]) -> None:
+    from .fileio import atomic_write_text, canonical_json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, canonical_json([f.as_dict() for f in found]))
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+
+
+def for_compile(checked: Checked, cache: Path | None = None) -> list[LintFinding]:
     """``tunec compile``'s lint: each finding logged as a warning, all of them returned for the plan.
 
-    With a compile cache folder, the findings are kept there under a hash of what they depend on
-    (the recipe's text and overrides, its file's place, every input's content hash, tunec's
-    version), so a recompile whose units all come from the cache does not read the data again.
+    With a compile cache folder, findings are cached per task (:func:`lint_recipe`).
     """
     import logging
 
-    from . import __version__
-    from .fileio import atomic_write_text, canonical_json, sha256_text
-
-    path = None
-    if cache is not None and inputs is not None:
-        loaded = checked.loaded
-        key = sha256_text(canonical_json({
-            "tunec": __version__, "recipe": loaded.text, "file": loaded.display, "inputs": inputs,
-            "overrides": [o.text for o in loaded.overrides]}))
-        path = cache / "lint" / f"{key}.json"
-    found: list[dict[str, Any]] | None = None
-    if path is not None and path.is_file():
-        try:
-            found = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            found = None  # a damaged entry: lint again
-    if found is None:
-        found = [f.as_dict() for f in lint_recipe(checked)]
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(path, canonical_json(found))
-            except OSError:
-                pass  # a cache that cannot be written only costs time
-    findings = [LintFinding.model_validate(f) for f in found]
+    findings = [LintFinding.model_validate(f.as_dict()) for f in lint_recipe(checked, cache)]
     for f in findings:
         where = f"{f.location}: " if f.location else ""
         logging.getLogger(__name__).warning(f"lint: {where}[{f.id}] {f.message}")

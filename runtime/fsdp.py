@@ -40,8 +40,10 @@ _ours = False  # a one-process group this module started (and ends in release())
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule  # public since torch 2.6, which FSDP stages need
+    except ImportError:
+        return False
     return isinstance(module, FSDPModule)
 
 

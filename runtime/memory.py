@@ -108,10 +108,16 @@ def wants_checkpointing(setting: bool | Literal["auto"], model, device: torch.de
 def checkpointing(model, on: bool) -> None:
     """Turn activation checkpointing of the decoder layers on or off (non-reentrant: frozen inputs are fine)."""
     lm = causal_lm(model)
-    if on:
-        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    elif lm.is_activation_checkpointing:
-        lm.activation_checkpointing_disable()
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):  # the newer name; where both exist the older one warns
+        if on:
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif lm.is_activation_checkpointing:
+            lm.activation_checkpointing_disable()
+    elif on:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif lm.is_gradient_checkpointing:
+        lm.gradient_checkpointing_disable()
 
 
 def prepare(model, activation_checkpointing: bool | Literal["auto"], lora: bool, device: torch.device,

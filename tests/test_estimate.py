@@ -253,3 +253,50 @@ def test_tunec_plan_needs_no_torch(demo):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "time on cpu" in result.stdout and result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_model_configs_are_cached_by_content_and_a_recompile_builds_none(tmp_path, monkeypatch):
+    """The config of a stage's model is kept in the compile cache under the request and the content of
+    the config.json it reads: asked again, no config is built (no child process); a changed file, or
+    another config, is built again."""
+    from tunec.compiler import estimate as est
+    from tunec.compiler.recipe import Stage
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA))
+    cache = tmp_path / "cache"
+
+    def stage(model: dict) -> Stage:
+        return Stage.model_validate({"name": "s", "objective": "sft", "tasks": ["t"], "model": model})
+
+    local, inline = stage({"kind": "local", "path": str(folder)}), stage({"kind": "config", "config": LLAMA})
+    built: list[str] = []
+    real = est._config
+
+    def counting(request_json: str):
+        built.append(json.loads(request_json)["kind"])
+        return real.__wrapped__(request_json)  # past the in-process memo: each call builds
+
+    monkeypatch.setattr(est, "_config", counting)
+    first = {s.model.kind: est.model_config(s, {}, cache) for s in (local, inline)}
+    assert built == ["pretrained", "config"] and all(c is not None and c["hidden_size"] == 64
+                                                     for c, _ in first.values())
+    built.clear()
+    assert {s.model.kind: est.model_config(s, {}, cache) for s in (local, inline)} == first and built == []
+    (folder / "config.json").write_text(json.dumps(dict(LLAMA, hidden_size=128)))
+    config, _ = est.model_config(local, {}, cache)
+    assert built == ["pretrained"] and config is not None and config["hidden_size"] == 128
+    other = stage({"kind": "config", "config": dict(LLAMA, num_hidden_layers=3)})
+    assert est.model_config(other, {}, cache)[0]["num_hidden_layers"] == 3 and built[-1] == "config"
+    for entry in (cache / "config").rglob("*.json"):
+        entry.write_text("{")  # damaged: built again, never used
+    built.clear()
+    assert est.model_config(inline, {}, cache) == first["config"] and built == ["config"]
+    before = sorted((cache / "config").rglob("*.json"))
+    assert len(before) == 4  # two local configs, two inline ones
+    missing = tmp_path / "none"
+    missing.mkdir()
+    (missing / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
+    config, why = est.model_config(stage({"kind": "local", "path": str(missing)}), {}, cache)
+    assert config is None and why and sorted((cache / "config").rglob("*.json")) == before  # errors are never kept

@@ -265,12 +265,79 @@ def test_a_recompile_reads_the_findings_from_the_cache(tmp_path, monkeypatch):
     templates, kw = BAD["choices-not-in-prompt"]
     recipe = write(tmp_path, templates, **kw)
     first = compile_recipe(recipe, tmp_path / "out", Options(workers=1)).lint
+    assert [f.id for f in first] == ["choices-not-in-prompt"]
 
-    def no_data(checked):
-        raise AssertionError("the data was read again")
+    def no_data(*args):
+        raise AssertionError("the task was linted again")
 
-    monkeypatch.setattr(lint_mod, "lint_recipe", no_data)
+    monkeypatch.setattr(lint_mod, "_task_findings", no_data)
     assert compile_recipe(recipe, tmp_path / "out", Options(workers=1)).lint == first
-    recipe.write_text(recipe.read_text() + "# changed\n")  # the recipe's text is part of the key
-    with pytest.raises(AssertionError, match="read again"):
+    recipe.write_text(recipe.read_text() + "# changed\n")  # moves nothing the findings say: still cached
+    assert compile_recipe(recipe, tmp_path / "out", Options(workers=1)).lint == first
+    recipe.write_text("# a line above everything\n" + recipe.read_text())  # every location moves: lint again
+    with pytest.raises(AssertionError, match="linted again"):
         compile_recipe(recipe, tmp_path / "out", Options(workers=1))
+    data = tmp_path / "reviews.jsonl"
+    recipe.write_text(recipe.read_text().removeprefix("# a line above everything\n"))
+    assert compile_recipe(recipe, tmp_path / "out", Options(workers=1)).lint == first
+    data.write_text(data.read_text() + json.dumps(reviews(1)[0]) + "\n")  # the rows changed: lint again
+    with pytest.raises(AssertionError, match="linted again"):
+        compile_recipe(recipe, tmp_path / "out", Options(workers=1))
+
+
+CLEAN = "{% block prompt %}Review: {{ text }}\nIs this review positive or negative?\nAnswer:{% endblock %}" \
+        "{% block completion %} {{ label }}{% endblock %}\n"
+LEAKY = "{% block prompt %}Review: {{ text }} ({{ label }})\nWhat does the reviewer think of it?\nAnswer:" \
+        "{% endblock %}{% block completion %} {{ label }}{% endblock %}\n"
+
+
+def _three_tasks(tmp_path: Path) -> tuple[Path, Path]:
+    """A recipe of three tasks, each with its own template file; the second one's template leaks its label."""
+    tasks = []
+    for i, name in enumerate(("a", "b", "c")):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in reviews(20 + i)))
+        template = tmp_path / f"{name}.j2"
+        template.write_text(LEAKY if name == "b" else CLEAN)
+        tasks.append(f"  {name}: {{source: {{kind: jsonl, path: {data}}}, templates: [{{kind: file, path: {template}}}]}}")
+    recipe = tmp_path / "three.yaml"
+    recipe.write_text(f"tokenizer: {{kind: local, path: {TOKENIZER}}}\nseq_len: 256\ntasks:\n" + "\n".join(tasks)
+                      + f"\nstages:\n  - {{name: s, objective: sft, tasks: [a, b, c], model: {MODEL}}}\n")
+    return recipe, tmp_path / "c.j2"
+
+
+def test_a_one_template_edit_lints_only_that_task_with_the_findings_of_a_full_lint(tmp_path, monkeypatch):
+    from tunec.compiler import lint as lint_mod
+
+    recipe, template = _three_tasks(tmp_path)
+    cache = tmp_path / "cache"
+    linted: list[str] = []
+    real = lint_mod._task_findings
+
+    def counting(checked, name, *args):
+        linted.append(name)
+        return real(checked, name, *args)
+
+    monkeypatch.setattr(lint_mod, "_task_findings", counting)
+    first = lint_recipe(check(load_recipe(recipe)), cache)
+    assert linted == ["a", "b", "c"] and [(f.id, f.task) for f in first] == [("label-in-prompt", "b")]
+    linted.clear()
+    assert lint_recipe(check(load_recipe(recipe)), cache) == first and linted == []  # nothing changed
+    template.write_text(LEAKY)
+    edited = lint_recipe(check(load_recipe(recipe)), cache)
+    assert linted == ["c"]  # one task linted again, by its content key
+    assert [(f.id, f.task) for f in edited] == [("label-in-prompt", "b"), ("label-in-prompt", "c")]
+    linted.clear()
+    assert edited == lint_recipe(check(load_recipe(recipe))) and linted == ["a", "b", "c"]  # a full lint agrees
+
+
+def test_a_damaged_lint_entry_is_linted_again(tmp_path):
+    recipe, _ = _three_tasks(tmp_path)
+    cache = tmp_path / "cache"
+    first = lint_recipe(check(load_recipe(recipe)), cache)
+    entries = sorted((cache / "lint").rglob("*.json"))
+    assert len(entries) == 3
+    for e in entries:
+        e.write_text('[{"id": "label-in-prompt"')  # cut short
+    assert lint_recipe(check(load_recipe(recipe)), cache) == first
+    assert all(json.loads(e.read_text()) is not None for e in entries)  # rewritten whole
