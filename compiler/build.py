@@ -25,7 +25,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
-from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock, preference
+from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock, preference, tokcache
 from .cache import code_versions, default_dir
 from .check import Checked, check
 from .errors import Problem, TunecError
@@ -49,7 +49,6 @@ from .plan import (
 )
 from .recipe import LocalModel, Stage, StageModel
 from .sources import fingerprint
-from .tokens import load_tokenizer, tokenizer_info
 from .units import UnitSpec
 
 logger = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
     from .load import load_recipe
 
     check_output(Path(out))  # before any work: the recipe may take a while to check
-    checked = check(load_recipe(recipe_path, overrides))
+    checked = check(load_recipe(recipe_path, overrides), options.cache_dir())
     return build(checked, Path(out), options)
 
 
@@ -104,8 +103,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
 def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
-    tok = load_tokenizer(loaded)
-    info = tokenizer_info(tok)
+    tok, info = tokcache.load(loaded, options.cache_dir())  # loaded, or read back from the cache
     _check_chat(checked, info)
 
     # Units: a task's train part when a stage trains on it (or it is held out

@@ -7,9 +7,11 @@ template problems the template's line too.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import jinja2
 
@@ -17,7 +19,7 @@ from . import preference, promptsource
 from .errors import Problem, TunecError, did_you_mean
 from .hubmeta import hub_columns
 from .load import LoadedRecipe, display_path
-from .modelconfig import config_findings
+from .modelconfig import Finding, config_findings
 from .recipe import (
     PAIRED_FORMATS,
     ChatFormat,
@@ -40,6 +42,8 @@ from .refs import reference_problems, template_dirs
 from .sources import check_files, peek_columns, read_utf8
 from .templates import TemplateSource, analyse, find_library_template, string_problems, unknown_names
 from .yamltext import value_lines
+
+COULD_NOT_CHECK = "could not check the model config"  # modelconfig's finding when its child process fails
 
 
 @dataclass(frozen=True)
@@ -64,7 +68,9 @@ class Checked:
 logger = logging.getLogger(__name__)
 
 
-def check(loaded: LoadedRecipe) -> Checked:
+def check(loaded: LoadedRecipe, cache: Path | None = None) -> Checked:
+    """Every static check of ``loaded``; ``cache``: the compile cache folder, where the findings of
+    building each ``kind: config`` model's config are kept by its content (:func:`model_config_findings`)."""
     recipe = loaded.recipe
     problems: list[Problem] = []
     warnings: list[Problem] = []
@@ -103,7 +109,7 @@ def check(loaded: LoadedRecipe) -> Checked:
             problems.extend(preference.format_problems(loaded, name, task.format, cols))
         problems.extend(_leakage_problems(loaded, name, task, cols))
 
-    problems.extend(_check_stages(loaded, warnings))
+    problems.extend(_check_stages(loaded, warnings, cache))
     problems.extend(preference.stage_problems(loaded))
     for w in warnings:  # the command line shows them (tunec/console.py); callers also get them in Checked
         logger.warning(w)
@@ -226,7 +232,7 @@ def _resolve_template(loaded, ref, loc, dirs, problems) -> list[TemplateSource]:
     ]
 
 
-def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem]:
+def _check_stages(loaded: LoadedRecipe, warnings: list[Problem], cache: Path | None = None) -> list[Problem]:
     recipe = loaded.recipe
     problems = []
     seen: set[str] = set()
@@ -267,7 +273,7 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
             for where in _non_finite(model.config):
                 problems.append(loaded.problem(("stages", i, "model", "config") + where,
                                                "not a finite number (NaN and infinity cannot be stored in a plan)"))
-            for key, message, level in config_findings(model.config):
+            for key, message, level in model_config_findings(model.config, cache):
                 found = loaded.problem(("stages", i, "model", "config") + ((key,) if key else ()), message)
                 (problems if level == "error" else warnings).append(found)
         if isinstance(model, LocalModel) and not loaded.resolve(model.path).is_dir():
@@ -278,6 +284,44 @@ def _check_stages(loaded: LoadedRecipe, warnings: list[Problem]) -> list[Problem
                                            "`tunec run` (4-bit NF4 base); on a CPU use `kind: lora`"))
         seen.add(stage.name)
     return problems
+
+
+_CONFIG_CHECK_FORMAT = 1  # bump when what a cached entry holds changes
+
+
+def model_config_findings(config: dict, cache: Path | None = None) -> list[Finding]:
+    """:func:`.modelconfig.config_findings` of a ``kind: config`` model's config, kept in the compile cache
+    (``checks/``) under a hash of the config and the versions of transformers and tunec, which is all
+    they depend on: a recompile builds no config and starts no child process. A check that could not
+    run (its child failed) is never kept."""
+    if cache is None:
+        return config_findings(config)
+    from importlib import metadata
+
+    from . import __version__
+    from .fileio import atomic_write_text, canonical_json, sha256_text
+
+    try:
+        transformers = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        transformers = "absent"
+    key = sha256_text(canonical_json({"format": _CONFIG_CHECK_FORMAT, "what": "model-config", "config": config,
+                                      "transformers": transformers, "tunec": __version__}))
+    path = cache / "checks" / key[:2] / f"{key}.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, list) and all(isinstance(f, list) and len(f) == 3 for f in stored):
+            return [(f[0], f[1], f[2]) for f in stored]
+    except (OSError, ValueError):
+        pass  # absent or damaged: check it again
+    found = config_findings(config)
+    if not any(m.startswith(COULD_NOT_CHECK) for _, m, _ in found):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, canonical_json([list(f) for f in found]))
+        except OSError:
+            pass  # a cache that cannot be written only costs time
+    return found
 
 
 def _non_finite(value, where: tuple = ()) -> list[tuple]:

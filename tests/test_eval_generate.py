@@ -125,3 +125,12 @@ def test_generate_errors_are_one_line(trained, tmp_path):
     result = CliRunner().invoke(main, ["eval", str(lm), "--stage", "first", "--base", "--generate",
                                        "--device", "cpu"])
     assert result.exit_code == 1 and "generation needs an `sft` stage" in result.output, result.output
+
+
+def test_the_docstring_examples_hold():
+    import doctest
+
+    from tunec.runtime import genmetrics
+
+    result = doctest.testmod(genmetrics)
+    assert result.attempted == 3 and result.failed == 0
