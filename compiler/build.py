@@ -30,8 +30,8 @@ from .cache import code_versions, default_dir
 from .check import Checked, check
 from .errors import Problem, TunecError
 from .fileio import atomic_dir, atomic_write_text, canonical_json, sha256_file, sha256_folder, sha256_text
-from .incremental import LeakKeys, Part, cache_of, compile_units
-from .link import Linker, leak_reports
+from .incremental import LeakKeys, Part, cache_of, compile_units, leak_reports_cached
+from .link import Linker
 from .load import LoadedRecipe
 from .lock import BuildLock
 from .plan import (
@@ -147,7 +147,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
     mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
-    leaks = _leakage(recipe, units, compiled.leak, mixes)
+    leaks = _leakage(recipe, units, compiled.leak, mixes, cache_of(options.cache_dir()))
 
     atomic_write_text(staging / MARKER_FILE, json.dumps({"recipe": str(loaded.path)}) + "\n")
     tok_dir = staging / "tokenizer"
@@ -255,7 +255,7 @@ def _leak_parts(recipe, specs: list[UnitSpec]) -> set[Part]:
     return out | {(t, "train") for stage in recipe.stages for t in stage.tasks}
 
 
-def _leakage(recipe, units, leak: dict[Part, LeakKeys], mixes) -> dict[str, dict[str, LeakReport]]:
+def _leakage(recipe, units, leak: dict[Part, LeakKeys], mixes, cache=None) -> dict[str, dict[str, LeakReport]]:
     """Per stage, eval and held-out examples whose text the model has trained on by then.
 
     A stage's model has seen its own mixture and those of the stages it starts
@@ -286,7 +286,7 @@ def _leakage(recipe, units, leak: dict[Part, LeakKeys], mixes) -> dict[str, dict
             if part is not None:
                 evals[t] = leak[(t, part)].rows(units[(t, part)].row)
         seen = {t: leakage.Hashed.concat(rows) for t, rows in seen_parts.items()}
-        found = leak_reports(seen, evals)
+        found = leak_reports_cached(cache, seen, evals)  # compared once per content
         if found:
             reports[stage.name] = found
             for t, r in found.items():

@@ -202,7 +202,8 @@ class Cache:
         self.put_arrays("units", key, *unit_to_arrays(unit))
 
     def entries(self) -> list[Path]:
-        """Every entry in the folder: units, leakage keys, and what other steps keep here (lint findings)."""
+        """Every entry in the folder: units, leakage keys, and what other steps keep here (lint findings
+        per task, model configs, config checks, the tokenizer, leakage reports)."""
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith("."))

@@ -11,6 +11,8 @@ loads no data at all.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -18,9 +20,12 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import leakage
-from .cache import Cache, derived_key, tokenizer_hash, unit_key
+from .cache import Cache, code_versions, derived_key, tokenizer_hash, unit_key
 from .check import Checked
 from .executors import run_local, run_ray
+from .fileio import atomic_write_text, canonical_json
+from .link import leak_reports
+from .plan import LeakReport
 from .sources import Rows, load_part, part_inputs
 from .tokens import TokenizerInfo
 from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, join, plan_docs
@@ -147,3 +152,38 @@ def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]
 
 def cache_of(root: Path | None) -> Cache | None:
     return None if root is None else Cache(root)
+
+
+LEAK_REPORTS = "leakreports"  # the cache's folder of leakage reports
+
+
+def leak_reports_cached(cache: Cache | None, train: dict[str, leakage.Hashed],
+                        evals: dict[str, leakage.Hashed]) -> dict[str, LeakReport]:
+    """:func:`.link.leak_reports`, kept in the cache under a sha256 of exactly its inputs (every hash
+    array of both sides, in order, with the tasks' names) and the code's version: a rebuild whose
+    mixtures and parts are unchanged compares nothing again."""
+    if cache is None:
+        return leak_reports(train, evals)
+    digest = hashlib.sha256(canonical_json({"code": code_versions(), "what": "leak-reports"}).encode("utf-8"))
+    for side, parts in (("train", train), ("eval", evals)):
+        for name, h in parts.items():
+            digest.update(canonical_json([side, name]).encode("utf-8"))
+            for a in (h.example, h.text_offsets, h.texts):
+                a = np.ascontiguousarray(a)
+                digest.update(f"{a.dtype.str}{a.shape}".encode("ascii"))
+                digest.update(a.tobytes())
+    key = digest.hexdigest()
+    path = cache.path(LEAK_REPORTS, key).with_suffix(".json")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, list):
+            return {str(t): LeakReport.model_validate(r) for t, r in stored}
+    except (OSError, ValueError, TypeError):
+        pass  # absent or damaged: compare again
+    found = leak_reports(train, evals)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, canonical_json([[t, r.model_dump(mode="json")] for t, r in found.items()]))
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+    return found

@@ -284,3 +284,77 @@ def test_which_files_each_part_reads(tmp_path):
     # a train part's key leaves out the eval selection, unless its rows depend on it
     assert "eval" not in part_inputs(loaded, "split", loaded.recipe.tasks["split"], "train")[0]
     assert "eval" in part_inputs(loaded, "frac", loaded.recipe.tasks["frac"], "train")[0]
+
+
+def test_a_rebuild_loads_no_tokenizer_and_builds_no_model_config_unless_their_content_changed(project, unit_cache,
+                                                                                             monkeypatch):
+    """The tokenizer (compiler/tokcache.py) and the findings of building a `kind: config` model's config
+    (compiler/check.py) come from the cache when their content is unchanged; the build's bytes are a
+    clean build's."""
+    import shutil
+
+    from tunec.compiler import check as check_mod
+    from tunec.compiler import tokcache
+
+    shutil.copytree(TOKENIZER, project / "tok")
+    path = recipe(project)
+    path.write_text(path.read_text().replace(str(TOKENIZER), str(project / "tok")))
+    compile_recipe(path, project / "a", Options(workers=1))
+    compile_recipe(path, project / "clean", Options(workers=1, use_cache=False))
+    assert tree(project / "a") == tree(project / "clean")
+
+    calls: list[str] = []
+    real_load, real_findings = tokcache.load_tokenizer, check_mod.config_findings
+    monkeypatch.setattr(tokcache, "load_tokenizer", lambda loaded: calls.append("tokenizer") or real_load(loaded))
+    monkeypatch.setattr(check_mod, "config_findings", lambda c: calls.append("config") or real_findings(c))
+    compile_recipe(path, project / "b", Options(workers=1))
+    assert calls == [] and tree(project / "b") == tree(project / "clean")
+
+    (project / "chat.jinja").write_text(CHAT.replace("<{{ m.role }}>", "[{{ m.role }}] "), encoding="utf-8")
+    compile_recipe(path, project / "c", Options(workers=1))
+    assert calls == ["tokenizer"]
+    saved = "".join(p.read_text() for p in (project / "c" / "tokenizer").iterdir())
+    assert "[{{ m.role }}]" in saved and "[{{ m.role }}]" not in "".join(
+        p.read_text() for p in (project / "b" / "tokenizer").iterdir())
+    calls.clear()
+    config = project / "tok" / "tokenizer_config.json"
+    settings = json.loads(config.read_text())
+    settings["model_max_length"] = 4321
+    config.write_text(json.dumps(settings))  # a tokenizer file changed: loaded again
+    compile_recipe(path, project / "d", Options(workers=1))
+    assert calls == ["tokenizer"]
+    calls.clear()
+    for entry in (unit_cache / tokcache.KIND).rglob("*"):
+        if entry.is_file():
+            entry.write_bytes(entry.read_bytes()[:-5])  # damaged: loaded again, never used
+    compile_recipe(path, project / "e", Options(workers=1))
+    assert calls == ["tokenizer"] and tree(project / "e") == tree(project / "d")
+
+    calls.clear()
+    path.write_text(path.read_text().replace("{model_type: llama}", "{model_type: llama, num_hidden_layers: 3}"))
+    compile_recipe(path, project / "f", Options(workers=1))
+    assert calls == ["config"]  # another config: checked again
+    calls.clear()
+    compile_recipe(path, project / "g", Options(workers=1, use_cache=False))
+    assert calls == ["config", "tokenizer"]  # --no-cache: nothing read from the cache
+
+
+def test_leakage_reports_are_compared_once_per_content(project, unit_cache, monkeypatch):
+    from tunec.compiler import incremental
+
+    _rows(project / "add" / "test.jsonl", 0, 4)  # the eval rows are training rows: they leak
+    path = recipe(project)
+    first = compile_recipe(path, project / "a", Options(workers=1)).stages[0].leakage
+    assert first["add"].leaked == 4
+    calls: list[int] = []
+    real = incremental.leak_reports
+    monkeypatch.setattr(incremental, "leak_reports", lambda train, evals: calls.append(1) or real(train, evals))
+    assert compile_recipe(path, project / "b", Options(workers=1)).stages[0].leakage == first and calls == []
+    for entry in (unit_cache / incremental.LEAK_REPORTS).rglob("*.json"):
+        entry.write_text("[[")  # damaged: compared again
+    assert compile_recipe(path, project / "c", Options(workers=1)).stages[0].leakage == first and calls == [1]
+    _rows(project / "add" / "test.jsonl", 10, 4)  # two of them still leak (the train split holds 0..11)
+    assert compile_recipe(path, project / "d", Options(workers=1)).stages[0].leakage["add"].leaked == 2
+    assert calls == [1, 1]
+    clean = compile_recipe(path, project / "e", Options(workers=1, use_cache=False)).stages[0].leakage
+    assert clean["add"].leaked == 2 and calls == [1, 1, 1]
