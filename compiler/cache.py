@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -92,9 +93,21 @@ def _tokenizers_version() -> str:
         return "absent"
 
 
+@functools.lru_cache(maxsize=1)
+def _compiler_digest() -> str:
+    """sha256 of the compiler's own source files: a changed compiler (a development checkout, a
+    patched install) never reuses what an older one built under the same release number."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
 def code_versions() -> dict[str, Any]:
-    """The versions of what compiles a unit: tunec's unit format and release, and the tokenizer library."""
-    return {"unit_format": UNIT_FORMAT_VERSION, "tunec": __version__, "tokenizers": _tokenizers_version()}
+    """The versions of what compiles a unit: tunec's unit format, release and compiler source, and
+    the tokenizer library."""
+    return {"unit_format": UNIT_FORMAT_VERSION, "tunec": __version__, "compiler": _compiler_digest(),
+            "tokenizers": _tokenizers_version()}
 
 
 def tokenizer_hash(info: Any) -> str:
@@ -228,6 +241,14 @@ class Cache:
             if tmp.is_file() and now - tmp.stat().st_mtime > 3600:  # an hour: no write takes that long
                 tmp.unlink(missing_ok=True)
         return removed, size
+
+
+def touch(path: Path) -> None:
+    """Mark an entry used now (its mtime), for ``tunec cache prune --older-than``."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 def describe(info: CacheInfo) -> list[str]:

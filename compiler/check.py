@@ -299,6 +299,7 @@ def model_config_findings(config: dict, cache: Path | None = None) -> list[Findi
     from importlib import metadata
 
     from . import __version__
+    from .cache import code_versions, touch
     from .fileio import atomic_write_text, canonical_json, sha256_text
 
     try:
@@ -306,11 +307,13 @@ def model_config_findings(config: dict, cache: Path | None = None) -> list[Findi
     except metadata.PackageNotFoundError:
         transformers = "absent"
     key = sha256_text(canonical_json({"format": _CONFIG_CHECK_FORMAT, "what": "model-config", "config": config,
-                                      "transformers": transformers, "tunec": __version__}))
+                                      "transformers": transformers, "tunec": __version__,
+                                      "code": code_versions()}))
     path = cache / "checks" / key[:2] / f"{key}.json"
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(stored, list) and all(isinstance(f, list) and len(f) == 3 for f in stored):
+            touch(path)
             return [(f[0], f[1], f[2]) for f in stored]
     except (OSError, ValueError):
         pass  # absent or damaged: check it again

@@ -322,6 +322,7 @@ def _cached_config(request_json: str, cache: Path | None) -> tuple[dict[str, Any
     """:func:`_config`, read from and kept in the compile cache folder (``config/``) when one is given:
     a recompile then builds no config and starts no child process. Only configs are kept, never
     errors (a hub model may be downloaded before the next compile)."""
+    from .cache import touch
     from .fileio import atomic_write_text, canonical_json
 
     key = config_key(json.loads(request_json)) if cache is not None else None
@@ -331,6 +332,7 @@ def _cached_config(request_json: str, cache: Path | None) -> tuple[dict[str, Any
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(stored, dict) and isinstance(stored.get("config"), dict):
+            touch(path)
             return stored["config"], None
     except (OSError, ValueError):
         pass  # absent or damaged: build it again

@@ -20,7 +20,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from . import leakage
-from .cache import Cache, code_versions, derived_key, tokenizer_hash, unit_key
+from .cache import Cache, code_versions, derived_key, tokenizer_hash, touch, unit_key
 from .check import Checked
 from .executors import run_local, run_ray
 from .fileio import atomic_write_text, canonical_json
@@ -177,7 +177,9 @@ def leak_reports_cached(cache: Cache | None, train: dict[str, leakage.Hashed],
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(stored, list):
-            return {str(t): LeakReport.model_validate(r) for t, r in stored}
+            found = {str(t): LeakReport.model_validate(r) for t, r in stored}
+            touch(path)
+            return found
     except (OSError, ValueError, TypeError):
         pass  # absent or damaged: compare again
     found = leak_reports(train, evals)

@@ -177,8 +177,10 @@ def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
     groups = {u.group for u, _, _ in parts}
     if len(groups) > 1:
         raise TunecError("a stage mixes paired and unpaired preference tasks")  # refused by the static checks first
-    return Docs(np.concatenate(ids) if ids else empty, offsets, np.concatenate(labels) if labels else empty,
-                side=side, group=groups.pop() if groups else 1)
+    def flat(arrays: list[np.ndarray]) -> np.ndarray:  # one part taken whole: its arrays, not a copy of them
+        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else empty
+
+    return Docs(flat(ids), offsets, flat(labels), side=side, group=groups.pop() if groups else 1)
 
 
 def _lengths(lengths: np.ndarray, completion: np.ndarray, seq_len: int) -> Lengths:

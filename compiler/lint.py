@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -401,10 +400,9 @@ def _read_findings(path: Path) -> list[Finding] | None:
     if not ok:
         logging.getLogger(__name__).warning(f"cache: lint entry {path} is damaged; linting the task again")
         return None
-    try:
-        os.utime(path)  # last use, for `tunec cache prune --older-than`
-    except OSError:
-        pass
+    from .cache import touch
+
+    touch(path)  # last use, for `tunec cache prune --older-than`
     return [Finding(**f) for f in data]
 
 

@@ -9,8 +9,8 @@ promptsource's extra filters (``choice``, ``most_frequent``) and globals
 generator seeded per row and template, so a build stays deterministic.
 
 A ``|||`` inside a data value is not a separator: values are rendered with it
-replaced by :data:`PIPES` (as promptsource itself does) and it is restored in
-each part after the split, so ``12 ||| 3`` in a premise stays in the prompt.
+escaped (see :func:`protect`) and it is restored in each part after the split,
+so ``12 ||| 3`` in a premise stays in the prompt.
 
 >>> parts = split(protect({"q": "a ||| b"})["q"] + " ||| yes")
 >>> parts
@@ -34,6 +34,7 @@ each part after the split, so ``12 ||| 3`` in a premise stays in the prompt.
 from __future__ import annotations
 
 import collections
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,15 +127,31 @@ def load_file(path: Path, shown: str | None = None) -> list[PromptsourceTemplate
 # ----------------------------------------------------------------- the separator
 
 SEPARATOR = "|||"
-# Private-use characters: no filter changes them (case, trim, title) and no data
-# written by people holds them, so they come back as the `|||` they stand for.
-PIPES = "\ue000\ue001\ue002"
+# Data's `|||` (and the escape character itself) are written as an escape character
+# followed by a code, all private-use characters: no filter changes them (case, trim,
+# title), and a value that happens to hold them still comes back exactly, because every
+# escape character in protected text starts a pair.
+ESCAPE = "\ue000"
+_CODES = {"\ue001": ESCAPE, "\ue002": SEPARATOR}
+_PAIR = re.compile(ESCAPE + "(.)", re.DOTALL)
+
+
+def _protect_text(text: str) -> str:
+    return text.replace(ESCAPE, ESCAPE + "\ue001").replace(SEPARATOR, ESCAPE + "\ue002")
+
+
+def _restore_text(text: str) -> str:
+    return _PAIR.sub(lambda m: _CODES.get(m.group(1), m.group(0)), text)
 
 
 def protect(value):
-    """``value`` with every ``|||`` in its strings (nested in lists and dicts too) replaced by :data:`PIPES`."""
+    """``value`` with every ``|||`` in its strings (nested in lists and dicts too) escaped.
+
+    >>> split(protect("a ||| b \ue000\ue002") + " ||| c")
+    ['a ||| b \ue000\ue002', 'c']
+    """
     if isinstance(value, str):
-        return value.replace(SEPARATOR, PIPES)
+        return _protect_text(value)
     if isinstance(value, list):
         return [protect(v) for v in value]
     if isinstance(value, tuple):
@@ -146,7 +163,7 @@ def protect(value):
 
 def split(text: str) -> list[str]:
     """The stripped parts of rendered text between the template's own ``|||``, data's ``|||`` restored."""
-    return [p.strip().replace(PIPES, SEPARATOR) for p in text.split(SEPARATOR)]
+    return [_restore_text(p.strip()) for p in text.split(SEPARATOR)]
 
 
 # ----------------------------------------------------------------- Jinja extras

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .cache import Cache
+from .cache import Cache, code_versions
 from .fileio import canonical_json, sha256_text
 from .load import LoadedRecipe
 from .recipe import LocalTokenizer
@@ -84,7 +84,8 @@ def tokenizer_key(loaded: LoadedRecipe) -> str | None:
     settings.pop("chat_template", None)
     return sha256_text(canonical_json({
         "format": FORMAT, "settings": settings, "files": files, "chat_template": chat,
-        "versions": {"tunec": __version__, "transformers": _version("transformers"),
+        "versions": {"tunec": __version__, "code": code_versions(),
+                     "transformers": _version("transformers"),
                      "tokenizers": _version("tokenizers")},
     }))
 

@@ -435,6 +435,8 @@ def setup(out: Path, stage_name: str, stage: Stage, module: torch.nn.Module, dat
              f"{sum(e.rows for e in evals.values())} eval rows")
     sets = {"train": data, **{f"eval/{t}": e for t, e in evals.items()}}
     rows = stage.micro_batch_rows
+    if not isinstance(rows, int):  # runtime/run.py resolves `auto` before this
+        raise TunecError(f"stage `{stage_name}`: micro_batch_rows must be resolved before the reference pass")
     if objective.reference == "initial":
         model = module.model
         off = model.disable_adapter() if hasattr(model, "disable_adapter") else nullcontext()  # LoRA: the base

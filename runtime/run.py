@@ -138,7 +138,8 @@ def apply_overrides(plan: Plan, stages: list[StagePlan], overrides: tuple[str, .
             settings = Stage.model_validate(data)
         except ValidationError as exc:
             found = []
-            for err in collapse_unions(exc.errors(), data):  # `micro_batch_rows=0`: one message, not one per type
+            # `micro_batch_rows=0`: one message, not one per type
+            for err in collapse_unions([dict(e) for e in exc.errors()], data):
                 field = str(err["loc"][0]) if err["loc"] else ""
                 item = wanted[sp.name][field][0] if field in wanted[sp.name] else f"stages.{sp.name}"
                 found.append((overrides.index(item) if item in overrides else len(overrides), item, err["msg"]))
@@ -386,8 +387,9 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     lora = stage.peft if isinstance(stage.peft, LoraPeft) else None
     model, attn, base = _prepare_model(out, plan, sp, action == "resume", dist, device)
 
-    auto_rows = stage.micro_batch_rows == "auto"  # found below by trying; one row until then
-    batching = plan_batching(data.rows, data.seq_len, stage.batch_tokens, 1 if auto_rows else stage.micro_batch_rows,
+    auto_rows = not isinstance(stage.micro_batch_rows, int)  # `auto`: found below by trying; one row until then
+    first_rows = stage.micro_batch_rows if isinstance(stage.micro_batch_rows, int) else 1
+    batching = plan_batching(data.rows, data.seq_len, stage.batch_tokens, first_rows,
                              stage.epochs, stage.max_steps, dist.world_size)
     if options.max_steps is not None:
         batching = replace(batching, total_steps=min(batching.total_steps, options.max_steps))
@@ -397,7 +399,7 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
     module = preference.wrap(stage, models.PackedLM(model, attn, chunked=stage.chunked_loss))
     wrapped: torch.nn.Module = module
     sharded = isinstance(stage.parallelism, FsdpParallelism)
-    if sharded:  # in place: parameters become shards (runtime/fsdp.py)
+    if isinstance(stage.parallelism, FsdpParallelism):  # in place: parameters become shards (runtime/fsdp.py)
         fsdp.shard(module, model, precision, device, stage.parallelism.reshard_after_forward)
     elif dist.active:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -136,7 +136,7 @@ def test_misspelt_kinds_everywhere(write_recipe):
         "R:6:18: tasks.sums.templates[0]: unknown kind 'libary' (did you mean 'library'?); "
         "expected one of: library, file, inline, promptsource",
         # the `objective: sfft` shorthand has no `kind:` key: the error is at `objective`
-        "R:9:5: stages[0].objective: unknown kind 'sfft' (did you mean 'sft'?); expected one of: sft, lm",
+        "R:9:5: stages[0].objective: unknown kind 'sfft' (did you mean 'sft'?); expected one of: sft, lm, dpo, simpo, orpo, kto",
         "R:12:12: stages[0].peft: unknown kind 'lora_' (did you mean 'lora'?); expected one of: none, lora, qlora",
     ]
 

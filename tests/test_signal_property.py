@@ -15,7 +15,7 @@ st = pytest.importorskip("hypothesis.strategies")
 TOKENIZER = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tokenizer"
 
 HOSTILE = ["|||", " ||| ", "{{", "}}", "{%", "%}", "{#", "\n", "\r\n", "<|endoftext|>", "Q:", "A:", " ", "\t",
-           "«", "»", "\u00e9", "\u2581", "\\", "'", '"']
+           "«", "»", "\u00e9", "\u2581", "\\", "'", '"', "\ue000", "\ue001", "\ue002", "\ue000\ue002"]
 value = st.lists(st.one_of(st.sampled_from(HOSTILE), st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)),
                                                               max_size=6)), max_size=8).map("".join)
 
@@ -36,6 +36,7 @@ def worker():
 # Prompts are never empty here: a document's first token is never a label (nothing predicts it).
 @hypothesis.given(rows=st.lists(st.tuples(value.filter(lambda s: s.strip()), value.filter(lambda s: s.strip())),
                                 min_size=1, max_size=4))
+@hypothesis.example(rows=[("|||", "\ue000\ue001\ue002")])  # the private-use characters the renderer escapes with
 def test_hostile_values_never_change_which_tokens_are_trained(worker, rows):
     """Whatever the data holds (separators, Jinja syntax, newlines, the EOS as text), the trained
     tokens decode to the completion the template means, and the EOS."""
