@@ -11,18 +11,14 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from click.testing import CliRunner
-from tiny import DEMO, QUIET, tiny_llama
+from tiny import DEMO, QUIET, tiny_llama, torchrun
 
 from tunec.cli import main
 from tunec.compiler.build import Options, compile_recipe
@@ -277,18 +273,7 @@ def test_run_with_eval_accuracy_scores_each_stage_as_tunec_eval_does(build):
 
 @pytest.mark.slow
 def test_eval_accuracy_under_torchrun_equals_one_process(build):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tunec", "run", str(build), "--device", "cpu", "--no-progress", "--force", "--eval-accuracy"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # a session of its own: a hang kills both workers
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
-    assert proc.returncode == 0, stdout + stderr
+    stdout, stderr = torchrun(build, "--force", "--eval-accuracy", timeout=240)
     assert stdout.count("stage sft: accuracy by rank classification") == 1  # rank 0 prints, and writes, once
     assert "2 ranks" in stdout + stderr
     rd = build / "runs" / "sft"

@@ -9,14 +9,11 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import tiny
 import torch
 from safetensors.torch import load_file
 from tiny import DEMO, QUIET, Interrupt, interrupt_after, tiny_llama
@@ -83,19 +80,7 @@ def assert_same(a, b) -> None:
 
 
 def torchrun(out: Path, nproc: int, *extra: str) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-           "-m", "tunec", "run", str(out), "--device", "cpu", "--no-progress", *extra]
-    # a session of its own, so that a hang kills the launcher and its workers
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
-    assert proc.returncode == 0, stdout + stderr
+    stdout, stderr = tiny.torchrun(out, *extra, nproc=nproc)
     return stdout + stderr
 
 

@@ -4,10 +4,6 @@ same losses, rewards and weights as one process training on the same global batc
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_preference import recipe, sums
+from tiny import torchrun
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.compiler.plan import read_plan
@@ -30,18 +27,7 @@ def test_torchrun_dpo_matches_one_process_and_keeps_pairs_whole(tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     compile_recipe(path, one, Options(workers=1))
     compile_recipe(path, two, Options(workers=1))
-    env = dict(os.environ, TUNEC_TRACE_ROWS="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tunec", "run", str(two), "--device", "cpu", "--no-progress"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
-    assert proc.returncode == 0, stdout + stderr
+    stdout, stderr = torchrun(two, env={"TUNEC_TRACE_ROWS": "1"})
     run(one, RunOptions(progress=False, device="cpu"))
 
     # each rank's rows of a step hold whole pairs, and no pair is on both ranks

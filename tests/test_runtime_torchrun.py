@@ -4,16 +4,12 @@ and the same weights as one process training on the same global batches."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import DEMO, tiny_llama
+from tiny import DEMO, tiny_llama, torchrun
 
 from tunec.compiler.build import Options, compile_recipe
 from tunec.runtime.data import RowStream, plan_batching, step_rows
@@ -60,19 +56,7 @@ def test_torchrun_two_processes_match_one(tmp_path, monkeypatch):
     plan = compile_recipe(recipe, one, Options(workers=1))
     compile_recipe(recipe, two, Options(workers=1))
 
-    env = dict(os.environ, TUNEC_TRACE_ROWS="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "tunec", "run", str(two), "--device", "cpu", "--no-progress"]
-    # a session of its own, so that a hang kills the launcher and both workers
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
-    assert proc.returncode == 0, stdout + stderr
+    stdout, stderr = torchrun(two, env={"TUNEC_TRACE_ROWS": "1"}, timeout=240)
     assert stdout.count("stage ddp: done") == 1  # rank 0 reports, and saves, once
 
     # the ranks read disjoint halves of every step; together, the rows one process reads

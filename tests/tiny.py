@@ -28,3 +28,27 @@ def interrupt_after(step: int):
         if s == step:
             raise Interrupt(s)
     return hook
+
+
+def torchrun(out: Path, *args: str, nproc: int = 2, env: dict[str, str] | None = None,
+             timeout: float = 300) -> tuple[str, str]:
+    """``torchrun -m tunec run OUT --device cpu --no-progress ARGS`` on ``nproc`` CPU processes (gloo);
+    its (stdout, stderr). It runs in a session of its own, so a hang kills the launcher and every worker;
+    a timeout or a failure is an AssertionError holding both outputs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "tunec", "run", str(out), "--device", "cpu", "--no-progress", *args]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun timed out\n{stdout}\n{stderr}") from None
+    assert proc.returncode == 0, stdout + stderr
+    return stdout, stderr
