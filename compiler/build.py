@@ -55,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_SHARD_ROWS = 2048
 COMPILED = ("stages", "tokenizer", MANIFEST_FILE)  # what a rebuild replaces (runs/ is kept)
+UNITS_SCRATCH = ".units"
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,11 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
 
     _check_out(out, loaded, options.force)  # refuse early, before the long work
 
+    staging.mkdir()
+    scratch = staging / UNITS_SCRATCH  # units of a compile without a cache; removed before the swap
     with _progress(options.progress, None, "compile") as bar:
         compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), _leak_parts(recipe, specs),
-                                 options.workers, options.executor, options.ray_address, bar)
+                                 options.workers, scratch, options.executor, options.ray_address, bar)
     if options.on_units is not None:
         options.on_units(compiled.reused, compiled.rebuilt)
     units = compiled.units
@@ -143,7 +146,6 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
     findings = lint.for_compile(checked, options.cache_dir())  # prompt lint: warnings, in the plan
 
-    staging.mkdir()
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
     mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
@@ -202,6 +204,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
         lint=findings,
     )
     _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in compiled.keys.items()}, link_keys)
+    shutil.rmtree(scratch, ignore_errors=True)  # mapped units stay readable until dropped (unlinked, not gone)
     atomic_write_text(staging / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
 

@@ -12,8 +12,9 @@ only fields that locate an error message and never reach the output are left
 out (:data:`LOCATION_FIELDS`).
 
 An entry is one file, ``units/<key[:2]>/<key>``: a magic line, the sha256 of
-the payload, then the payload, a safetensors blob of the unit's arrays whose
-metadata holds its counts. It is written atomically (temporary name, fsync,
+the rest, then the unit's arrays laid out to be memory-mapped
+(:mod:`.unitstore`; other entries, such as the leakage keys, hold a
+safetensors blob instead). It is written atomically (temporary name, fsync,
 rename), and every read checks the magic and the hash: a damaged or cut entry
 is removed and rebuilt, never used. A hit touches the file, so ``tunec cache
 prune --older-than`` removes what no compile has used for that long.
@@ -47,11 +48,12 @@ from . import __version__
 from .errors import TunecError
 from .fileio import atomic_write_bytes, canonical_json, compact_json, sha256_bytes, sha256_text
 from .units import UnitResult
+from .unitstore import UnitWriter, open_unit, write_unit
 
 logger = logging.getLogger(__name__)
 
 # Bump when the arrays a unit holds, or what they mean, change: older entries are then never read.
-UNIT_FORMAT_VERSION = 1
+UNIT_FORMAT_VERSION = 2
 ENV = "TUNEC_CACHE"
 MAGIC = b"tunec.unit/1\n"
 # Dataclass fields that only say where an error is (file, lines): they never change a unit's output,
@@ -208,11 +210,26 @@ class Cache:
             logger.warning(f"cache: cannot write {path} ({exc}); continuing without caching it")
 
     def get_unit(self, key: str) -> UnitResult | None:
-        entry = self.get_arrays("units", key)
-        return None if entry is None else unit_from_arrays(*entry)
+        """The unit stored under ``key``, memory-mapped (:func:`.unitstore.open_unit`), after its sha256
+        matched; None when absent, and when damaged (the entry is then removed, to be rebuilt)."""
+        path = self.path("units", key)
+        if not path.is_file():
+            return None
+        unit = open_unit(path)
+        if unit is None:
+            logger.warning(f"cache: entry {path} is damaged (hash mismatch or cut short); rebuilding it")
+            path.unlink(missing_ok=True)
+            return None
+        touch(path)  # last use, for `prune --older-than`
+        return unit
 
     def put_unit(self, key: str, unit: UnitResult) -> None:
-        self.put_arrays("units", key, *unit_to_arrays(unit))
+        """A unit held whole in memory (a Ray task's); the local executor streams with :meth:`unit_writer`."""
+        write_unit(self.path("units", key), unit)
+
+    def unit_writer(self, key: str, n_templates: int) -> UnitWriter:
+        """A writer that stores a unit under ``key`` a chunk at a time (:class:`.unitstore.UnitWriter`)."""
+        return UnitWriter(self.path("units", key), n_templates)
 
     def entries(self) -> list[Path]:
         """Every entry in the folder: units, leakage keys, and what other steps keep here (lint findings
@@ -270,56 +287,3 @@ def parse_age(text: str) -> float:
     if m is None:
         raise TunecError(f"--older-than: '{text}' is not a duration; write a number and a unit, e.g. 7d, 12h, 30m")
     return float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-
-
-# ----------------------------------------------------------------- units as arrays
-
-
-def _enc(value: Any) -> Any:
-    """A unit's non-array value as JSON that decodes to the same types (int dict keys stay ints)."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value)
-    if isinstance(value, dict):
-        return {"d": [[_enc(k), _enc(v)] for k, v in value.items()]}
-    if isinstance(value, list):
-        return {"l": [_enc(v) for v in value]}
-    if isinstance(value, tuple):
-        return {"t": [_enc(v) for v in value]}
-    raise TypeError(f"cannot store a {type(value).__name__} in a unit entry")
-
-
-def _dec(value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    (tag, items), = value.items()
-    if tag == "d":
-        return {_dec(k): _dec(v) for k, v in items}
-    return [_dec(v) for v in items] if tag == "l" else tuple(_dec(v) for v in items)
-
-
-def unit_to_arrays(unit: UnitResult) -> tuple[dict[str, np.ndarray], dict]:
-    """Every field of the unit: numpy arrays as tensors, the rest (counts, choices) in the metadata.
-    Field by field from the dataclass, so a field added to ``UnitResult`` is stored too."""
-    arrays, values = {}, {}
-    for f in dataclasses.fields(unit):
-        v = getattr(unit, f.name)
-        if isinstance(v, np.ndarray):
-            arrays[f.name] = v
-        else:
-            values[f.name] = _enc(v)
-    return arrays, {"format": UNIT_FORMAT_VERSION, "fields": values}
-
-
-def unit_from_arrays(arrays: dict[str, np.ndarray], meta: dict) -> UnitResult | None:
-    """The unit an entry holds; None for an entry of another format or of other fields (a miss)."""
-    values = meta.get("fields")
-    names = {f.name for f in dataclasses.fields(UnitResult)}
-    if meta.get("format") != UNIT_FORMAT_VERSION or not isinstance(values, dict) \
-            or set(arrays) | set(values) != names or set(arrays) & set(values):
-        return None
-    fields: dict[str, Any] = {**arrays, **{k: _dec(v) for k, v in values.items()}}
-    return UnitResult(**fields)

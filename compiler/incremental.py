@@ -12,7 +12,9 @@ loads no data at all.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,9 +30,12 @@ from .link import leak_reports
 from .plan import LeakReport
 from .sources import Rows, load_part, part_inputs
 from .tokens import TokenizerInfo
-from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, join, plan_docs
+from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, iter_plan_docs
+from .unitstore import UnitWriter, open_unit
 
 Part = tuple[str, str]  # (task, "train" | "eval")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,8 +64,10 @@ class Compiled:
 
 
 def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
-                  leak_parts: set[Part], workers: int, executor: str = "local", ray_address: str | None = None,
-                  progress: Callable[[int], None] = lambda n: None) -> Compiled:
+                  leak_parts: set[Part], workers: int, scratch: Path, executor: str = "local",
+                  ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None) -> Compiled:
+    """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
+    into the folder ``scratch``, which the caller removes once the units are linked)."""
     loaded = checked.loaded
     tasks = loaded.recipe.tasks
     keys: dict[Part, str] = {}
@@ -115,39 +122,72 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
                     raise AssertionError(f"a Ray task stored no unit for {s.task}/{s.part}")
                 units[(s.task, s.part)] = unit
         else:
-            results: list[list[UnitResult]] = [[] for _ in run_specs]
-            # one unit after the other, its rows read from Arrow a chunk at a time
-            chunks = (c for j, s in enumerate(run_specs) for c in _chunks(j, s, part(s.task, s.part), pools))
-            n_chunks = [-(-part(s.task, s.part).count // CHUNK_ROWS) for s in run_specs]
-            for chunk, result in run_local(chunks, sum(n_chunks), info, run_specs, pools, workers):
-                results[chunk.unit].append(result)
-                progress(len(chunk.rows))
-                if len(results[chunk.unit]) == n_chunks[chunk.unit]:
-                    s = run_specs[chunk.unit]  # the unit's last chunk: join it, store it, drop the pieces
-                    units[(s.task, s.part)] = join(results[chunk.unit], len(s.templates))
-                    results[chunk.unit] = []
-                    if cache is not None:
-                        cache.put_unit(keys[(s.task, s.part)], units[(s.task, s.part)])
-            for j, s in enumerate(run_specs):
-                if (s.task, s.part) not in units:  # a unit with no rows at all
-                    units[(s.task, s.part)] = join(results[j], len(s.templates))
-                    if cache is not None:
-                        cache.put_unit(keys[(s.task, s.part)], units[(s.task, s.part)])
+            units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers, progress))
     order = [(s.task, s.part) for s in specs]
     rebuilt = [order[i] for i in missing]
     return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
                     reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt)
 
 
+def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str, str], Rows],
+               pools: dict[str, dict[str, list]], info: TokenizerInfo, cache: Cache | None, scratch: Cache,
+               workers: int, progress: Callable[[int], None]) -> dict[Part, UnitResult]:
+    """Compile the units here (or in worker processes), one after the other, their rows read from Arrow
+    a chunk at a time and each chunk's result appended to the unit's file as it comes back: what the
+    main process holds grows with a chunk, not with the data. Each unit is read back memory-mapped.
+    Units go into ``cache``, or into ``scratch`` without one or when the cache folder cannot be written."""
+    writers: dict[int, UnitWriter] = {}
+    left = [-(-part(s.task, s.part).count // CHUNK_ROWS) for s in specs]
+    out: dict[Part, UnitResult] = {}
+
+    def writer(j: int) -> UnitWriter:
+        s = specs[j]
+        if cache is not None:
+            try:
+                return cache.unit_writer(keys[(s.task, s.part)], len(s.templates))
+            except OSError as exc:  # a read-only or full cache costs a rebuild next time, never the compile
+                logger.warning(f"cache: cannot write in {cache.root} ({exc}); keeping {s.task}/{s.part} for "
+                               "this compile only")
+        return scratch.unit_writer(keys[(s.task, s.part)], len(s.templates))
+
+    def finish(j: int) -> None:
+        s = specs[j]
+        w = writers.pop(j) if j in writers else writer(j)
+        w.finish()
+        unit = open_unit(w.path, verify=False)  # written just now by this process
+        if unit is None:
+            raise AssertionError(f"the unit just written to {w.path} does not read back")
+        out[(s.task, s.part)] = unit
+
+    try:
+        for j, n in enumerate(left):
+            if n == 0:  # a unit with no rows at all
+                finish(j)
+        chunks = (c for j, s in enumerate(specs) for c in _chunks(j, s, part(s.task, s.part), pools))
+        for chunk, result in run_local(chunks, sum(left), info, specs, pools, workers):
+            j = chunk.unit
+            if j not in writers:
+                writers[j] = writer(j)
+            writers[j].add(result)
+            progress(len(chunk.rows))
+            left[j] -= 1
+            if left[j] == 0:
+                finish(j)
+    finally:
+        for w in writers.values():  # a failed compile leaves no partial unit behind
+            w.abort()
+    return out
+
+
 def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]]) -> Iterator[Chunk]:
     """A unit's chunks (``CHUNK_ROWS`` rows each, as :func:`.units.chunks_of` cuts them), their rows
-    converted from Arrow one chunk at a time."""
+    read from Arrow a chunk at a time, their document plans drawn as they go."""
     pool = pools.get(spec.task)
-    docs = plan_docs(spec, rows.count, len(next(iter(pool.values()))) if pool else 0)
+    plans = iter_plan_docs(spec, rows.count, len(next(iter(pool.values()))) if pool else 0)
     index = rows.index
-    for lo in range(0, rows.count, CHUNK_ROWS):
+    for lo, columns in rows.slices(CHUNK_ROWS):
         hi = min(lo + CHUNK_ROWS, rows.count)
-        yield Chunk(j, index[lo:hi].tolist(), rows.slice(lo, hi), docs[lo:hi])
+        yield Chunk(j, index[lo:hi].tolist(), columns, list(itertools.islice(plans, hi - lo)))
 
 
 def cache_of(root: Path | None) -> Cache | None:

@@ -17,16 +17,17 @@ import numpy as np
 from . import leakage, mixture
 from .errors import TunecError
 from .fileio import atomic_write_text, sha256_text
-from .pack import IGNORE, Docs, best_fit_decreasing, build_rows, group_bins
+from .pack import IGNORE, DocSource, best_fit_decreasing, build_rows, group_bins
 from .plan import LENGTH_BINS, ChoicesFile, EvalSet, LeakReport, Lengths, PackedSet, ShardEntry, TaskCounts
 from .recipe import Stage
 from .shards import write_shard
-from .units import MESSAGES, UnitResult, lm_labels
+from .units import MESSAGES, UnitResult
+from .unitstore import release
 
 
 @dataclass(frozen=True)
 class Mix:
-    labelled: dict[str, tuple]  # task -> (labels, kept-doc mask, trained tokens per doc)
+    labelled: dict[str, tuple]  # task -> (kept-doc mask, trained tokens per doc)
     docs: dict[str, np.ndarray]  # task -> selected document indices (sorted; repeats allowed)
     rates: dict[str, float]  # task -> requested share
 
@@ -46,7 +47,7 @@ class Linker:
         labelled = {t: _labelled(units[t], objective) for t in stage.tasks}
         # a pair (preference) is selected whole: the mixture counts and draws groups of documents
         group = {t: units[t].group for t in stage.tasks}
-        keep_groups = {t: keep.reshape(-1, group[t]).all(axis=1) for t, (_, keep, _) in labelled.items()}
+        keep_groups = {t: keep.reshape(-1, group[t]).all(axis=1) for t, (keep, _) in labelled.items()}
         sizes = {t: int(keep.sum()) for t, keep in keep_groups.items()}
         for t, n in sizes.items():
             if n == 0:
@@ -61,18 +62,18 @@ class Linker:
         """Write the stage's training shards; per-task counts, shares after packing included."""
         parts, counts = [], {}
         for t in stage.tasks:
-            parts.append((units[t], mix.labelled[t][0], mix.docs[t]))
+            parts.append((units[t], mix.docs[t]))
             counts[t] = self._counts(t, units[t], mix.labelled[t], mix.docs[t], mix.rates[t])
-        data = self._pack(_concat(parts), Path("stages") / stage.name / "train", stage.name)
+        data = self._pack(Selected.of(parts, stage.objective.kind), Path("stages") / stage.name / "train", stage.name)
         total = data.trained_tokens
         counts = {t: c.model_copy(update={"trained_share": round(c.trained_tokens / total, 6) if total else 0.0})
                   for t, c in counts.items()}
         return data, counts
 
     def eval(self, stage: Stage, task: str, unit: UnitResult, held_out: bool) -> EvalSet:
-        labels, keep, trained = _labelled(unit, stage.objective.kind)
+        keep, trained = _labelled(unit, stage.objective.kind)
         idx = _docs_of(np.flatnonzero(keep.reshape(-1, unit.group).all(axis=1)), unit.group)
-        docs = _concat([(unit, labels, idx)])
+        docs = Selected.of([(unit, idx)], stage.objective.kind)
         rel = Path("stages") / stage.name / "eval" / task
         data = self._pack(docs, rel, stage.name)
         choices = None
@@ -80,11 +81,11 @@ class Linker:
             records = [unit.choices[i] for i in idx.tolist() if unit.choices[i] is not None]
             if records:
                 choices = _write_choices(self.out, rel / "choices.jsonl", records)
-        counts = self._counts(task, unit, (labels, keep, trained), idx, None)
+        counts = self._counts(task, unit, (keep, trained), idx, None)
         return EvalSet(counts=counts, data=data, held_out=held_out, choices=choices)
 
     def _counts(self, task, unit: UnitResult, labelled, docs_idx: np.ndarray, rate: float | None) -> TaskCounts:
-        _, keep, trained = labelled
+        keep, trained = labelled
         # a task without templates: a chat `messages` column, or preference pairs (unpaired: examples)
         names = self.template_names[task] or ["messages" if unit.side is None else "pairs" if unit.group == 2
                                               else "examples"]
@@ -107,7 +108,7 @@ class Linker:
             audit_failures=0 if unit.audit_failed is None else int(unit.audit_failed[docs_idx].sum()),
         )
 
-    def _pack(self, docs: Docs, rel: Path, stage: str) -> PackedSet:
+    def _pack(self, docs: DocSource, rel: Path, stage: str) -> PackedSet:
         lengths = docs.lengths
         bins = group_bins(docs, self.seq_len) if docs.side is not None else best_fit_decreasing(lengths, self.seq_len)
         shards = []
@@ -116,6 +117,7 @@ class Linker:
             arrays = build_rows(docs, group, self.seq_len, self.pad_id)
             path = rel / f"{s:05d}.safetensors"
             written = write_shard(self.out / path, arrays, {"stage": stage, "seq_len": self.seq_len})
+            docs.release()  # the pages of the units this shard read: resident memory stays one shard's
             shards.append(ShardEntry(
                 path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,
                 tokens=int(lengths[np.concatenate(group)].sum()) if group else 0,
@@ -130,14 +132,14 @@ class Linker:
         )
 
 
-def _labelled(unit: UnitResult, objective: str):
-    """Labels of every token, which documents keep something to train, trained tokens per document.
+def _labelled(unit: UnitResult, objective: str) -> tuple[np.ndarray, np.ndarray]:
+    """Which documents keep something to train, and the trained tokens of each.
 
-    The workers made the `sft` labels already (preference objectives use them too); `lm` labels are the ids.
+    The workers counted the `sft` labels already (preference objectives use them too); `lm` trains
+    every token but each document's first.
     """
-    # preference objectives take their log-probabilities over the responses: the `sft` labels
-    labels, trained = lm_labels(unit) if objective == "lm" else (unit.sft_labels, unit.sft_trained)
-    return labels, trained > 0, trained
+    trained = np.maximum(unit.lengths - 1, 0) if objective == "lm" else unit.sft_trained
+    return trained > 0, trained
 
 
 def _docs_of(groups: np.ndarray, size: int) -> np.ndarray:
@@ -145,42 +147,66 @@ def _docs_of(groups: np.ndarray, size: int) -> np.ndarray:
     return (groups[:, None] * size + np.arange(size)).reshape(-1)
 
 
-def _concat(parts: list[tuple[UnitResult, np.ndarray, np.ndarray]]) -> Docs:
-    """Flat documents from (unit, its labels, selected doc indices), in order; repeats allowed."""
-    ids, labels, lengths, sides = [], [], [], []
-    paired = [u.side is not None for u, _, _ in parts]
-    if any(paired) and not all(paired):
-        raise TunecError("a stage mixes preference tasks with other tasks")  # the static checks refuse this first
-    for unit, unit_labels, idx in parts:
-        if len(idx) == 0:
-            continue
-        if unit.side is not None:
-            sides.append(unit.side[idx])
-        if len(idx) == unit.docs and idx[0] == 0 and np.all(np.diff(idx) == 1):  # every doc, in order
-            ids.append(unit.ids)
-            labels.append(unit_labels)
-            lengths.append(unit.lengths)
-            continue
-        lens = unit.lengths[idx]
-        # token positions of the selected documents, without a Python loop per document
-        starts = unit.offsets[:-1][idx]
-        take = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens) + np.arange(int(lens.sum()))
-        ids.append(unit.ids[take])
-        labels.append(unit_labels[take])
-        lengths.append(lens)
-    lengths_all = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths_all, dtype=np.int64)]).astype(np.int64)
-    empty = np.zeros(0, np.int32)
-    side = None
-    if parts and all(paired):
-        side = np.concatenate(sides) if sides else np.zeros(0, np.int8)
-    groups = {u.group for u, _, _ in parts}
-    if len(groups) > 1:
-        raise TunecError("a stage mixes paired and unpaired preference tasks")  # refused by the static checks first
-    def flat(arrays: list[np.ndarray]) -> np.ndarray:  # one part taken whole: its arrays, not a copy of them
-        return arrays[0] if len(arrays) == 1 else np.concatenate(arrays) if arrays else empty
+@dataclass
+class Selected:
+    """A stage's documents: the selected documents of its units, in order (repeats allowed), read from
+    the units' (memory-mapped) arrays only when a shard gathers them. Labels: the units' `sft` labels,
+    or for `lm` the ids, less each document's first token."""
 
-    return Docs(flat(ids), offsets, flat(labels), side=side, group=groups.pop() if groups else 1)
+    units: list[UnitResult]
+    part: np.ndarray  # per stage document: which unit
+    doc: np.ndarray  # per stage document: its index in that unit
+    lengths: np.ndarray
+    lm: bool
+    side: np.ndarray | None = None
+    group: int = 1
+
+    @classmethod
+    def of(cls, parts: list[tuple[UnitResult, np.ndarray]], objective: str) -> "Selected":
+        paired = [u.side is not None for u, _ in parts]
+        if any(paired) and not all(paired):
+            raise TunecError("a stage mixes preference tasks with other tasks")  # the static checks refuse this first
+        groups = {u.group for u, _ in parts}
+        if len(groups) > 1:
+            raise TunecError("a stage mixes paired and unpaired preference tasks")  # refused by the static checks
+        idx = [np.asarray(i, np.int64) for _, i in parts]
+        side = None
+        if parts and all(paired):
+            side = np.concatenate([u.side[i] for (u, _), i in zip(parts, idx) if u.side is not None])
+        return cls(
+            units=[u for u, _ in parts],
+            part=np.concatenate([np.full(len(i), p, np.int32) for p, i in enumerate(idx)] or [np.zeros(0, np.int32)]),
+            doc=np.concatenate(idx or [np.zeros(0, np.int64)]),
+            lengths=np.concatenate([u.lengths[i] for (u, _), i in zip(parts, idx)] or [np.zeros(0, np.int64)]),
+            lm=objective == "lm", side=side, group=groups.pop() if groups else 1,
+        )
+
+    def gather(self, order: np.ndarray, lengths: np.ndarray, inner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ids and labels of documents ``order``, one after the other (see ``pack.Docs.gather``)."""
+        total = int(lengths.sum())
+        ids = np.empty(total, np.int32)
+        labels = np.empty(total, np.int32)
+        at = np.cumsum(lengths) - lengths  # where each document starts in the output
+        part = self.part[order]
+        for p in np.unique(part).tolist():
+            mine = np.flatnonzero(part == p)
+            unit, lens = self.units[p], lengths[mine]
+            ramp = _ramp(lens) if len(mine) < len(order) else inner
+            dst = np.repeat(at[mine], lens) + ramp
+            src = np.repeat(unit.offsets[:-1][self.doc[order[mine]]], lens) + ramp
+            ids[dst] = unit.ids[src]
+            labels[dst] = unit.ids[src] if self.lm else unit.sft_labels[src]
+        if self.lm:
+            labels[inner == 0] = IGNORE  # no document is predicted from the one before it
+        return ids, labels
+
+    def release(self) -> None:
+        release(*self.units)
+
+
+def _ramp(lengths: np.ndarray) -> np.ndarray:
+    """``0..l0-1, 0..l1-1, ...``"""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _lengths(lengths: np.ndarray, completion: np.ndarray, seq_len: int) -> Lengths:

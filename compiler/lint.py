@@ -48,7 +48,7 @@ from .load import display_path
 from .plan import LintFinding
 from .recipe import LintConfig, PromptsourceTemplates, Task
 from .sandbox import OutOfTime, watchdog
-from .sources import Rows
+from .sources import Rows, load_part
 from .templates import Renderer, TemplateSource
 
 # Bump when a rule, or what it reads, changes: findings cached by an older version are then never used.
@@ -256,12 +256,58 @@ def _mentions(text: str, word: str) -> bool:
     word = word.strip()
     if not word:
         return False
+    if word.isascii() and "\0" not in word:
+        # The same answer without a regex (a long answer compiled as a pattern costs milliseconds and
+        # overflows re's cache, once per row): over ASCII, IGNORECASE compares what lower() does and
+        # \w is [A-Za-z0-9_]; the text's other characters are mapped, one for one, to what they are
+        # to an ASCII word (see _AsciiView).
+        return _mentions_ascii(text.lower() if text.isascii() else text.translate(_ASCII_VIEW), word.lower())
     pattern = re.escape(word)
     if _WORD.match(word[0]):
         pattern = r"(?<!\w)" + pattern
     if _WORD.match(word[-1]):
         pattern += r"(?!\w)"
     return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+class _AsciiView(dict):
+    """``str.translate`` table: a character as an ASCII word sees it under IGNORECASE, one for one.
+
+    ASCII letters are lowered; a character the regex would match with an ASCII letter (the Kelvin
+    sign, the long s, the dotted capital I...) becomes that letter; any other word character
+    becomes ``A`` (a word character no lowered word holds), anything else NUL (the callers
+    leave a word with NUL to the regex). Filled on first sight of each character.
+    """
+
+    def __missing__(self, code: int) -> str:
+        c = chr(code)
+        if c.isascii() and not c.isalpha():
+            out = c  # digits and `_` are word characters to both; the rest to neither
+        else:
+            same = [a for a in "abcdefghijklmnopqrstuvwxyz" if re.fullmatch(a, c, flags=re.IGNORECASE)]
+            out = same[0] if same else ("A" if re.fullmatch(r"\w", c) else "\0")
+        self[code] = out
+        return out
+
+
+_ASCII_VIEW = _AsciiView()
+
+
+def _ascii_word_char(c: str) -> bool:
+    return c.isalnum() or c == "_"
+
+
+def _mentions_ascii(text: str, word: str) -> bool:
+    """:func:`_mentions` of lower-cased ASCII strings."""
+    start_bounded, end_bounded = _ascii_word_char(word[0]), _ascii_word_char(word[-1])
+    i = text.find(word)
+    while i >= 0:
+        j = i + len(word)
+        if not (start_bounded and i > 0 and _ascii_word_char(text[i - 1])) and \
+                not (end_bounded and j < len(text) and _ascii_word_char(text[j])):
+            return True
+        i = text.find(word, i + 1)
+    return False
 
 
 def _instruction_words(p: _Pair) -> int:
@@ -359,8 +405,6 @@ def lint_recipe(checked: Checked, cache: Path | None = None) -> list[Finding]:
     recompile lints again only the tasks whose rows, templates or settings changed (a
     template edited in one task lints that task alone) and reads no data for the others.
     """
-    from .sources import load_part
-
     config: LintConfig = checked.recipe.lint
     out: list[Finding] = []
     for name in checked.used_tasks():

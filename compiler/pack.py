@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -78,6 +79,29 @@ class Docs:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def gather(self, order: np.ndarray, lengths: np.ndarray, inner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The ids and labels of documents ``order`` (``lengths`` their lengths, ``inner`` each token's
+        position in its document), one after the other."""
+        src = np.repeat(self.offsets[:-1][order], lengths) + inner
+        return self.ids[src], self.labels[src]
+
+    def release(self) -> None:
+        """Nothing to hand back: these arrays are in memory (see ``link.Selected``)."""
+
+
+class DocSource(Protocol):
+    """What packing reads documents from: :class:`Docs`, or a stage's selection of mapped units."""
+
+    side: np.ndarray | None
+    group: int
+
+    @property
+    def lengths(self) -> np.ndarray: ...
+
+    def gather(self, order: np.ndarray, lengths: np.ndarray, inner: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def release(self) -> None: ...
+
 
 def doc_labels(ids: np.ndarray, offsets: np.ndarray, spans: np.ndarray, objective: str) -> np.ndarray:
     """Labels for flat docs: ``sft`` trains the spans, ``lm`` every token; never a doc's first token."""
@@ -101,7 +125,7 @@ def _ramps(lengths: np.ndarray) -> np.ndarray:
     return np.arange(total, dtype=np.int64) - starts
 
 
-def group_bins(docs: Docs, capacity: int) -> list[list[int]]:
+def group_bins(docs: DocSource, capacity: int) -> list[list[int]]:
     """Best-fit decreasing over groups (the two documents of a pair) instead of documents: a pair
     always lands in one row, its chosen document right before its rejected one.
 
@@ -114,7 +138,7 @@ def group_bins(docs: Docs, capacity: int) -> list[list[int]]:
     return [[k * g + j for k in b for j in range(g)] for b in bins]
 
 
-def build_rows(docs: Docs, bins: list[list[int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+def build_rows(docs: DocSource, bins: list[list[int]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """Materialise packed rows: ``input_ids``, ``labels``, ``position_ids``, each ``[rows, seq_len]``.
 
     Documents with a ``side`` (preference stages) also give ``pair_ids`` (the group's index in
@@ -143,10 +167,11 @@ def build_rows(docs: Docs, bins: list[list[int]], seq_len: int, pad_id: int) -> 
     row_start[:] = (ends - lengths)[first]
     at = (ends - lengths) - row_start[row_of]
     inner = _ramps(lengths)
-    src = np.repeat(docs.offsets[:-1][order], lengths) + inner
     dst = np.repeat(row_of * seq_len + at, lengths) + inner
-    input_ids.reshape(-1)[dst] = docs.ids[src]
-    labels.reshape(-1)[dst] = docs.labels[src]
+    ids, labs = docs.gather(order, lengths, inner)
+    input_ids.reshape(-1)[dst] = ids
+    labels.reshape(-1)[dst] = labs
+    del ids, labs
     # positions: 0.. inside every document; the padding after the last one counts from 0 too
     positions = np.tile(np.arange(seq_len, dtype=np.int32), (n, 1))
     positions.reshape(-1)[dst] = inner

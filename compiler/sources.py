@@ -33,15 +33,21 @@ SLICE_ROWS = 4096  # rows converted from Arrow to Python at a time
 class Rows:
     """The selected rows of one part of a task, after the field map.
 
-    The rows stay in ``datasets``' Arrow table (memory-mapped from its cache)
-    until asked for: :meth:`slice` converts a range of them to Python lists,
-    column-major; :attr:`columns` converts them all (few-shot pools, lint).
+    The rows stay in ``datasets``' Arrow table until asked for: :meth:`slice`
+    converts a range of them to Python lists, column-major; :meth:`slices`
+    walks them all in order, reading the table's Arrow files a record batch at
+    a time into memory that is freed after each slice (a memory-mapped table
+    would keep every page it touched resident); :attr:`columns` converts them
+    all (few-shot pools).
     """
 
-    index: np.ndarray  # each row's index in its split or file (for messages)
+    index: np.ndarray  # each row's index in its split or file (for messages); also its position in `table`'s source
     table: Any  # a datasets.Dataset holding exactly the selected rows, source column names
     mapping: dict[str, str]  # new name -> source column
     convert: Callable[[str, list, np.ndarray], list] | None = None  # a field's value map, located errors
+    # the Arrow stream files of the whole split, in order, and its row count (None: read through `table`)
+    files: tuple[str, ...] | None = None
+    total: int = 0
 
     @property
     def count(self) -> int:
@@ -50,18 +56,73 @@ class Rows:
     def slice(self, lo: int, hi: int) -> dict[str, list[Any]]:
         """Rows ``lo:hi`` (positions in the part) as Python lists, column-major, value maps applied."""
         raw = self.table[lo:hi] if hi > lo else {c: [] for c in self.table.column_names}
+        return self._mapped(raw, lo, hi)
+
+    def _mapped(self, raw: dict[str, list], lo: int, hi: int) -> dict[str, list[Any]]:
         columns = {new: raw[old] for new, old in self.mapping.items()}
         if self.convert is not None:
             columns = {new: self.convert(new, values, self.index[lo:hi]) for new, values in columns.items()}
         return columns
 
     def slices(self, step: int = SLICE_ROWS) -> Iterator[tuple[int, dict[str, list[Any]]]]:
-        for lo in range(0, self.count, step):
-            yield lo, self.slice(lo, min(lo + step, self.count))
+        """Every row, ``step`` at a time, in order: ``(position of the first, columns)``."""
+        if self.files is None:
+            for lo in range(0, self.count, step):
+                yield lo, self.slice(lo, min(lo + step, self.count))
+            return
+        yield from self._stream(step)
+
+    def _stream(self, step: int) -> Iterator[tuple[int, dict[str, list[Any]]]]:
+        import pyarrow as pa
+
+        assert self.files is not None
+        wanted = sorted(set(self.mapping.values()))
+        index = self.index  # ascending positions in the split
+        pending: list[Any] = []  # Arrow record batches taken, not yet handed out
+        have = done = k = base = 0
+
+        def emit(n: int) -> dict[str, list[Any]]:
+            nonlocal pending, have
+            table = pa.Table.from_batches(pending)
+            out, rest = table.slice(0, n), table.slice(n)
+            pending, have = rest.to_batches(), have - n
+            return out.to_pydict()
+
+        for path in self.files:
+            with pa.OSFile(path) as fh:
+                for batch in pa.ipc.open_stream(fh):
+                    n = batch.num_rows
+                    upto = int(np.searchsorted(index, base + n, "left"))
+                    if upto > k:
+                        take = index[k:upto] - base
+                        part = batch.select(wanted)
+                        contiguous = int(take[-1]) - int(take[0]) == len(take) - 1
+                        pending.append(part.slice(int(take[0]), len(take)) if contiguous else part.take(take))
+                        have, k = have + len(take), upto
+                    base += n
+                    while have >= step:
+                        yield done, self._mapped(emit(step), done, done + step)
+                        done += step
+        if base != self.total or k != len(index):
+            raise AssertionError(f"the split's Arrow files hold {base} rows, not {self.total}")
+        if have:
+            n = have
+            yield done, self._mapped(emit(n), done, done + n)
 
     @functools.cached_property
     def columns(self) -> dict[str, list[Any]]:
         return self.slice(0, self.count)
+
+
+def _stream_files(ds: Any) -> tuple[str, ...] | None:
+    """The Arrow files of a dataset as ``datasets`` loaded it (no index mapping, no feature that needs
+    decoding), to be read batch by batch; None: read it through ``datasets``."""
+    from datasets.features.features import require_decoding
+
+    files = tuple(f["filename"] for f in ds.cache_files)
+    if not files or ds._indices is not None or any(require_decoding(f) for f in ds.features.values()):
+        return None
+    return files
 
 
 def source_files(loaded: LoadedRecipe, task: Task) -> dict[str, Path]:
@@ -419,7 +480,8 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
     def convert(new: str, values: list, rows: np.ndarray) -> list:
         return _mapped(loaded, name, part, new, maps[new], values, rows) if new in maps else values
 
-    return Rows(index=index.astype(np.int64), table=subset, mapping=mapping, convert=convert if maps else None)
+    return Rows(index=index.astype(np.int64), table=subset, mapping=mapping, convert=convert if maps else None,
+                files=_stream_files(ds), total=len(ds))
 
 
 def _mapped(loaded: LoadedRecipe, name: str, part: str, new: str, spec: FieldMap, values: list,

@@ -150,7 +150,7 @@ def encode_texts(backend, info: TokenizerInfo, texts: list[str], char_spans: lis
             first = _first_token_at_or_after(enc, s, e)
             if first is None:
                 continue
-            last = _last_token_before(enc, s, e)
+            last = _last_token_before(enc, s, e, len(ids))
             if enc.token_to_chars(first)[0] < s:
                 straddles += 1  # a token merged the characters before the span with its first ones
             tok_spans.append((first, last + 1))
@@ -177,14 +177,15 @@ def _first_token_at_or_after(enc, char: int, end: int) -> int | None:
     return None
 
 
-def _last_token_before(enc, start: int, end: int) -> int:
+def _last_token_before(enc, start: int, end: int, count: int) -> int:
+    """Index of the last token holding a character of ``[start, end)``; ``count``: the tokens of ``enc``."""
     for c in range(end - 1, start - 1, -1):
         tok = enc.char_to_token(c)
         if tok is not None:
             # `char_to_token` names the first token of a character; a character split over several
             # tokens (bytes of `«` without a token of their own) must be trained up to its last one.
-            offsets = enc.offsets
-            while tok + 1 < len(offsets) and offsets[tok + 1][0] <= c < offsets[tok + 1][1]:
+            # (One token's offsets at a time: `enc.offsets` would build the whole document's list.)
+            while tok + 1 < count and (chars := enc.token_to_chars(tok + 1)) is not None and chars[0] <= c < chars[1]:
                 tok += 1
             return tok
     raise AssertionError("unreachable: a first token was found in the same range")

@@ -136,11 +136,15 @@ def plan_docs(spec: UnitSpec, count: int, pool_size: int) -> list[list[DocPlan]]
     A pure function of the recipe's seed, the task and the part. Exemplars
     come from the train pool only and never include the row itself.
     """
+    return list(iter_plan_docs(spec, count, pool_size))
+
+
+def iter_plan_docs(spec: UnitSpec, count: int, pool_size: int) -> Iterator[list[DocPlan]]:
+    """:func:`plan_docs` a row at a time (the same draws, in the same order)."""
     rng = np.random.default_rng([spec.seed, zlib.crc32(spec.task.encode("utf-8")), spec.part == "eval"])
     n_templates = len(spec.templates)
     fs = spec.few_shot
     self_in_pool = spec.part == "train"
-    out: list[list[DocPlan]] = []
     for i in range(count):
         if spec.from_messages:
             chosen = [MESSAGES]
@@ -163,8 +167,7 @@ def plan_docs(spec: UnitSpec, count: int, pool_size: int) -> list[list[DocPlan]]
                         picks = picks + (picks >= i)  # skip the row itself
                     exemplars = tuple(int(p) for p in picks)
             docs.append((t, exemplars))
-        out.append(docs)
-    return out
+        yield docs
 
 
 def chunks_of(unit: int, columns: dict[str, list[Any]], rows: list[int], docs: list[list[DocPlan]]) -> Iterator[Chunk]:

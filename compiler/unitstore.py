@@ -1,0 +1,308 @@
+"""Compiled units on disk: written a chunk at a time, read back memory-mapped.
+
+A unit's token arrays (``ids`` and ``sft_labels``) grow with its data, so a
+compile never holds them whole: :class:`UnitWriter` appends each chunk's
+arrays to temporary files as the chunk arrives, then lays the unit out as one
+file, and :func:`open_unit` maps that file back, its arrays views of the
+mapping. The linker reads the documents a shard needs through the views and
+calls :func:`release` after each shard, which hands the mapped pages back to
+the page cache: the compile's resident memory stays at what one chunk and one
+shard need, whatever the size of the data.
+
+The file (``unit format 2``)::
+
+    tunec.unit/2\\n
+    <sha256 hex of everything after this line>\\n
+    <8-byte little-endian length H><H bytes of JSON: every array's dtype, shape and
+    offset in the file; the unit's other fields>
+    <the arrays, each starting at a multiple of 64 bytes in the file, zero-padded between>
+
+Written under a temporary name and renamed when whole (fsync first); read
+only after its sha256 matched (streamed, in blocks: hashing maps nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from .units import UnitResult, _summed
+
+MAGIC = b"tunec.unit/2\n"
+ALIGN = 64
+BLOCK = 1 << 22  # bytes copied or hashed at a time
+STREAMED = ("ids", "sft_labels")  # per-token arrays: appended to files, never held whole
+_PREFIX = len(MAGIC) + 65  # magic, digest, newline
+
+
+class UnitWriter:
+    """One unit's chunks, in order, into a unit file at ``path`` (see the module's docstring).
+
+    Per-token arrays go to temporary files beside ``path`` as each chunk comes;
+    the per-document arrays (a few bytes a document) and the counts are kept
+    until :meth:`finish`. :meth:`abort` removes what was written.
+    """
+
+    def __init__(self, path: Path, n_templates: int):
+        self.path = Path(path)
+        self.n_templates = n_templates
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        self._streams: dict[str, tuple[Path, BinaryIO]] = {}
+        for name in STREAMED:
+            p = self.path.with_name(f".{self.path.name}.{os.getpid()}.{name}.tmp")
+            self._streams[name] = (p, open(p, "wb"))
+        self._tokens = 0
+        self._docs = 0
+        self._parts: list[UnitResult] = []  # chunk results less their per-token arrays, offsets rebased
+
+    def add(self, r: UnitResult) -> None:
+        """Append one chunk's result (chunks in order)."""
+        for name in STREAMED:
+            a = np.ascontiguousarray(getattr(r, name), dtype=np.int32)
+            self._streams[name][1].write(a.tobytes())
+        empty = np.zeros(0, np.int32)
+        offsets = r.offsets[1:] + self._tokens
+        spans = r.spans.copy()
+        spans[:, 0] += self._docs
+        docs = np.zeros(r.docs, bool)
+        self._parts.append(dataclasses.replace(
+            r, ids=empty, sft_labels=empty, offsets=offsets, spans=spans, cut=docs if r.cut is None else r.cut,
+            audit_failed=None if r.audit_failed is None else r.audit_failed))
+        self._tokens += int(r.offsets[-1])
+        self._docs += r.docs
+
+    def finish(self) -> None:
+        """Lay the unit out at ``path`` (atomically); the temporary files are removed."""
+        try:
+            for _, fh in self._streams.values():
+                fh.close()
+            arrays, values = self._fields()
+            _write(self._tmp, arrays, values, {n: p for n, (p, _) in self._streams.items()}, self._tokens)
+            os.replace(self._tmp, self.path)
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for p, fh in self._streams.values():
+            fh.close()
+            p.unlink(missing_ok=True)
+        self._tmp.unlink(missing_ok=True)
+
+    def _fields(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The joined per-document arrays and the other fields (what :func:`.units.join` makes of the
+        chunks, less the per-token arrays)."""
+        parts = self._parts
+        if not parts:
+            empty = np.zeros(0, np.int32)
+            unit = UnitResult(empty, np.zeros(1, np.int64), np.zeros((0, 3), np.int32), np.zeros(0, np.int16),
+                              empty, np.zeros(max(self.n_templates, 1), np.int64), np.zeros(0, np.int16), empty,
+                              np.zeros(0, np.int64))
+        else:
+            choices = None
+            if parts[0].choices is not None:
+                choices = [c for r in parts for c in (r.choices or [])]
+            unit = UnitResult(
+                ids=np.zeros(0, np.int32),
+                offsets=np.concatenate([np.zeros(1, np.int64)] + [r.offsets for r in parts]),
+                spans=np.concatenate([r.spans for r in parts]).astype(np.int32).reshape(-1, 3),
+                template=np.concatenate([r.template for r in parts]),
+                row=np.concatenate([r.row for r in parts]),
+                skipped=np.sum([r.skipped for r in parts], axis=0),
+                shots=np.concatenate([r.shots for r in parts]),
+                sft_labels=np.zeros(0, np.int32),
+                sft_trained=np.concatenate([r.sft_trained for r in parts]),
+                truncated=sum(r.truncated for r in parts),
+                dropped=sum(r.dropped for r in parts),
+                straddles=sum(r.straddles for r in parts),
+                cut=np.concatenate([r.cut for r in parts if r.cut is not None]),
+                choices=choices,
+                spaced=_summed([r.spaced for r in parts]),
+                side=None if parts[0].side is None else np.concatenate([r.side for r in parts if r.side is not None]),
+                group=parts[0].group,
+                checks=_summed([r.checks for r in parts]),
+                audit_failed=None if all(r.audit_failed is None for r in parts) else np.concatenate(
+                    [r.audit_failed if r.audit_failed is not None else np.zeros(len(r.template), bool)
+                     for r in parts]),
+                audit_example=next((r.audit_example for r in parts if r.audit_example), None),
+            )
+        return split_fields(unit)
+
+
+def split_fields(unit: UnitResult) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """A unit's numpy arrays, and its other fields encoded as JSON (field by field from the dataclass,
+    so a field added to ``UnitResult`` is stored too)."""
+    arrays, values = {}, {}
+    for f in dataclasses.fields(unit):
+        v = getattr(unit, f.name)
+        if isinstance(v, np.ndarray):
+            arrays[f.name] = v
+        else:
+            values[f.name] = _enc(v)
+    return arrays, values
+
+
+def write_unit(path: Path, unit: UnitResult) -> None:
+    """A whole unit held in memory (one Ray task's) to ``path``."""
+    w = UnitWriter(path, len(unit.skipped))
+    try:
+        w.add(unit)
+    except BaseException:
+        w.abort()
+        raise
+    w.finish()
+
+
+def _align(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], streamed: dict[str, Path],
+           tokens: int) -> None:
+    arrays = {k: v for k, v in arrays.items() if k not in streamed}
+    names = sorted([*arrays, *streamed])
+    layout: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name in streamed:
+            layout[name] = {"dtype": "<i4", "shape": [tokens], "nbytes": tokens * 4}
+        else:
+            a = arrays[name]
+            layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "nbytes": a.nbytes}
+    # the header's length decides where the data starts, and the offsets are in the header: grow until stable
+    width = 0
+    while True:
+        at = _align(_PREFIX + 8 + width)
+        for name in names:
+            layout[name]["offset"] = at
+            at = _align(at + layout[name]["nbytes"])
+        header = json.dumps({"arrays": layout, "fields": values}, sort_keys=True, separators=(",", ":"))
+        raw = header.encode("utf-8")
+        if len(raw) <= width:
+            raw = raw + b" " * (width - len(raw))
+            break
+        width = _align(len(raw) + 32)
+    h = hashlib.sha256()
+    with open(tmp, "wb") as fh:
+        fh.write(MAGIC + b"0" * 64 + b"\n")
+
+        def put(data: bytes) -> None:
+            fh.write(data)
+            h.update(data)
+
+        put(struct.pack("<Q", len(raw)) + raw)
+        pos = _PREFIX + 8 + len(raw)
+        for name in names:
+            start = layout[name]["offset"]
+            put(b"\0" * (start - pos))
+            if name in streamed:
+                with open(streamed[name], "rb") as src:
+                    while block := src.read(BLOCK):
+                        put(block)
+            else:
+                put(np.ascontiguousarray(arrays[name]).tobytes())
+            pos = start + layout[name]["nbytes"]
+        put(b"\0" * (_align(pos) - pos))
+        fh.seek(len(MAGIC))
+        fh.write(h.hexdigest().encode("ascii"))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def open_unit(path: Path, verify: bool = True) -> UnitResult | None:
+    """The unit in ``path``, its arrays views of a read-only mapping of the file; None when the file is
+    not a whole, intact unit of this format (its sha256 is checked first, unless ``verify`` is False:
+    a file this process just wrote)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_PREFIX + 8)
+            if len(head) < _PREFIX + 8 or not head.startswith(MAGIC) or head[_PREFIX - 1:_PREFIX] != b"\n":
+                return None
+            digest = head[len(MAGIC):_PREFIX - 1].decode("ascii", "replace")
+            (n,) = struct.unpack("<Q", head[_PREFIX:])
+            if verify:
+                h = hashlib.sha256(head[_PREFIX:])
+                while block := fh.read(BLOCK):
+                    h.update(block)
+                if h.hexdigest() != digest:
+                    return None
+            fh.seek(_PREFIX + 8)
+            header = json.loads(fh.read(n))
+            size = os.fstat(fh.fileno()).st_size
+            mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    except (OSError, ValueError, UnicodeDecodeError, struct.error):
+        return None
+    try:
+        layout, values = header["arrays"], header["fields"]
+        names = {f.name for f in dataclasses.fields(UnitResult)}
+        if set(layout) | set(values) != names or set(layout) & set(values):
+            return None
+        fields: dict[str, Any] = {k: _dec(v) for k, v in values.items()}
+        for name, a in layout.items():
+            dtype, shape = np.dtype(a["dtype"]), tuple(a["shape"])
+            count = int(np.prod(shape)) if shape else 1
+            if a["offset"] + count * dtype.itemsize > size:
+                return None
+            if count == 0 or mapped is None:
+                fields[name] = np.zeros(shape, dtype)
+            else:
+                fields[name] = np.frombuffer(mapped, dtype, count, a["offset"]).reshape(shape)
+        return UnitResult(**fields)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def release(*units: UnitResult) -> None:
+    """Hand the pages of the units' mapped files that this process touched back to the page cache
+    (they are read again from there when next used): resident memory stays bounded by what one step
+    of the linker reads."""
+    for unit in units:
+        seen: set[int] = set()
+        for f in dataclasses.fields(unit):
+            base = getattr(unit, f.name)
+            while isinstance(base, np.ndarray):
+                base = base.base
+            if isinstance(base, memoryview):
+                base = base.obj
+            if isinstance(base, mmap.mmap) and id(base) not in seen and hasattr(mmap, "MADV_DONTNEED"):
+                seen.add(id(base))
+                try:
+                    base.madvise(mmap.MADV_DONTNEED)
+                except (OSError, ValueError):
+                    pass  # a closed or unusual mapping: its pages stay until it is unmapped
+
+
+# ----------------------------------------------------------------- non-array fields as JSON
+
+
+def _enc(value: Any) -> Any:
+    """A unit's non-array value as JSON that decodes to the same types (int dict keys stay ints)."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    if isinstance(value, dict):
+        return {"d": [[_enc(k), _enc(v)] for k, v in value.items()]}
+    if isinstance(value, list):
+        return {"l": [_enc(v) for v in value]}
+    if isinstance(value, tuple):
+        return {"t": [_enc(v) for v in value]}
+    raise TypeError(f"cannot store a {type(value).__name__} in a unit entry")
+
+
+def _dec(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    (tag, items), = value.items()
+    if tag == "d":
+        return {_dec(k): _dec(v) for k, v in items}
+    return [_dec(v) for v in items] if tag == "l" else tuple(_dec(v) for v in items)
