@@ -30,6 +30,7 @@ import logging
 import math
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -361,11 +362,8 @@ def _config(request_json: str) -> tuple[dict[str, Any] | None, str | None]:
     return got.get("config"), got.get("error")
 
 
-def model_config(stage: Stage, stages: dict[str, Stage],
-                 cache: Path | None = None) -> tuple[dict[str, Any] | None, str | None]:
-    """The transformers config (``to_dict()``) a stage's model has, or ``(None, why)``; a stage that
-    starts from an earlier one has that one's architecture. ``cache``: the compile cache folder,
-    where configs are kept by content (:func:`config_key`)."""
+def _request(stage: Stage, stages: dict[str, Stage]) -> tuple[str | None, str | None]:
+    """``(request as JSON, None)`` for the config a stage's model has, or ``(None, why)``."""
     model = stage.model
     seen = {stage.name}
     while isinstance(model, StageModel):
@@ -381,7 +379,57 @@ def model_config(stage: Stage, stages: dict[str, Stage],
         request = {"kind": "pretrained", "target": model.id, "revision": model.revision}
     else:
         return None, "unknown model kind"
-    return _cached_config(json.dumps(request, sort_keys=True), cache)
+    return json.dumps(request, sort_keys=True), None
+
+
+def model_config(stage: Stage, stages: dict[str, Stage],
+                 cache: Path | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """The transformers config (``to_dict()``) a stage's model has, or ``(None, why)``; a stage that
+    starts from an earlier one has that one's architecture. ``cache``: the compile cache folder,
+    where configs are kept by content (:func:`config_key`). A config :func:`prefetch` started is
+    waited for, not built again."""
+    request, why = _request(stage, stages)
+    if request is None:
+        return None, why
+    with _lock:
+        started = _started.pop((request, cache), None)
+    if started is not None:
+        started.join()
+        return started.result
+    return _cached_config(request, cache)
+
+
+class _Prefetch(threading.Thread):
+    """One config built in the background: its child process runs while the compile does."""
+
+    def __init__(self, request: str, cache: Path | None):
+        super().__init__(name="tunec-config-prefetch", daemon=True)
+        self.request, self.cache = request, cache
+        self.result: tuple[dict[str, Any] | None, str | None] = (None, "not built")
+
+    def run(self) -> None:
+        try:
+            self.result = _cached_config(self.request, self.cache)
+        except Exception as exc:  # noqa: BLE001 - any failure only means no estimate, as in _config
+            self.result = (None, f"{type(exc).__name__}: {exc}")
+
+
+_lock = threading.Lock()
+_started: dict[tuple[str, Path | None], _Prefetch] = {}
+
+
+def prefetch(stages: list[Stage], cache: Path | None = None) -> None:
+    """Start building the model configs of ``stages`` in the background, so that :func:`estimated`
+    at the end of a compile finds them built: each needs a child process that imports
+    transformers (~1 s), which then runs beside the compile instead of after it."""
+    by_name = {s.name: s for s in stages}
+    for stage in stages:
+        request, _ = _request(stage, by_name)
+        with _lock:
+            if request is None or (request, cache) in _started:
+                continue
+            thread = _started[(request, cache)] = _Prefetch(request, cache)
+        thread.start()
 
 
 def estimated(loaded: LoadedRecipe, out: Path, stages: list[StagePlan], pad_id: int,

@@ -16,7 +16,9 @@ import itertools
 import logging
 import multiprocessing
 import os
+from collections import deque
 from contextlib import contextmanager
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -54,10 +56,18 @@ def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: l
         # pool has started can deadlock), importing only the light worker modules.
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(workers, initializer=init_worker, initargs=(info, specs, pools, True)) as pool:
+            # A sliding window: a chunk is handed out as each result is taken, so no worker waits
+            # for the slowest chunk of a batch; results still come back in chunk order.
             it = iter(chunks)
-            while window := list(itertools.islice(it, WINDOW_PER_WORKER * workers)):
-                for chunk, result in zip(window, pool.imap(compile_chunk, window, chunksize=1)):
-                    yield chunk, result
+            pending: deque[tuple[Chunk, AsyncResult]] = deque()
+            for chunk in itertools.islice(it, WINDOW_PER_WORKER * workers):
+                pending.append((chunk, pool.apply_async(compile_chunk, (chunk,))))
+            while pending:
+                chunk, job = pending.popleft()
+                result = job.get()
+                for more in itertools.islice(it, 1):
+                    pending.append((more, pool.apply_async(compile_chunk, (more,))))
+                yield chunk, result
     except RowError as exc:
         raise row_error(exc) from None
 

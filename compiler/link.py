@@ -22,7 +22,7 @@ from .plan import LENGTH_BINS, ChoicesFile, EvalSet, LeakReport, Lengths, Packed
 from .recipe import Stage
 from .shards import write_shard
 from .units import MESSAGES, UnitResult
-from .unitstore import release
+from .unitstore import release, take_tokens
 
 
 @dataclass(frozen=True)
@@ -117,12 +117,12 @@ class Linker:
             arrays = build_rows(docs, group, self.seq_len, self.pad_id)
             path = rel / f"{s:05d}.safetensors"
             written = write_shard(self.out / path, arrays, {"stage": stage, "seq_len": self.seq_len})
-            docs.release()  # the pages of the units this shard read: resident memory stays one shard's
             shards.append(ShardEntry(
                 path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,
                 tokens=int(lengths[np.concatenate(group)].sum()) if group else 0,
                 trained_tokens=int((arrays["labels"] != IGNORE).sum()),
             ))
+            del arrays  # before the next shard's are built
         tokens = int(lengths.sum())
         return PackedSet(
             rows=len(bins), seq_len=self.seq_len, tokens=tokens,
@@ -193,9 +193,9 @@ class Selected:
             unit, lens = self.units[p], lengths[mine]
             ramp = _ramp(lens) if len(mine) < len(order) else inner
             dst = np.repeat(at[mine], lens) + ramp
-            src = np.repeat(unit.offsets[:-1][self.doc[order[mine]]], lens) + ramp
-            ids[dst] = unit.ids[src]
-            labels[dst] = unit.ids[src] if self.lm else unit.sft_labels[src]
+            starts = unit.offsets[:-1][self.doc[order[mine]]]
+            ids[dst] = taken = take_tokens(unit, "ids", starts, lens)
+            labels[dst] = taken if self.lm else take_tokens(unit, "sft_labels", starts, lens)
         if self.lm:
             labels[inner == 0] = IGNORE  # no document is predicted from the one before it
         return ids, labels

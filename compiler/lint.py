@@ -40,7 +40,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .check import Checked
 from .errors import Problem
@@ -398,12 +398,15 @@ def task_key(checked: Checked, name: str, part: str) -> str:
     }))
 
 
-def lint_recipe(checked: Checked, cache: Path | None = None) -> list[Finding]:
+def lint_recipe(checked: Checked, cache: Path | None = None,
+                rows: Mapping[tuple[str, str], Rows] | None = None) -> list[Finding]:
     """Lint each used task's rows (train part, else eval part), in recipe order.
 
     With a cache folder, each task's findings are kept there under :func:`task_key`, so a
     recompile lints again only the tasks whose rows, templates or settings changed (a
     template edited in one task lints that task alone) and reads no data for the others.
+    ``rows``: parts already loaded (the compile's, keyed ``(task, part)``), read instead of
+    loading them again; a part not in it is loaded here.
     """
     config: LintConfig = checked.recipe.lint
     out: list[Finding] = []
@@ -418,8 +421,9 @@ def lint_recipe(checked: Checked, cache: Path | None = None) -> list[Finding]:
             if stored is not None:
                 out.extend(stored)
                 continue
-        found = [f for f in _task_findings(checked, name, task, load_part(checked.loaded, name, task, part), config)
-                 if f.id not in config.disable]
+        given = rows.get((name, part)) if rows is not None else None
+        part_rows = given if given is not None else load_part(checked.loaded, name, task, part)
+        found = [f for f in _task_findings(checked, name, task, part_rows, config) if f.id not in config.disable]
         if path is not None:
             _write_findings(path, found)
         out.extend(found)
@@ -460,14 +464,16 @@ def _write_findings(path: Path, found: list[Finding]) -> None:
         pass  # a cache that cannot be written only costs time
 
 
-def for_compile(checked: Checked, cache: Path | None = None) -> list[LintFinding]:
+def for_compile(checked: Checked, cache: Path | None = None,
+                rows: Mapping[tuple[str, str], Rows] | None = None) -> list[LintFinding]:
     """``tunec compile``'s lint: each finding logged as a warning, all of them returned for the plan.
 
-    With a compile cache folder, findings are cached per task (:func:`lint_recipe`).
+    With a compile cache folder, findings are cached per task (:func:`lint_recipe`); ``rows``:
+    the parts the compile has loaded, so that the lint does not read them again.
     """
     import logging
 
-    findings = [LintFinding.model_validate(f.as_dict()) for f in lint_recipe(checked, cache)]
+    findings = [LintFinding.model_validate(f.as_dict()) for f in lint_recipe(checked, cache, rows)]
     for f in findings:
         where = f"{f.location}: " if f.location else ""
         logging.getLogger(__name__).warning(f"lint: {where}[{f.id}] {f.message}")

@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 
 IGNORE = -100
+BLOCK_ROWS = 256  # rows filled at a time by build_rows
 
 
 def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -152,11 +153,20 @@ def build_rows(docs: DocSource, bins: list[list[int]], seq_len: int, pad_id: int
     n = len(bins)
     input_ids = np.full((n, seq_len), pad_id, dtype=np.int32)
     labels = np.full((n, seq_len), IGNORE, dtype=np.int32)
-    if n == 0:
-        empty = {"input_ids": input_ids, "labels": labels, "position_ids": np.zeros((0, seq_len), np.int32)}
-        if docs.side is not None:
-            empty.update(pair_ids=np.zeros((0, seq_len), np.int32), sides=np.zeros((0, seq_len), np.int32))
-        return empty
+    # positions: 0.. inside every document; the padding after the last one counts from 0 too
+    positions = np.tile(np.arange(seq_len, dtype=np.int32), (n, 1))
+    out = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    if docs.side is not None:
+        out.update(pair_ids=np.full((n, seq_len), -1, dtype=np.int32), sides=np.full((n, seq_len), -1, dtype=np.int32))
+    for lo in range(0, n, BLOCK_ROWS):  # a block of rows at a time: the per-token index arrays stay small
+        _fill({k: v[lo:lo + BLOCK_ROWS] for k, v in out.items()}, docs, bins[lo:lo + BLOCK_ROWS], seq_len)
+        docs.release()  # what the block read of memory-mapped units goes back to the page cache
+    return out
+
+
+def _fill(out: dict[str, np.ndarray], docs: DocSource, bins: list[list[int]], seq_len: int) -> None:
+    """Write the documents of ``bins`` into rows ``out`` (as many rows as bins), positions included."""
+    n = len(bins)
     order = np.fromiter((d for b in bins for d in b), dtype=np.int64)
     row_of = np.repeat(np.arange(n), [len(b) for b in bins])
     lengths = docs.lengths[order]
@@ -169,21 +179,15 @@ def build_rows(docs: DocSource, bins: list[list[int]], seq_len: int, pad_id: int
     inner = _ramps(lengths)
     dst = np.repeat(row_of * seq_len + at, lengths) + inner
     ids, labs = docs.gather(order, lengths, inner)
-    input_ids.reshape(-1)[dst] = ids
-    labels.reshape(-1)[dst] = labs
+    out["input_ids"].reshape(-1)[dst] = ids
+    out["labels"].reshape(-1)[dst] = labs
     del ids, labs
-    # positions: 0.. inside every document; the padding after the last one counts from 0 too
-    positions = np.tile(np.arange(seq_len, dtype=np.int32), (n, 1))
+    positions = out["position_ids"]
     positions.reshape(-1)[dst] = inner
     used = np.bincount(row_of, weights=lengths, minlength=n).astype(np.int64)
     pad_rows = np.flatnonzero(used < seq_len)
     for r in pad_rows.tolist():  # one slice per row (not per document)
         positions[r, used[r]:] = np.arange(seq_len - used[r], dtype=np.int32)
-    out = {"input_ids": input_ids, "labels": labels, "position_ids": positions}
     if docs.side is not None:
-        pair_ids = np.full((n, seq_len), -1, dtype=np.int32)
-        sides = np.full((n, seq_len), -1, dtype=np.int32)
-        pair_ids.reshape(-1)[dst] = np.repeat(order // docs.group, lengths)
-        sides.reshape(-1)[dst] = np.repeat(docs.side[order].astype(np.int32), lengths)
-        out.update(pair_ids=pair_ids, sides=sides)
-    return out
+        out["pair_ids"].reshape(-1)[dst] = np.repeat(order // docs.group, lengths)
+        out["sides"].reshape(-1)[dst] = np.repeat(docs.side[order].astype(np.int32), lengths)

@@ -10,6 +10,7 @@ on one thread, so ``--workers N`` means N cores.
 
 from __future__ import annotations
 
+import gc
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -232,7 +233,16 @@ def init_worker(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dic
 
 def compile_chunk(chunk: Chunk) -> UnitResult:
     assert _worker is not None, "init_worker runs first in every process"
-    return _worker.compile(chunk)
+    # A chunk allocates ~100 Python objects per row (Jinja contexts, token lists) and frees them at
+    # its end, none of them in a cycle that outlives the chunk; the cyclic collector would scan them
+    # many times over (~5% of a chunk's time). It resumes after the chunk.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _worker.compile(chunk)
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _row(columns: dict[str, list], i: int) -> dict:

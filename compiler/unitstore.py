@@ -29,6 +29,8 @@ import json
 import mmap
 import os
 import struct
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -254,9 +256,49 @@ def open_unit(path: Path, verify: bool = True) -> UnitResult | None:
                 fields[name] = np.zeros(shape, dtype)
             else:
                 fields[name] = np.frombuffer(mapped, dtype, count, a["offset"]).reshape(shape)
-        return UnitResult(**fields)
+        unit = UnitResult(**fields)
+        unit._stored = _Stored(Path(path), {k: int(a["offset"]) for k, a in layout.items()})  # type: ignore[attr-defined]
+        return unit
     except (KeyError, TypeError, ValueError):
         return None
+
+
+@dataclass
+class _Stored:
+    """Where a unit read by :func:`open_unit` lies: its file and each array's byte offset in it."""
+
+    path: Path
+    at: dict[str, int]
+    fd: int | None = None
+
+
+def take_tokens(unit: UnitResult, name: str, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Tokens ``starts[i] : starts[i] + lengths[i]`` of the unit's per-token array ``name`` (``ids`` or
+    ``sft_labels``), one range after the other.
+
+    A unit read from its file is read with ``pread``, not through its mapping: the kernel maps many
+    pages around each one touched, so gathering scattered documents through the mapping would make
+    the whole file resident; a read costs a system call per document and keeps only what was read.
+    """
+    total = int(lengths.sum())
+    stored: _Stored | None = getattr(unit, "_stored", None)
+    if stored is None:  # a unit in memory
+        src = np.repeat(starts, lengths) + (np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths))
+        return np.asarray(getattr(unit, name)[src], np.int32)
+    if stored.fd is None:
+        stored.fd = os.open(stored.path, os.O_RDONLY)
+        weakref.finalize(stored, os.close, stored.fd)
+    out = np.empty(total, np.int32)
+    view = memoryview(out).cast("B")
+    base, fd, pos = stored.at[name], stored.fd, 0
+    for start, n in zip(starts.tolist(), lengths.tolist()):
+        if n:
+            data = os.pread(fd, n * 4, base + start * 4)
+            if len(data) != n * 4:
+                raise OSError(f"{stored.path}: cut short while it was being read")
+            view[pos:pos + n * 4] = data
+            pos += n * 4
+    return out
 
 
 def release(*units: UnitResult) -> None:
