@@ -185,29 +185,27 @@ class ByteDecoder:
 
     @classmethod
     def _build(cls, backend: Any) -> "ByteDecoder | None":
-        import json
+        from tokenizers import decoders, models
 
-        try:
-            spec = json.loads(backend.to_str())
-        except (AttributeError, TypeError, ValueError):
+        if not isinstance(getattr(backend, "decoder", None), decoders.ByteLevel) or \
+                not isinstance(getattr(backend, "model", None), models.BPE):
             return None
-        decoder = spec.get("decoder") or {}
-        if decoder.get("type") != "ByteLevel" or (spec.get("model") or {}).get("type") != "BPE":
-            return None
-        if not all(str(t.get("content", "")).isascii() for t in spec.get("added_tokens") or []):
+        added = backend.get_added_tokens_decoder()
+        if not all(t.content.isascii() for t in added.values()):
             return None
         chars = _byte_chars()
         to_bytes = {ord(c): b for c, b in chars.items()}  # as latin-1 code points: one byte each
         outside = dict.fromkeys(map(ord, chars))  # deletes the alphabet: what is left is outside it
         # an id's token as `decode` looks it up: the added tokens first, then the model's vocabulary
         tokens: dict[int, str] = {i: t for t, i in backend.get_vocab(with_added_tokens=False).items()}
-        tokens.update({i: t.content for i, t in backend.get_added_tokens_decoder().items()})
+        tokens.update({i: t.content for i, t in added.items()})
         table: list[bytes | None] = [None] * (max(tokens, default=-1) + 1)
         for i, token in tokens.items():
             inside = not token.translate(outside)
             table[i] = token.translate(to_bytes).encode("latin-1") if inside else token.encode("utf-8")
         found = cls(table)
-        probe = np.asarray(backend.encode(_PROBE + " 中文 😀 <x>", add_special_tokens=True).ids)
+        probe = np.asarray(backend.encode(_PROBE + " \u4e2d\u6587 \U0001f600 <x>", add_special_tokens=True).ids
+                           + sorted(added))  # with the added tokens (the EOS...) after it
         cuts = np.arange(len(probe) + 1)
         starts, ends = np.meshgrid(cuts, cuts, indexing="ij")
         keep = starts < ends

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from .plan import (
     MANIFEST_FILE,
     MARKER_FILE,
     PLAN_FILE,
+    EvalSet,
     LeakReport,
     Plan,
     RecipeInfo,
@@ -160,24 +162,31 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     )
 
     stages = []
+    previous = _Previous(out.resolve())  # the build in OUT, whose unchanged stages and eval sets are kept
     link_keys: dict[str, str] = {}
+    eval_keys: dict[str, str] = {}
     for stage in recipe.stages:
         settings = stage
         if isinstance(stage.model, LocalModel):
             local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
             settings = stage.model_copy(update={"model": local})
         link_keys[stage.name] = _link_key(settings, compiled.keys, linker, info)
-        kept = _kept_stage(out.resolve(), staging, stage.name, link_keys[stage.name]) if options.use_cache else None
+        eval_parts = {t: (t, "eval") if (t, "eval") in units else (t, "train")
+                      for t in [*stage.tasks, *stage.held_out] if (t, "eval") in units or t in stage.held_out}
+        for t, part in eval_parts.items():
+            eval_keys[f"{stage.name}/{t}"] = _eval_key(stage, t, compiled.keys[part], linker, info)
+        kept = _kept_stage(previous, staging, stage.name, link_keys[stage.name]) if options.use_cache else None
         if kept is not None:  # its units and settings are those of the stage in OUT: its shards are kept
             logger.info(f"stage {stage.name}: unchanged, shards kept from the previous build")
             stages.append(kept.model_copy(update={"leakage": leaks.get(stage.name, {})}))
             continue
         train, counts = linker.train(stage, {t: units[(t, "train")] for t in stage.tasks}, mixes[stage.name])
         evals = {}
-        for t in list(stage.tasks) + list(stage.held_out):
-            unit = units.get((t, "eval")) or (units[(t, "train")] if t in stage.held_out else None)
-            if unit is not None:
-                evals[t] = linker.eval(stage, t, unit, held_out=t in stage.held_out)
+        for t, part in eval_parts.items():
+            key = eval_keys[f"{stage.name}/{t}"]
+            kept_eval = _kept_eval(previous, staging, stage.name, t, key) if options.use_cache else None
+            # an eval set made from the same unit under the same settings: its files are kept
+            evals[t] = kept_eval or linker.eval(stage, t, units[part], held_out=t in stage.held_out)
         stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
                                 leakage=leaks.get(stage.name, {})))
     stages = estimate.estimated(loaded, staging, stages, info.pad_id,  # cost per stage (compiler/estimate.py)
@@ -203,7 +212,8 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
         stages=stages,
         lint=findings,
     )
-    _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in compiled.keys.items()}, link_keys)
+    _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in compiled.keys.items()}, link_keys,
+                    eval_keys)
     shutil.rmtree(scratch, ignore_errors=True)  # mapped units stay readable until dropped (unlinked, not gone)
     atomic_write_text(staging / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
@@ -442,7 +452,7 @@ def _save_tokenizer(tok, folder: Path) -> None:
     atomic_dir(folder, lambda tmp: tok.save_pretrained(str(tmp)))
 
 
-def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str]) -> None:
+def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str], evals: dict[str, str]) -> None:
     """sha256 and size of every compiled file, the cache key of every unit the build linked, and each
     stage's link key (what its shards were made from: a rebuild with the same key keeps them)."""
     files = {}
@@ -451,7 +461,7 @@ def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str]) ->
         if rel.split("/")[0] in COMPILED:
             files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     atomic_write_text(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files,
-                                                           "units": units, "stages": stages}))
+                                                           "units": units, "stages": stages, "evals": evals}))
 
 
 def _link_key(settings: Stage, unit_keys: dict[Part, str], linker: Linker, info) -> str:
@@ -467,30 +477,81 @@ def _link_key(settings: Stage, unit_keys: dict[Part, str], linker: Linker, info)
     }))
 
 
-def _kept_stage(out: Path, staging: Path, name: str, key: str) -> StagePlan | None:
+class _Previous:
+    """The build in OUT: its manifest and plan, each read once, when first asked for."""
+
+    def __init__(self, out: Path):
+        self.out = out
+
+    @functools.cached_property
+    def manifest(self) -> dict:
+        try:
+            manifest = json.loads((self.out / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return manifest if isinstance(manifest, dict) else {}
+
+    @functools.cached_property
+    def stages(self) -> dict[str, StagePlan]:
+        try:
+            return {s.name: s for s in read_plan(self.out).stages}
+        except (OSError, ValueError, AttributeError, TunecError):
+            return {}
+
+    def intact(self, folder: str, what: str) -> bool:
+        """Whether ``folder`` holds exactly the files the manifest lists under it, each with its sha256."""
+        prefix = folder + "/"
+        listed = {rel: f for rel, f in self.manifest.get("files", {}).items() if rel.startswith(prefix)}
+        path = self.out / folder
+        present = {p.relative_to(self.out).as_posix() for p in path.rglob("*") if p.is_file()} \
+            if path.is_dir() else set()
+        if not listed or present != set(listed):
+            return False
+        for rel, f in listed.items():
+            file = self.out / rel
+            if file.stat().st_size != f.get("bytes") or sha256_file(file) != f.get("sha256"):
+                logger.warning(f"{what}: {rel} differs from the previous build's manifest; linking it again")
+                return False
+        return True
+
+
+def _kept_stage(previous: _Previous, staging: Path, name: str, key: str) -> StagePlan | None:
     """The previous build's plan of stage ``name`` when it was linked under ``key`` and its files are
     intact (sha256 against the previous manifest); its folder is then hard-linked into ``staging``."""
-    try:
-        manifest = json.loads((out / MANIFEST_FILE).read_text(encoding="utf-8"))
-        if not isinstance(manifest, dict) or manifest.get("stages", {}).get(name) != key:
-            return None
-        previous = next((s for s in read_plan(out).stages if s.name == name), None)
-    except (OSError, ValueError, AttributeError, TunecError):
+    if previous.manifest.get("stages", {}).get(name) != key:
         return None
-    folder = out / "stages" / name
-    prefix = f"stages/{name}/"
-    listed = {rel: f for rel, f in manifest.get("files", {}).items() if rel.startswith(prefix)}
-    present = {p.relative_to(out).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
-    if previous is None or not listed or present != set(listed):
+    plan = previous.stages.get(name)
+    if plan is None or not previous.intact(f"stages/{name}", f"stage {name}"):
         return None
-    for rel, f in listed.items():
-        path = out / rel
-        if path.stat().st_size != f.get("bytes") or sha256_file(path) != f.get("sha256"):
-            logger.warning(f"stage {name}: {rel} differs from the previous build's manifest; relinking the stage")
-            return None
-    (staging / "stages").mkdir(exist_ok=True)
-    _link_tree(folder, staging / "stages" / name)
-    return previous
+    _link_tree(previous.out / "stages" / name, staging / "stages" / name)
+    return plan
+
+
+def _eval_key(stage: Stage, task: str, unit_key: str, linker: Linker, info) -> str:
+    """What one eval set's files and counts are made from: its unit, the stage's name (in its shards'
+    metadata) and objective, whether the task is held out, and how the linker packs and names it."""
+    return sha256_text(canonical_json({
+        "code": code_versions(), "format_version": FORMAT_VERSION, "stage": stage.name,
+        "objective": stage.objective.model_dump(mode="json"), "held_out": task in stage.held_out,
+        "task": task, "unit": unit_key,
+        "linker": {"seq_len": linker.seq_len, "pad_id": info.pad_id, "shard_rows": linker.shard_rows,
+                   "templates": linker.template_names.get(task, [])},
+    }))
+
+
+def _kept_eval(previous: _Previous, staging: Path, stage: str, task: str, key: str) -> EvalSet | None:
+    """The previous build's eval set of ``task`` in ``stage`` when it was made under ``key`` and its
+    files are intact; its folder is then hard-linked into ``staging``."""
+    if previous.manifest.get("evals", {}).get(f"{stage}/{task}") != key:
+        return None
+    plan = previous.stages.get(stage)
+    kept = plan.eval.get(task) if plan is not None else None
+    rel = f"stages/{stage}/eval/{task}"
+    if kept is None or not previous.intact(rel, f"stage {stage}, eval set {task}"):
+        return None
+    (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+    _link_tree(previous.out / rel, staging / rel)
+    return kept
 
 
 # ----------------------------------------------------------------- workers

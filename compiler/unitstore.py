@@ -254,6 +254,7 @@ def open_unit(path: Path, verify: bool = True) -> UnitResult | None:
                 return None
             if count == 0 or mapped is None:
                 fields[name] = np.zeros(shape, dtype)
+                fields[name].flags.writeable = False  # as a mapped one is
             else:
                 fields[name] = np.frombuffer(mapped, dtype, count, a["offset"]).reshape(shape)
         unit = UnitResult(**fields)

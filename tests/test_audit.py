@@ -142,3 +142,47 @@ def test_a_document_with_nothing_trained_fails():
     late = np.full(len(enc.ids), IGNORE)
     late[start + 1:] = enc.ids[start + 1:]  # one token late: the answer's first token untrained
     assert [d for d, _, _ in audit_all(backend, enc.ids, [0, len(enc.ids)], late, [want])] == [0]
+
+
+def _runs(n: int, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n, count)
+    return starts, np.minimum(n, starts + rng.integers(1, 40, count))
+
+
+def test_the_table_decode_of_a_byte_level_tokenizer_is_its_decode_on_every_run():
+    """The audit's fast decode gives, run for run, what the tokenizer's own decode gives: split
+    multi-byte characters (replaced), added tokens and all."""
+    from tunec.compiler.audit import ByteDecoder, decode_runs
+
+    backend = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    assert ByteDecoder.of(backend) is not None
+    text = "Résumé: naïve café — 中文 😀 «quotes» <|endoftext|> tabs\tand\nlines  " * 20
+    ids = np.asarray(backend.encode(text, add_special_tokens=False).ids)
+    starts, ends = _runs(len(ids), 3000, 0)
+    flat = ids.tolist()
+    want = backend.decode_batch([flat[a:b] for a, b in zip(starts, ends)], skip_special_tokens=False)
+    assert decode_runs(backend, ids, starts, ends) == want
+    assert any("\ufffd" in w for w in want)  # runs that cut a character in two were among them
+
+
+def test_other_tokenizers_decode_through_the_tokenizer():
+    """A tokenizer whose decode is not byte-level BPE's (here WordPiece), or whose added tokens are not
+    ASCII, gets no table: the audit decodes through the tokenizer itself."""
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from tunec.compiler.audit import ByteDecoder, decode_runs
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "##s": 3, "!": 4}
+    wordpiece = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    wordpiece.pre_tokenizer = pre_tokenizers.Whitespace()
+    wordpiece.decoder = decoders.WordPiece()
+    assert ByteDecoder.of(wordpiece) is None
+    ids = np.asarray(wordpiece.encode("hello worlds ! hellos").ids)
+    starts, ends = _runs(len(ids), 50, 1)
+    flat = ids.tolist()
+    assert decode_runs(wordpiece, ids, starts, ends) == wordpiece.decode_batch(
+        [flat[a:b] for a, b in zip(starts, ends)], skip_special_tokens=False)
+    byte_level = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    byte_level.add_special_tokens(["<|fin\u00e9|>"])
+    assert ByteDecoder.of(byte_level) is None

@@ -300,3 +300,35 @@ def test_model_configs_are_cached_by_content_and_a_recompile_builds_none(tmp_pat
     (missing / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     config, why = est.model_config(stage({"kind": "local", "path": str(missing)}), {}, cache)
     assert config is None and why and sorted((cache / "config").rglob("*.json")) == before  # errors are never kept
+
+
+def test_a_prefetched_config_is_built_once_in_the_background_and_is_the_one_asked_for(monkeypatch):
+    """`prefetch` starts the config's child process beside the compile; `model_config` then waits for
+    that one instead of building it again, and gets what building it directly gives."""
+    import threading
+
+    from tunec.compiler import estimate as est
+    from tunec.compiler.recipe import Stage
+
+    def stage(name: str, model: dict) -> Stage:
+        return Stage.model_validate({"name": name, "objective": "sft", "tasks": ["t"], "model": model})
+
+    config = dict(LLAMA, num_hidden_layers=5)  # a config no other test builds (past _config's memo)
+    stages = [stage("a", {"kind": "config", "config": config}), stage("b", {"kind": "stage", "stage": "a"})]
+    built: list[str] = []
+    release = threading.Event()
+    real = est._config
+
+    def counting(request_json: str):
+        built.append(threading.current_thread().name)
+        release.wait(60)  # the compile goes on meanwhile
+        return real.__wrapped__(request_json)
+
+    monkeypatch.setattr(est, "_config", counting)
+    est.prefetch(stages)
+    est.prefetch(stages)  # asked again (both stages have one architecture): still one build
+    release.set()
+    got = est.model_config(stages[1], {s.name: s for s in stages})
+    assert built == ["tunec-config-prefetch"] and got[0] is not None and got[0]["num_hidden_layers"] == 5
+    assert est.model_config(stages[0], {}) == got and len(built) == 2  # nothing pending: built here
+    assert got == (real.__wrapped__(json.dumps({"kind": "config", "config": config}, sort_keys=True)))

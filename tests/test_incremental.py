@@ -72,3 +72,8 @@ def test_one_template_edit_rebuilds_its_task_only_and_matches_a_clean_build(coll
     assert tree(out) == tree(clean)
     # the first stage was relinked (new files), the shards differ from before
     assert any((out / rel).stat().st_ino != ino for rel, ino in first_stage_files.items() if (out / rel).exists())
+    # ... but its eval sets, made from units that did not change, are the previous build's files
+    evals = {rel: ino for rel, ino in first_stage_files.items() if rel.startswith("stages/collection/eval/")}
+    assert evals and all((out / rel).stat().st_ino == ino for rel, ino in evals.items())
+    assert all((out / rel).stat().st_ino != ino for rel, ino in first_stage_files.items()
+               if rel.startswith("stages/collection/train/"))

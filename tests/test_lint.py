@@ -341,3 +341,59 @@ def test_a_damaged_lint_entry_is_linted_again(tmp_path):
         e.write_text('[{"id": "label-in-prompt"')  # cut short
     assert lint_recipe(check(load_recipe(recipe)), cache) == first
     assert all(json.loads(e.read_text()) is not None for e in entries)  # rewritten whole
+
+
+def _regex_mentions(text: str, word: str) -> bool:
+    """The rule's definition, as a regex: what the ASCII fast path must agree with."""
+    import re
+
+    word = word.strip()
+    if not word:
+        return False
+    pattern = re.escape(word)
+    if re.match(r"\w", word[0]):
+        pattern = r"(?<!\w)" + pattern
+    if re.match(r"\w", word[-1]):
+        pattern += r"(?!\w)"
+    return re.search(pattern, text, flags=re.IGNORECASE) is not None
+
+
+def test_mentions_without_a_regex_agrees_with_the_regex():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tunec.compiler.lint import _mentions
+
+    # non-ASCII: letters the regex matches with ASCII ones (Kelvin sign, long s, dotted I, dotless i),
+    # other word characters (é, an Arabic-Indic digit), a non-word one (an em dash)
+    alphabet = st.sampled_from(list("aAbBsSkKiI_ 1.,:-\n\0") + ["\u00e9", "\u017f", "\u212a", "\u0130", "\u0131",
+                                                                 "\u0663", "\u2014"])
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.text(alphabet, max_size=12), st.text(alphabet, min_size=1, max_size=4))
+    def agree(text: str, word: str) -> None:
+        assert _mentions(text, word) == _regex_mentions(text, word)
+
+    agree()
+    assert _mentions("The answer is Positive.", "positive") and not _mentions("positively", "positive")
+    assert _mentions("x (a+b) y", "(a+b)") and not _mentions("a_b", "b")
+
+
+def test_the_lint_reads_rows_the_compile_hands_it_and_finds_the_same(tmp_path, monkeypatch):
+    from tunec.compiler import lint as lint_mod
+    from tunec.compiler.sources import load_part
+
+    recipe, _ = _three_tasks(tmp_path)
+    checked = check(load_recipe(recipe))
+    alone = lint_recipe(checked)
+    given = {(n, "train"): load_part(checked.loaded, n, checked.recipe.tasks[n], "train") for n in ("a", "b")}
+    read: list[str] = []
+    real = lint_mod.load_part
+
+    def counting(loaded, name, *args):
+        read.append(name)
+        return real(loaded, name, *args)
+
+    monkeypatch.setattr(lint_mod, "load_part", counting)
+    assert lint_recipe(checked, rows=given) == alone and [(f.id, f.task) for f in alone] == [("label-in-prompt", "b")]
+    assert read == ["c"]  # a and b came from the compile; c was not handed over
