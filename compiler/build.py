@@ -212,8 +212,10 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
         stages=stages,
         lint=findings,
     )
+    shards = {e.path: (e.sha256, e.bytes) for sp in stages for packed in (sp.train, *(e.data for e in sp.eval.values()))
+              for e in packed.shards}
     _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in compiled.keys.items()}, link_keys,
-                    eval_keys)
+                    eval_keys, shards)
     shutil.rmtree(scratch, ignore_errors=True)  # mapped units stay readable until dropped (unlinked, not gone)
     atomic_write_text(staging / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
@@ -452,14 +454,19 @@ def _save_tokenizer(tok, folder: Path) -> None:
     atomic_dir(folder, lambda tmp: tok.save_pretrained(str(tmp)))
 
 
-def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str], evals: dict[str, str]) -> None:
-    """sha256 and size of every compiled file, the cache key of every unit the build linked, and each
-    stage's link key (what its shards were made from: a rebuild with the same key keeps them)."""
+def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str], evals: dict[str, str],
+                    known: dict[str, tuple[str, int]]) -> None:
+    """sha256 and size of every compiled file, the cache key of every unit the build linked, each
+    stage's link key (what its shards were made from: a rebuild with the same key keeps them) and each
+    eval set's. ``known``: the sha256 and size of files hashed as they were written (the shards),
+    or checked against the previous manifest (kept ones), which are not read again."""
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out).as_posix()
         if rel.split("/")[0] in COMPILED:
-            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            size = path.stat().st_size
+            sha = known[rel][0] if rel in known and known[rel][1] == size else sha256_file(path)
+            files[rel] = {"sha256": sha, "bytes": size}
     atomic_write_text(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files,
                                                            "units": units, "stages": stages, "evals": evals}))
 

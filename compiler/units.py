@@ -11,6 +11,7 @@ on one thread, so ``--workers N`` means N cores.
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -513,7 +514,7 @@ class _Unit:
 
     def collect(self, docs: list[_Doc], encoded: list[Encoded], skipped: np.ndarray) -> UnitResult:
         spec = self.spec
-        flat: list[int] = []
+        kept_ids: list[list[int]] = []  # each kept doc's ids, flattened once at the end
         offsets = [0]
         spans: list[tuple[int, int, int]] = []
         keep_t, keep_r, choices = [], [], []
@@ -544,8 +545,8 @@ class _Unit:
             spans.extend((d, s, e) for s, e in doc_spans)
             straddles += enc.straddles
             keep_s.append(doc.shots)
-            flat.extend(ids)
-            offsets.append(len(flat))
+            kept_ids.append(ids)
+            offsets.append(offsets[-1] + len(ids))
             keep_t.append(doc.template)
             keep_r.append(doc.row)
             intended.append(_intended(doc, doc_spans, enc.straddles > 0, len(enc.ids) > limit, eos_text,
@@ -554,7 +555,7 @@ class _Unit:
                 spaced[doc.template] = spaced.get(doc.template, 0) + 1
             if spec.record_choices:
                 choices.append(doc.choice)
-        ids_arr = np.asarray(flat, dtype=np.int32)
+        ids_arr = np.fromiter(itertools.chain.from_iterable(kept_ids), dtype=np.int32, count=offsets[-1])
         offsets_arr = np.asarray(offsets, dtype=np.int64)
         spans_arr = np.asarray(spans, dtype=np.int32).reshape(-1, 3)
         sft_labels = doc_labels(ids_arr, offsets_arr, spans_arr, "sft")
