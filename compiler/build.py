@@ -52,6 +52,7 @@ from .plan import (
 from .recipe import LocalModel, Stage, StageModel
 from .sources import fingerprint
 from .units import UnitSpec
+from .unitstore import release
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
     mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
+    release(*units.values())  # the mapped pages the mixtures read (per-document counts) go back to the page cache
     leaks = _leakage(recipe, units, compiled.leak, mixes, cache_of(options.cache_dir()))
 
     atomic_write_text(staging / MARKER_FILE, json.dumps({"recipe": str(loaded.path)}) + "\n")

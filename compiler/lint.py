@@ -332,9 +332,8 @@ def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
     count, first = 0, None
     for lo, columns in rows.slices():  # a slice of rows out of Arrow at a time
         names = sorted(columns)
-        for j in range(len(columns[names[0]]) if names else 0):
-            text = json.dumps([columns[c][j] for c in names], default=str, ensure_ascii=False)
-            key = hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+        for j, values in enumerate(zip(*(columns[c] for c in names))):
+            key = _row_digest(values)
             i = lo + j
             if key in seen:
                 count += 1
@@ -343,6 +342,30 @@ def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
             else:
                 seen[key] = i
     return None if first is None else (count, *first)
+
+
+_JSON = json.JSONEncoder(default=str, ensure_ascii=False).encode  # what a row's values print as, JSON
+
+
+def _row_digest(values: tuple) -> bytes:
+    """128-bit digest of a row's values (columns in name order): two rows get the same one when each of
+    their values prints as the same JSON. A string is hashed as itself (escaping it as JSON costs
+    more than hashing it); any other value as its JSON text, unless that is a JSON string (a value
+    printed through ``str``), which is hashed as the string it holds, as equal JSON requires."""
+    h = hashlib.blake2b(digest_size=16)
+    for v in values:
+        if type(v) is not str:
+            text = _JSON(v)
+            if not text.startswith('"'):
+                data = text.encode("utf-8", "surrogatepass")
+                h.update(b"j%d:" % len(data))
+                h.update(data)
+                continue
+            v = json.loads(text)
+        data = v.encode("utf-8", "surrogatepass")
+        h.update(b"s%d:" % len(data))
+        h.update(data)
+    return h.digest()
 
 
 def _template_places(checked: Checked, name: str, task: Task, sources: tuple[TemplateSource, ...]) -> list[str | None]:

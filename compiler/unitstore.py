@@ -325,10 +325,24 @@ def release(*units: UnitResult) -> None:
 # ----------------------------------------------------------------- non-array fields as JSON
 
 
+def _exact(value: Any) -> bool:
+    """Whether JSON gives ``value`` back as it is (no tuple, no dict key that is not a string)."""
+    if value is None or isinstance(value, (bool, str, int, float)):
+        return type(value) in (bool, str, int, float, type(None))
+    if isinstance(value, list):
+        return all(_exact(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _exact(v) for k, v in value.items())
+    return False
+
+
 def _enc(value: Any) -> Any:
-    """A unit's non-array value as JSON that decodes to the same types (int dict keys stay ints)."""
+    """A unit's non-array value as JSON that decodes to the same types (int dict keys stay ints); a
+    list that JSON gives back as it is (the answer-choice records) goes as it is, read back at once."""
     if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, list) and _exact(value):
+        return {"j": value}
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -346,6 +360,8 @@ def _dec(value: Any) -> Any:
     if not isinstance(value, dict):
         return value
     (tag, items), = value.items()
+    if tag == "j":
+        return items
     if tag == "d":
         return {_dec(k): _dec(v) for k, v in items}
     return [_dec(v) for v in items] if tag == "l" else tuple(_dec(v) for v in items)
