@@ -22,7 +22,6 @@ import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -53,6 +52,7 @@ from .recipe import LocalModel, Stage, StageModel
 from .sources import fingerprint
 from .units import UnitSpec
 from .unitstore import release
+from .versions import dist_version
 
 logger = logging.getLogger(__name__)
 
@@ -578,11 +578,5 @@ def _progress(enabled: bool, total: int | None, desc: str) -> Iterator[Callable[
 
 
 def _versions() -> dict[str, str]:
-    out = {"tunec": __version__}
-    for dist in ("tokenizers", "transformers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            out[dist] = "absent"
-    return out
+    return {"tunec": __version__, **{dist: dist_version(dist) for dist in ("tokenizers", "transformers")}}
 

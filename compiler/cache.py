@@ -37,7 +37,6 @@ import re
 import struct
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from .errors import TunecError
 from .fileio import atomic_write_bytes, canonical_json, compact_json, sha256_bytes, sha256_text
 from .units import UnitResult
 from .unitstore import UnitWriter, open_unit, write_unit
+from .versions import dist_version
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +89,7 @@ def plain(obj: Any) -> Any:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizers_version() -> str:
-    try:
-        return metadata.version("tokenizers")
-    except metadata.PackageNotFoundError:
-        return "absent"
+    return dist_version("tokenizers")
 
 
 @functools.lru_cache(maxsize=1)

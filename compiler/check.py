@@ -296,16 +296,12 @@ def model_config_findings(config: dict, cache: Path | None = None) -> list[Findi
     run (its child failed) is never kept."""
     if cache is None:
         return config_findings(config)
-    from importlib import metadata
-
     from . import __version__
     from .cache import code_versions, touch
     from .fileio import atomic_write_text, canonical_json, sha256_text
+    from .versions import dist_version
 
-    try:
-        transformers = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        transformers = "absent"
+    transformers = dist_version("transformers")
     key = sha256_text(canonical_json({"format": _CONFIG_CHECK_FORMAT, "what": "model-config", "config": config,
                                       "transformers": transformers, "tunec": __version__,
                                       "code": code_versions()}))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ from .load import LoadedRecipe
 from .recipe import LocalTokenizer
 from .sources import file_hash
 from .tokens import TokenizerInfo, load_tokenizer, tokenizer_info
+from .versions import dist_version
 
 FORMAT = 1  # bump when what an entry holds changes
 KIND = "tokenizers"
@@ -56,10 +56,7 @@ class StoredTokenizer:
 
 
 def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "absent"
+    return dist_version(dist)
 
 
 def tokenizer_key(loaded: LoadedRecipe) -> str | None:
