@@ -52,8 +52,8 @@ DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
 ALPACA = Path("data") / "instruct" / "alpaca_data_cleaned_1000.json"
 GPT2 = Path("data") / "tokenizers" / "gpt2"
 WORKER_COUNTS = (1, 2)
-TARGET_RAW_RATIO = 0.5  # compile tokens/s >= 0.5 x raw tokenizer tokens/s
-TARGET_SPEEDUP = 1.7  # --workers 2 >= 1.7 x faster than --workers 1
+TARGET_RAW_RATIO = 0.8  # compile tokens/s >= 0.8 x raw tokenizer tokens/s (the incremental-compile issue)
+TARGET_SPEEDUP = 1.8  # --workers 2 >= 1.8 x faster than --workers 1
 CHILD_FLAG = "--_child-compile"  # internal: run the CLI with phase timers
 RAW_FLAG = "--_child-raw"  # internal: render, then time the tokenizer alone
 RAW_KEYS = ("call", "encode_batch", "encode_batch_1thread")
@@ -349,6 +349,7 @@ PHASE_HOOKS = [
     ("tunec.compiler.load", "load_recipe", "load_recipe"),
     ("tunec.compiler.build", "check", "check"),
     ("tunec.compiler.build", "load_tokenizer", "load_tokenizer (imports transformers)"),
+    ("tunec.compiler.tokcache", "load", "tokcache.load (tokenizer, imports transformers)"),
     ("tunec.compiler.build", "tokenizer_info", "tokenizer_info"),
     ("tunec.compiler.build", "compile_units", "compile_units"),
     ("tunec.compiler.incremental", "part_inputs", "part_inputs (unit keys: sha256 of sources)"),
@@ -364,6 +365,15 @@ PHASE_HOOKS = [
     ("tunec.compiler.build", "hash_folder", "hash_folder (tokenizer)"),
     ("tunec.compiler.build", "sha256_folder", "sha256_folder (tokenizer)"),
     ("tunec.compiler.build", "_write_manifest", "_write_manifest (re-hashes every file)"),
+    # the prompt lint and the cost estimates, which every compile runs
+    ("tunec.compiler.lint", "for_compile", "lint.for_compile (prompt lint)"),
+    ("tunec.compiler.lint", "load_part", "load_part (the lint's own read of the rows)"),
+    ("tunec.compiler.lint", "_duplicates", "_duplicates (every row hashed)"),
+    ("tunec.compiler.lint", "_render", "_render (sampled rows through the templates)"),
+    ("tunec.compiler.lint", "_template_findings", "_template_findings (the rules)"),
+    ("tunec.compiler.estimate", "estimated", "estimate.estimated (cost estimates)"),
+    ("tunec.compiler.estimate", "model_config", "model_config (transformers config, child process)"),
+    ("tunec.compiler.estimate", "document_squares", "document_squares (reads the shards)"),
     # linking, first layout: functions of build.py
     ("tunec.compiler.build", "_link_stage", "_link_stage"),
     ("tunec.compiler.build", "_gather", "_gather (labels, keep)"),

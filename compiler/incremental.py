@@ -24,6 +24,7 @@ import numpy as np
 from . import leakage
 from .cache import Cache, code_versions, derived_key, tokenizer_hash, touch, unit_key
 from .check import Checked
+from .errors import TunecError
 from .executors import run_local, run_ray
 from .fileio import atomic_write_text, canonical_json
 from .link import leak_reports
@@ -150,10 +151,18 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
                                "this compile only")
         return scratch.unit_writer(keys[(s.task, s.part)], len(s.templates))
 
+    def failed(j: int, w: UnitWriter, exc: OSError) -> TunecError:
+        s = specs[j]
+        return TunecError(f"cannot write the compiled unit {s.task}/{s.part} to {w.path.parent} ({exc}); "
+                          "free some space there, or give the cache another folder with --cache DIR")
+
     def finish(j: int) -> None:
         s = specs[j]
         w = writers.pop(j) if j in writers else writer(j)
-        w.finish()
+        try:
+            w.finish()
+        except OSError as exc:
+            raise failed(j, w, exc) from None
         unit = open_unit(w.path, verify=False)  # written just now by this process
         if unit is None:
             raise AssertionError(f"the unit just written to {w.path} does not read back")
@@ -168,7 +177,10 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
             j = chunk.unit
             if j not in writers:
                 writers[j] = writer(j)
-            writers[j].add(result)
+            try:
+                writers[j].add(result)
+            except OSError as exc:
+                raise failed(j, writers[j], exc) from None
             progress(len(chunk.rows))
             left[j] -= 1
             if left[j] == 0:

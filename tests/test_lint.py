@@ -397,3 +397,33 @@ def test_the_lint_reads_rows_the_compile_hands_it_and_finds_the_same(tmp_path, m
     monkeypatch.setattr(lint_mod, "load_part", counting)
     assert lint_recipe(checked, rows=given) == alone and [(f.id, f.task) for f in alone] == [("label-in-prompt", "b")]
     assert read == ["c"]  # a and b came from the compile; c was not handed over
+
+
+def test_rows_have_one_digest_exactly_when_their_values_print_as_the_same_json():
+    """The duplicate rule's row digest agrees with comparing the rows' JSON texts (its definition)."""
+    import datetime
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from tunec.compiler.lint import _row_digest
+
+    day = datetime.date(2024, 1, 2)
+    value = st.one_of(st.sampled_from(["", "a", "1", "true", '"a"', "2024-01-02", "é\n", 1, 1.0, True, None, day,
+                                       [1], ["a"], {"k": "a"}, [day]]), st.text(max_size=3), st.integers(-2, 2))
+
+    def as_json(row: tuple) -> str:
+        return json.dumps(list(row), default=str, ensure_ascii=False)
+
+    rows = st.integers(1, 3).flatmap(lambda n: st.tuples(*[st.tuples(value, value)] * n))  # two rows, n columns
+
+    @settings(max_examples=1500, deadline=None)
+    @given(rows)
+    def agree(pairs: tuple) -> None:
+        a, b = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+        assert (_row_digest(a) == _row_digest(b)) == (as_json(a) == as_json(b))
+
+    agree()
+    assert _row_digest(("2024-01-02",)) == _row_digest((day,))  # a date prints as its string
+    assert _row_digest((1,)) != _row_digest((1.0,)) != _row_digest((True,))
+    assert _row_digest(("a", "bc")) != _row_digest(("ab", "c"))

@@ -172,3 +172,36 @@ def test_the_stream_refuses_files_that_do_not_hold_the_split(tmp_path):
 
 def test_open_unit_of_a_missing_file_is_none(tmp_path):
     assert open_unit(Path(tmp_path / "absent")) is None
+
+
+def test_a_unit_that_cannot_be_written_stops_the_compile_in_one_line_and_leaves_no_part_of_it(
+        tmp_path, unit_cache, monkeypatch):
+    import errno
+
+    from tunec.compiler import unitstore
+    from tunec.compiler.build import Options, compile_recipe
+    from tunec.compiler.errors import TunecError
+    from tiny import DEMO
+
+    out = tmp_path / "out"
+    compile_recipe(DEMO / "demo.yaml", out, Options(workers=1, use_cache=False))
+    def files() -> dict:
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.name.startswith(".tunec.lock")}
+
+    before = files()
+    calls = []
+
+    def full(self, result):
+        calls.append(1)
+        if len(calls) > 1:  # the second chunk: the first one is already in a temporary file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, result)
+
+    real = unitstore.UnitWriter.add
+    monkeypatch.setattr(unitstore.UnitWriter, "add", full)
+    monkeypatch.setattr("tunec.compiler.incremental.CHUNK_ROWS", 8)  # several chunks per unit
+    with pytest.raises(TunecError, match=r"cannot write the compiled unit \S+ to .*No space left on device.*"
+                                         r"--cache DIR"):
+        compile_recipe(DEMO / "demo.yaml", out, Options(workers=1))
+    assert [p for p in unit_cache.rglob("*") if p.is_file() and p.parts[len(unit_cache.parts)] == "units"] == []
+    assert files() == before  # the previous build is whole
