@@ -26,7 +26,7 @@ from .cache import Cache, code_versions, derived_key, tokenizer_hash, touch, uni
 from .check import Checked
 from .errors import TunecError
 from .executors import run_local, run_ray
-from .fileio import atomic_write_text, canonical_json
+from .fileio import atomic_write_text, canonical_json, sha256_text
 from .link import leak_reports
 from .plan import LeakReport
 from .sources import Rows, load_part, part_inputs
@@ -72,10 +72,12 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     loaded = checked.loaded
     tasks = loaded.recipe.tasks
     keys: dict[Part, str] = {}
+    rows_keys: dict[Part, str] = {}
     tok = tokenizer_hash(info)
     for s in specs:
         options, content = part_inputs(loaded, s.task, tasks[s.task], s.part)
         keys[(s.task, s.part)] = unit_key(s, options, content, tok)
+        rows_keys[(s.task, s.part)] = rows_key(options, content, loaded.recipe.seed)
 
     units: dict[Part, UnitResult] = {}
     if cache is not None:
@@ -95,7 +97,7 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     leak: dict[Part, LeakKeys] = {}
     for p in sorted(leak_parts):
         task = tasks[p[0]]
-        lkey = derived_key(keys[p], "leakage", task.leakage)
+        lkey = derived_key(rows_keys[p], "leakage", task.leakage)  # the rows, not the templates, decide them
         entry = cache.get_arrays("leak", lkey) if cache is not None else None
         if entry is not None and all(k in entry[0] for k in ("index", "example", "text_offsets", "texts")):
             a = entry[0]
@@ -189,6 +191,16 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
         for w in writers.values():  # a failed compile leaves no partial unit behind
             w.abort()
     return out
+
+
+def rows_key(options: dict, content: dict[str, str], seed: int) -> str:
+    """sha256 of what decides a part's rows (after the field map), less what decides its documents
+    (templates, format, few-shot, truncation): the source, the field map, the selections, the content
+    of the files read, the seed (a held-out eval fraction is drawn with it) and the code."""
+    return sha256_text(canonical_json({
+        "code": code_versions(), "what": "rows", "seed": seed, "content": content,
+        "options": {k: options.get(k) for k in ("source", "fields", "train", "eval")},
+    }))
 
 
 def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]]) -> Iterator[Chunk]:
