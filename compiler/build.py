@@ -147,7 +147,7 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     _warn_double_spaces(units, checked.templates)
     preference.warn_checks(units)  # pairs dropped under `format.checks: warn`
     audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
-    findings = lint.for_compile(checked, options.cache_dir())  # prompt lint: warnings, in the plan
+    findings = lint.for_compile(checked, options.cache_dir(), compiled.rows)  # prompt lint: warnings, in the plan
 
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})

@@ -62,6 +62,7 @@ class Compiled:
     leak: dict[Part, LeakKeys]
     reused: list[Part] = field(default_factory=list)
     rebuilt: list[Part] = field(default_factory=list)
+    rows: dict[Part, Rows] = field(default_factory=dict)  # the parts whose rows were loaded (read on demand)
 
 
 def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
@@ -91,7 +92,7 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
 
     def part(task: str, which: str) -> Rows:
         if (task, which) not in parts:
-            parts[(task, which)] = load_part(loaded, task, tasks[task], which)
+            parts[(task, which)] = load_part(loaded, task, tasks[task], which, cache.root if cache else None)
         return parts[(task, which)]
 
     leak: dict[Part, LeakKeys] = {}
@@ -129,7 +130,7 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     order = [(s.task, s.part) for s in specs]
     rebuilt = [order[i] for i in missing]
     return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
-                    reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt)
+                    reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt, rows=parts)
 
 
 def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str, str], Rows],

@@ -445,7 +445,7 @@ def lint_recipe(checked: Checked, cache: Path | None = None,
                 out.extend(stored)
                 continue
         given = rows.get((name, part)) if rows is not None else None
-        part_rows = given if given is not None else load_part(checked.loaded, name, task, part)
+        part_rows = given if given is not None else load_part(checked.loaded, name, task, part, cache)
         found = [f for f in _task_findings(checked, name, task, part_rows, config) if f.id not in config.disable]
         if path is not None:
             _write_findings(path, found)

@@ -11,6 +11,7 @@ import codecs
 import csv
 import functools
 import json
+import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from .errors import Problem, TunecError, did_you_mean
-from .fileio import sha256_file
+from .fileio import atomic_write_text, sha256_file, sha256_text
 from .load import LoadedRecipe
 from .recipe import FieldMap, FileEval, FractionEval, HubSource, Selection, Task, field_column
 
@@ -42,7 +43,7 @@ class Rows:
     """
 
     index: np.ndarray  # each row's index in its split or file (for messages); also its position in `table`'s source
-    table: Any  # a datasets.Dataset holding exactly the selected rows, source column names
+    table: Any  # a datasets.Dataset holding exactly the selected rows, source column names (None: `files` only)
     mapping: dict[str, str]  # new name -> source column
     convert: Callable[[str, list, np.ndarray], list] | None = None  # a field's value map, located errors
     # the Arrow stream files of the whole split, in order, and its row count (None: read through `table`)
@@ -55,6 +56,14 @@ class Rows:
 
     def slice(self, lo: int, hi: int) -> dict[str, list[Any]]:
         """Rows ``lo:hi`` (positions in the part) as Python lists, column-major, value maps applied."""
+        if self.table is None:  # only the Arrow files: read from the start
+            out: dict[str, list[Any]] = {new: [] for new in self.mapping}
+            for start, columns in self._stream(hi - lo if lo == 0 and hi > 0 else SLICE_ROWS):
+                if start >= hi:
+                    break
+                for k, values in columns.items():
+                    out[k].extend(values[max(lo - start, 0): hi - start])
+            return out
         raw = self.table[lo:hi] if hi > lo else {c: [] for c in self.table.column_names}
         return self._mapped(raw, lo, hi)
 
@@ -388,10 +397,19 @@ def holdout(seed: int, task: str, count: int, fraction: float) -> np.ndarray:
     return np.sort(rng.permutation(count)[:n_eval])
 
 
-def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | None = None):
-    """One split of the source (or one file read like it) as a ``datasets.Dataset``."""
-    datasets = _quiet_datasets()
+def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | None = None,
+          cache: Path | None = None):
+    """One split of the source (or one file read like it) as a ``datasets.Dataset``; or, for a local
+    file ``datasets`` converted before (``cache``: the compile cache, which remembers where to), as
+    the :class:`ArrowSplit` of its Arrow files, found without importing ``datasets``."""
     source = task.source
+    if not isinstance(source, HubSource) and cache is not None:
+        if path is None and not check_files(loaded, name, task):
+            path = source_files(loaded, task)[split]
+        found = _find_arrow(cache, source.kind, path) if path is not None else None
+        if found is not None:
+            return found
+    datasets = _quiet_datasets()
     if isinstance(source, HubSource):
         try:
             return datasets.load_dataset(source.id, source.name, revision=source.revision, split=split)
@@ -415,13 +433,74 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
         # `text` column, without complaint; a `json` source is a list of objects.
         _read_json(path)
     try:
-        return datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows")
+        ds = datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows")
     except Exception as exc:
         diagnose_file(source.kind, path)
         raise TunecError(Problem(f"cannot read {source.kind} file: {_one_line(exc)}", str(path))) from None
+    if cache is not None:
+        _remember_arrow(cache, source.kind, path, ds)
+    return ds
 
 
-def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
+@dataclass(frozen=True)
+class ArrowSplit:
+    """A local file's rows as ``datasets`` converted them once: its Arrow stream files, row count and
+    columns, read again without ``datasets`` (which costs more to import than a small part to compile)."""
+
+    files: tuple[str, ...]
+    total: int
+    column_names: list[str]
+
+    def __len__(self) -> int:
+        return self.total
+
+
+ARROW_POINTERS = "arrow"  # the cache's folder of where `datasets` keeps each local file's rows
+
+
+def _arrow_pointer(cache: Path, kind: str, path: Path) -> Path:
+    from .versions import dist_version
+
+    key = sha256_text(json.dumps({"what": "arrow-files", "format": 1, "kind": kind, "file": file_hash(path),
+                                  "datasets": dist_version("datasets")}, sort_keys=True))
+    return cache / ARROW_POINTERS / key[:2] / f"{key}.json"
+
+
+def _find_arrow(cache: Path, kind: str, path: Path) -> ArrowSplit | None:
+    """The Arrow files ``datasets`` made of a file with these bytes, when they are still as they were
+    (size and modification time); None otherwise (``datasets`` loads it again)."""
+    if not path.is_file():
+        return None
+    pointer = _arrow_pointer(cache, kind, path)
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        for f in data["files"]:
+            st = os.stat(f["path"])
+            if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
+                return None
+        found = ArrowSplit(tuple(f["path"] for f in data["files"]), int(data["total"]), list(data["columns"]))
+        os.utime(pointer)  # last use, for `tunec cache prune --older-than`
+        return found
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _remember_arrow(cache: Path, kind: str, path: Path, ds: Any) -> None:
+    files = _stream_files(ds)
+    if files is None:
+        return
+    try:
+        stats = [os.stat(f) for f in files]
+        pointer = _arrow_pointer(cache, kind, path)
+        pointer.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(pointer, json.dumps({
+            "files": [{"path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for f, st in zip(files, stats)],
+            "total": len(ds), "columns": list(ds.column_names)}, sort_keys=True) + "\n")
+    except OSError:
+        pass  # a cache that cannot be written only costs the next compile an import
+
+
+def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str, cache: Path | None = None) -> Rows:
     """Load the rows of ``part`` ('train' or 'eval') of task ``name``, field map applied.
 
     An eval ``fraction`` is taken from the train selection (seeded) and the
@@ -433,7 +512,7 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
         if not path.is_file() or path.stat().st_size == 0:
             why = "not found" if not path.is_file() else "empty"
             raise TunecError(loaded.problem(("tasks", name, "eval", "file"), f"eval file {why}: {path}"))
-        ds = _load(loaded, name, task, "eval", path)
+        ds = _load(loaded, name, task, "eval", path, cache)
         index = np.arange(len(ds))
         where, what = ("tasks", name, "eval"), f"eval file {path}"
     else:
@@ -442,7 +521,7 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
         else:
             assert isinstance(ev, Selection), f"task {name} has no eval part to load"  # build asks only for parts
             sel = ev
-        ds = _load(loaded, name, task, sel.split)
+        ds = _load(loaded, name, task, sel.split, cache=cache)
         total = len(ds)
         stop = total if sel.stop is None else min(sel.stop, total)
         index = np.arange(sel.start, max(stop, sel.start))
@@ -472,16 +551,19 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str) -> Rows:
             ]
         )
     wanted = sorted(set(mapping.values()))
-    subset = ds.select_columns(wanted)
-    if len(index) != len(ds) or (len(index) and index[0] != 0):
-        subset = subset.select(index.tolist())
+    if isinstance(ds, ArrowSplit):
+        subset, files = None, ds.files
+    else:
+        subset, files = ds.select_columns(wanted), _stream_files(ds)
+        if len(index) != len(ds) or (len(index) and index[0] != 0):
+            subset = subset.select(index.tolist())
     maps = {new: spec for new, spec in fields.items() if isinstance(spec, FieldMap)}
 
     def convert(new: str, values: list, rows: np.ndarray) -> list:
         return _mapped(loaded, name, part, new, maps[new], values, rows) if new in maps else values
 
     return Rows(index=index.astype(np.int64), table=subset, mapping=mapping, convert=convert if maps else None,
-                files=_stream_files(ds), total=len(ds))
+                files=files, total=len(ds))
 
 
 def _mapped(loaded: LoadedRecipe, name: str, part: str, new: str, spec: FieldMap, values: list,

@@ -1,0 +1,58 @@
+"""Local execution of compile chunks: in chunk order, the same results from one worker or a pool,
+whose window of chunks in flight slides as results are taken; a row's error names the row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tunec.compiler import executors
+from tunec.compiler.errors import TunecError
+from tunec.compiler.templates import TemplateSource
+from tunec.compiler.tokens import load_local_tokenizer, tokenizer_info
+from tunec.compiler.units import Chunk, UnitSpec
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "tokenizer"
+ROWS = 4  # rows per chunk: many chunks from a few rows
+
+
+@pytest.fixture(scope="module")
+def info():
+    return tokenizer_info(load_local_tokenizer(TOKENIZER))
+
+
+def chunks(answers: list[str]) -> list[Chunk]:
+    out = []
+    for lo in range(0, len(answers), ROWS):
+        rows = list(range(lo, min(lo + ROWS, len(answers))))
+        out.append(Chunk(0, rows, {"q": [f"What is {i} plus one?" for i in rows], "a": [answers[i] for i in rows]},
+                         [[(0, ())] for _ in rows]))
+    return out
+
+
+SPEC = UnitSpec(task="sums", part="train", templates=(TemplateSource.inline("qa", "Q: {{ q }}\nA:", " {{ a }}",
+                                                                            "r.yaml", 1),),
+                truncation="drop", seq_len=256, seed=0)
+
+
+def test_chunks_come_back_in_order_and_the_same_from_a_pool(info, monkeypatch):
+    monkeypatch.setattr(executors, "WINDOW_PER_WORKER", 2)  # 4 chunks in flight: the window slides 11 times
+    work = chunks([str(i + 1) * (1 + i % 7) for i in range(60)])
+    one = list(executors.run_local(iter(work), len(work), info, [SPEC], {}, 1))
+    two = list(executors.run_local(iter(work), len(work), info, [SPEC], {}, 2))
+    assert [c.rows for c, _ in two] == [c.rows for c, _ in one] == [c.rows for c in work]
+    for (_, a), (_, b) in zip(one, two):
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.offsets, b.offsets)
+        assert np.array_equal(a.sft_labels, b.sft_labels) and np.array_equal(a.row, b.row)
+
+
+def test_a_row_that_fails_in_a_pool_names_its_task_and_row(info, monkeypatch):
+    monkeypatch.setattr(executors, "WINDOW_PER_WORKER", 1)
+    answers = [str(i) for i in range(30)]
+    answers[21] = " "  # renders an empty completion: nothing to train on
+    work = chunks(answers)
+    with pytest.raises(TunecError, match=r"task 'sums', train row 21: .*empty completion"):
+        for _ in executors.run_local(iter(work), len(work), info, [SPEC], {}, 2):
+            pass
