@@ -78,7 +78,7 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     for s in specs:
         options, content = part_inputs(loaded, s.task, tasks[s.task], s.part)
         keys[(s.task, s.part)] = unit_key(s, options, content, tok)
-        rows_keys[(s.task, s.part)] = rows_key(options, content, loaded.recipe.seed)
+        rows_keys[(s.task, s.part)] = rows_key(s.part, options, content, loaded.recipe.seed)
 
     units: dict[Part, UnitResult] = {}
     if cache is not None:
@@ -194,12 +194,12 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
     return out
 
 
-def rows_key(options: dict, content: dict[str, str], seed: int) -> str:
+def rows_key(part: str, options: dict, content: dict[str, str], seed: int) -> str:
     """sha256 of what decides a part's rows (after the field map), less what decides its documents
     (templates, format, few-shot, truncation): the source, the field map, the selections, the content
     of the files read, the seed (a held-out eval fraction is drawn with it) and the code."""
     return sha256_text(canonical_json({
-        "code": code_versions(), "what": "rows", "seed": seed, "content": content,
+        "code": code_versions(), "what": "rows", "part": part, "seed": seed, "content": content,
         "options": {k: options.get(k) for k in ("source", "fields", "train", "eval")},
     }))
 

@@ -8,6 +8,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tunec.compiler.build import Options, compile_recipe
@@ -77,3 +78,51 @@ def test_one_template_edit_rebuilds_its_task_only_and_matches_a_clean_build(coll
     assert evals and all((out / rel).stat().st_ino == ino for rel, ino in evals.items())
     assert all((out / rel).stat().st_ino != ino for rel, ino in first_stage_files.items()
                if rel.startswith("stages/collection/train/"))
+
+
+def test_a_rebuilt_unit_reads_its_rows_without_importing_datasets(collection, tmp_path, unit_cache):
+    """The cache remembers where `datasets` keeps a file's rows (by the file's bytes): a template edit
+    rebuilds its units from there, with neither `datasets` nor pandas imported, and the same bytes."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    compile_(collection, out)
+    collection.write_text(collection.read_text().replace(VERDICT, "Did the author like it?"), encoding="utf-8")
+    code = ("import sys; from tunec.compiler.build import Options, compile_recipe; "
+            "compile_recipe(sys.argv[1], sys.argv[2], Options(workers=1)); "
+            "print(sorted(m for m in ('datasets', 'pandas') if m in sys.modules))")
+    env = {**__import__("os").environ, "TUNEC_CACHE": str(unit_cache)}
+    done = subprocess.run([sys.executable, "-c", code, str(collection), str(out)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    clean = tmp_path / "clean"
+    compile_(collection, clean, use_cache=False)
+    assert tree(out) == tree(clean)
+
+
+def test_rows_found_again_without_datasets_equal_rows_loaded_by_it(collection, unit_cache):
+    from tunec.compiler.load import load_recipe
+    from tunec.compiler.sources import load_part
+
+    loaded = load_recipe(collection)
+    for name, task in loaded.recipe.tasks.items():
+        parts = ["train"] + (["eval"] if task.eval is not None else [])
+        for part in parts:
+            first = load_part(loaded, name, task, part)  # through datasets
+            load_part(loaded, name, task, part, unit_cache)  # remembered (or found: two parts, one file)
+            again = load_part(loaded, name, task, part, unit_cache)
+            assert first.table is not None and again.table is None
+            assert np.array_equal(first.index, again.index) and first.total == again.total
+            assert again.columns == first.columns
+            assert list(again.slices(5)) == list(first.slices(5))
+            assert again.slice(0, 3) == first.slice(0, 3) and again.slice(2, 7) == first.slice(2, 7)
+    # an Arrow file that is no longer as it was is not read: datasets loads the file again
+    pointers = list((unit_cache / "arrow").rglob("*.json"))
+    assert pointers
+    for p in pointers:
+        for f in json.loads(p.read_text())["files"]:
+            __import__("os").utime(f["path"], ns=(1, 1))
+    name, task = next(iter(loaded.recipe.tasks.items()))
+    assert load_part(loaded, name, task, "train", unit_cache).table is not None
