@@ -9,7 +9,7 @@ import pytest
 
 MODULES = ["tunec.compiler.fileio", "tunec.compiler.yamlpos", "tunec.compiler.pack", "tunec.compiler.templates", "tunec.compiler.mixture",
            "tunec.compiler.leakage", "tunec.compiler.promptsource", "tunec.compiler.load", "tunec.compiler.hubmeta",
-           "tunec.compiler.yamltext", "tunec.compiler.sandbox"]
+           "tunec.compiler.yamltext", "tunec.compiler.sandbox", "tunec.compiler.cache", "tunec._dist"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -8,9 +8,8 @@ The distribution installs one package, ``tunec``:
 - ``tunec.cli``: the ``tunec`` command, the composition root that wires the two together
 """
 
-from importlib import metadata as _metadata
+from tunec._dist import dist_version as _dist_version
 
-try:
-    __version__ = _metadata.version("tunec")
-except _metadata.PackageNotFoundError:  # running from a source tree without install
+__version__ = _dist_version("tunec")
+if __version__ == "absent":  # running from a source tree without install
     __version__ = "0.0.0+source"
