@@ -106,7 +106,12 @@ class Rows:
                         take = index[k:upto] - base
                         part = batch.select(wanted)
                         contiguous = int(take[-1]) - int(take[0]) == len(take) - 1
-                        pending.append(part.slice(int(take[0]), len(take)) if contiguous else part.take(take))
+                        if contiguous:
+                            pending.append(part.slice(int(take[0]), len(take)))
+                        else:  # indices from a buffer: handing numpy to pyarrow would import pandas
+                            take = np.ascontiguousarray(take, np.int64)
+                            pending.append(part.take(pa.Array.from_buffers(pa.int64(), len(take),
+                                                                           [None, pa.py_buffer(take)])))
                         have, k = have + len(take), upto
                     base += n
                     while have >= step:

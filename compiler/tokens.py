@@ -159,7 +159,7 @@ def encode_texts(backend, info: TokenizerInfo, texts: list[str], char_spans: lis
             tok_spans = [(a - 1, b - 1) for a, b in tok_spans]
         if append_eos and (not ids or ids[-1] != info.eos_id):
             reaches_end = bool(tok_spans) and tok_spans[-1][1] == len(ids)
-            ids = ids + [info.eos_id]
+            ids.append(info.eos_id)  # `enc.ids` made this list for us: no copy
             if reaches_end:
                 tok_spans[-1] = (tok_spans[-1][0], len(ids))
             elif spans and spans[-1][1] == len(text):

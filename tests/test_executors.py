@@ -56,3 +56,26 @@ def test_a_row_that_fails_in_a_pool_names_its_task_and_row(info, monkeypatch):
     with pytest.raises(TunecError, match=r"task 'sums', train row 21: .*empty completion"):
         for _ in executors.run_local(iter(work), len(work), info, [SPEC], {}, 2):
             pass
+
+
+def test_workers_started_ahead_compile_the_same_and_are_closed_by_their_owner(info):
+    from tunec.compiler.units import UnitSpec
+
+    work = chunks([str(i) for i in range(24)])
+    specs = [SPEC]
+    here = list(executors.run_local(iter(work), len(work), info, specs, {}, 1))
+    with executors.Workers(info, specs, {}, 2) as started:
+        pool = started.pool
+        ahead = list(executors.run_local(iter(work), len(work), info, specs, {}, 2, started))
+        again = list(executors.run_local(iter(work), len(work), info, specs, {}, 2, started))  # still running
+        with pytest.raises(AssertionError, match="other unit specs"):
+            next(executors.run_local(iter(work), len(work), info, [UnitSpec(**{**vars(SPEC), "seed": 1})], {}, 2,
+                                     started))
+    assert started.pool is None and pool is not None
+    for (_, a), (_, b), (_, c) in zip(here, ahead, again):
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.ids, c.ids)
+        assert np.array_equal(a.sft_labels, b.sft_labels)
+    with executors.Workers(info, specs, {}, 1) as one:  # one worker: none spawned, compiled here
+        assert one.pool is None
+        assert [r.ids.tolist() for _, r in executors.run_local(iter(work), len(work), info, specs, {}, 1, one)] == \
+            [r.ids.tolist() for _, r in here]
