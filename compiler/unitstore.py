@@ -41,16 +41,16 @@ from .units import UnitResult, _summed
 MAGIC = b"tunec.unit/2\n"
 ALIGN = 64
 BLOCK = 1 << 22  # bytes copied or hashed at a time
-STREAMED = ("ids", "sft_labels")  # per-token arrays: appended to files, never held whole
 _PREFIX = len(MAGIC) + 65  # magic, digest, newline
 
 
 class UnitWriter:
     """One unit's chunks, in order, into a unit file at ``path`` (see the module's docstring).
 
-    Per-token arrays go to temporary files beside ``path`` as each chunk comes;
-    the per-document arrays (a few bytes a document) and the counts are kept
-    until :meth:`finish`. :meth:`abort` removes what was written.
+    Every array of each chunk is appended to a temporary file beside ``path``
+    as the chunk comes (offsets and spans rebased, as :func:`.units.join` does),
+    so a writer holds only counts and, for eval units, the answer-choice records.
+    :meth:`finish` lays the file out; :meth:`abort` removes what was written.
     """
 
     def __init__(self, path: Path, n_templates: int):
@@ -58,85 +58,104 @@ class UnitWriter:
         self.n_templates = n_templates
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        self._streams: dict[str, tuple[Path, BinaryIO]] = {}
-        for name in STREAMED:
+        self._streams: dict[str, _Stream] = {}
+        self._tokens = self._docs = self._chunks = 0
+        self._failed = False  # any chunk with mask audit failures (`audit: warn`)
+        self._first: UnitResult | None = None
+        self._skipped: np.ndarray | None = None
+        self._counts = {"truncated": 0, "dropped": 0, "straddles": 0}
+        self._spaced: list[dict] = []
+        self._checks: list[dict] = []
+        self._choices: list | None = None
+        self._example: str | None = None
+
+    def _put(self, name: str, array: np.ndarray) -> None:
+        stream = self._streams.get(name)
+        if stream is None:
             p = self.path.with_name(f".{self.path.name}.{os.getpid()}.{name}.tmp")
-            self._streams[name] = (p, open(p, "wb"))
-        self._tokens = 0
-        self._docs = 0
-        self._parts: list[UnitResult] = []  # chunk results less their per-token arrays, offsets rebased
+            stream = self._streams[name] = _Stream(p, open(p, "wb"), array.dtype, array.shape[1:])
+        if array.dtype != stream.dtype or array.shape[1:] != stream.tail:
+            raise AssertionError(f"unit array {name}: a chunk of {array.dtype}{array.shape}, not {stream.dtype}")
+        stream.fh.write(np.ascontiguousarray(array).tobytes())
+        stream.count += len(array)
 
     def add(self, r: UnitResult) -> None:
         """Append one chunk's result (chunks in order)."""
-        for name in STREAMED:
-            a = np.ascontiguousarray(getattr(r, name), dtype=np.int32)
-            self._streams[name][1].write(a.tobytes())
-        empty = np.zeros(0, np.int32)
-        offsets = r.offsets[1:] + self._tokens
-        spans = r.spans.copy()
+        if self._first is None:
+            self._first = r
+            self._choices = None if r.choices is None else []
+            self._put("offsets", np.zeros(1, np.int64))
+        elif (r.side is None) != (self._first.side is None) or (r.choices is None) != (self._choices is None):
+            raise AssertionError("every chunk of a unit has pair sides and answer choices, or none has")
+        docs = r.docs
+        self._put("ids", r.ids)
+        self._put("sft_labels", r.sft_labels)
+        self._put("offsets", r.offsets[1:] + self._tokens)
+        spans = r.spans.astype(np.int32).reshape(-1, 3)
         spans[:, 0] += self._docs
-        docs = np.zeros(r.docs, bool)
-        self._parts.append(dataclasses.replace(
-            r, ids=empty, sft_labels=empty, offsets=offsets, spans=spans, cut=docs if r.cut is None else r.cut,
-            audit_failed=None if r.audit_failed is None else r.audit_failed))
+        self._put("spans", spans)
+        for name in ("template", "row", "shots", "sft_trained"):
+            self._put(name, getattr(r, name))
+        self._put("cut", r.cut if r.cut is not None else np.zeros(docs, bool))
+        if r.side is not None:
+            self._put("side", r.side)
+        self._put("audit_failed", r.audit_failed if r.audit_failed is not None else np.zeros(docs, bool))
+        self._failed |= r.audit_failed is not None
+        self._skipped = r.skipped.copy() if self._skipped is None else self._skipped + r.skipped
+        for k in self._counts:
+            self._counts[k] += getattr(r, k)
+        self._spaced.append(r.spaced)
+        self._checks.append(r.checks)
+        if self._choices is not None and r.choices is not None:
+            self._choices.extend(r.choices)
+        self._example = self._example or r.audit_example
         self._tokens += int(r.offsets[-1])
-        self._docs += r.docs
+        self._docs += docs
+        self._chunks += 1
 
     def finish(self) -> None:
         """Lay the unit out at ``path`` (atomically); the temporary files are removed."""
         try:
-            for _, fh in self._streams.values():
-                fh.close()
-            arrays, values = self._fields()
-            _write(self._tmp, arrays, values, {n: p for n, (p, _) in self._streams.items()}, self._tokens)
+            for stream in self._streams.values():
+                stream.fh.close()
+            if self._first is None:
+                empty = np.zeros(0, np.int32)
+                arrays, values = split_fields(UnitResult(
+                    empty, np.zeros(1, np.int64), np.zeros((0, 3), np.int32), np.zeros(0, np.int16), empty,
+                    np.zeros(max(self.n_templates, 1), np.int64), np.zeros(0, np.int16), empty, np.zeros(0, np.int64)))
+                streamed = {}
+            else:
+                assert self._skipped is not None
+                arrays = {"skipped": self._skipped}
+                values = {"truncated": self._counts["truncated"], "dropped": self._counts["dropped"],
+                          "straddles": self._counts["straddles"], "choices": _enc(self._choices),
+                          "spaced": _enc(_summed(self._spaced)), "group": self._first.group,
+                          "checks": _enc(_summed(self._checks)), "audit_example": self._example}
+                streamed = {n: s for n, s in self._streams.items() if n != "audit_failed" or self._failed}
+                for name in ("side", "audit_failed"):  # None unless a chunk had them
+                    if name not in streamed:
+                        values[name] = None
+            _write(self._tmp, arrays, values, streamed)
             os.replace(self._tmp, self.path)
         finally:
             self.abort()
 
     def abort(self) -> None:
-        for p, fh in self._streams.values():
-            fh.close()
-            p.unlink(missing_ok=True)
+        for stream in self._streams.values():
+            stream.fh.close()
+            stream.path.unlink(missing_ok=True)
         self._tmp.unlink(missing_ok=True)
 
-    def _fields(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """The joined per-document arrays and the other fields (what :func:`.units.join` makes of the
-        chunks, less the per-token arrays)."""
-        parts = self._parts
-        if not parts:
-            empty = np.zeros(0, np.int32)
-            unit = UnitResult(empty, np.zeros(1, np.int64), np.zeros((0, 3), np.int32), np.zeros(0, np.int16),
-                              empty, np.zeros(max(self.n_templates, 1), np.int64), np.zeros(0, np.int16), empty,
-                              np.zeros(0, np.int64))
-        else:
-            choices = None
-            if parts[0].choices is not None:
-                choices = [c for r in parts for c in (r.choices or [])]
-            unit = UnitResult(
-                ids=np.zeros(0, np.int32),
-                offsets=np.concatenate([np.zeros(1, np.int64)] + [r.offsets for r in parts]),
-                spans=np.concatenate([r.spans for r in parts]).astype(np.int32).reshape(-1, 3),
-                template=np.concatenate([r.template for r in parts]),
-                row=np.concatenate([r.row for r in parts]),
-                skipped=np.sum([r.skipped for r in parts], axis=0),
-                shots=np.concatenate([r.shots for r in parts]),
-                sft_labels=np.zeros(0, np.int32),
-                sft_trained=np.concatenate([r.sft_trained for r in parts]),
-                truncated=sum(r.truncated for r in parts),
-                dropped=sum(r.dropped for r in parts),
-                straddles=sum(r.straddles for r in parts),
-                cut=np.concatenate([r.cut for r in parts if r.cut is not None]),
-                choices=choices,
-                spaced=_summed([r.spaced for r in parts]),
-                side=None if parts[0].side is None else np.concatenate([r.side for r in parts if r.side is not None]),
-                group=parts[0].group,
-                checks=_summed([r.checks for r in parts]),
-                audit_failed=None if all(r.audit_failed is None for r in parts) else np.concatenate(
-                    [r.audit_failed if r.audit_failed is not None else np.zeros(len(r.template), bool)
-                     for r in parts]),
-                audit_example=next((r.audit_example for r in parts if r.audit_example), None),
-            )
-        return split_fields(unit)
+
+@dataclass
+class _Stream:
+    """One array of a unit being written: its temporary file, dtype, shape past the first axis, length."""
+
+    path: Path
+    fh: BinaryIO
+    dtype: np.dtype
+    tail: tuple
+    count: int = 0
 
 
 def split_fields(unit: UnitResult) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -167,14 +186,16 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], streamed: dict[str, Path],
-           tokens: int) -> None:
+def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], streamed: dict[str, "_Stream"]) -> None:
+    """The unit file at ``tmp``: ``arrays`` from memory, ``streamed`` ones copied from their files."""
     arrays = {k: v for k, v in arrays.items() if k not in streamed}
     names = sorted([*arrays, *streamed])
     layout: dict[str, dict[str, Any]] = {}
     for name in names:
         if name in streamed:
-            layout[name] = {"dtype": "<i4", "shape": [tokens], "nbytes": tokens * 4}
+            st = streamed[name]
+            shape = [st.count, *st.tail]
+            layout[name] = {"dtype": st.dtype.str, "shape": shape, "nbytes": int(np.prod(shape)) * st.dtype.itemsize}
         else:
             a = arrays[name]
             layout[name] = {"dtype": a.dtype.str, "shape": list(a.shape), "nbytes": a.nbytes}
@@ -205,7 +226,7 @@ def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], str
             start = layout[name]["offset"]
             put(b"\0" * (start - pos))
             if name in streamed:
-                with open(streamed[name], "rb") as src:
+                with open(streamed[name].path, "rb") as src:
                     while block := src.read(BLOCK):
                         put(block)
             else:
