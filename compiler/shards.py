@@ -12,6 +12,7 @@ the file (no copy, no pickle) and needs only numpy.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import FORMAT_VERSION
 from .errors import TunecError
-from .fileio import atomic_write_bytes, compact_json, sha256_bytes
+from .fileio import compact_json, sha256_file
 
 TENSORS = ("input_ids", "labels", "position_ids")
 PAIR_TENSORS = ("pair_ids", "sides")
@@ -40,7 +41,7 @@ class WrittenShard:
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> WrittenShard:
     """Write one shard atomically (temporary name, fsync, rename) and hash it."""
-    from safetensors.numpy import save
+    from safetensors.numpy import save_file
 
     # version 1 unless the rows carry preference pairs, so SFT builds stay byte-identical
     version = 2 if set(PAIR_TENSORS) <= set(arrays) else FORMAT_VERSION
@@ -48,14 +49,22 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None
     meta.update(metadata or {})
     # One metadata key holding canonical JSON: safetensors keeps metadata in a
     # hash map whose order varies between runs, which would break byte-identical builds.
-    blob = save(
-        {k: np.ascontiguousarray(v) for k, v in arrays.items()},
-        metadata={META_KEY: compact_json(meta)},
-    )
+    # Written by the library straight to a temporary file (no copy of the shard in memory), flushed,
+    # hashed from the file, renamed.
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, blob)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+                  metadata={META_KEY: compact_json(meta)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest, size = sha256_file(tmp), tmp.stat().st_size
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     rows = int(next(iter(arrays.values())).shape[0])
-    return WrittenShard(path, sha256_bytes(blob), len(blob), rows)
+    return WrittenShard(path, digest, size, rows)
 
 
 class ShardError(TunecError):
