@@ -189,13 +189,8 @@ class Cache:
             return None
         entry = _decode(data)
         if entry is None:
-            logger.warning(f"cache: entry {path} is damaged (hash mismatch or cut short); rebuilding it")
-            path.unlink(missing_ok=True)
-            return None
-        try:
-            os.utime(path)  # last use, for `prune --older-than`
-        except OSError:
-            pass
+            return _damaged(path)
+        touch(path)  # last use, for `prune --older-than`
         return entry
 
     def put_arrays(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -214,9 +209,7 @@ class Cache:
             return None
         unit = open_unit(path)
         if unit is None:
-            logger.warning(f"cache: entry {path} is damaged (hash mismatch or cut short); rebuilding it")
-            path.unlink(missing_ok=True)
-            return None
+            return _damaged(path)
         touch(path)  # last use, for `prune --older-than`
         return unit
 
@@ -255,6 +248,12 @@ class Cache:
             if tmp.is_file() and now - tmp.stat().st_mtime > 3600:  # an hour: no write takes that long
                 tmp.unlink(missing_ok=True)
         return removed, size
+
+
+def _damaged(path: Path) -> None:
+    """Remove an entry that is not whole and intact (it is rebuilt), saying so."""
+    logger.warning(f"cache: entry {path} is damaged (hash mismatch or cut short); rebuilding it")
+    path.unlink(missing_ok=True)
 
 
 def touch(path: Path) -> None:
