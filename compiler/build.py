@@ -173,10 +173,11 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
             local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
             settings = stage.model_copy(update={"model": local})
         link_keys[stage.name] = _link_key(settings, compiled.keys, linker, info)
-        eval_parts = {t: (t, "eval") if (t, "eval") in units else (t, "train")
-                      for t in [*stage.tasks, *stage.held_out] if (t, "eval") in units or t in stage.held_out}
-        for t, part in eval_parts.items():
-            eval_keys[f"{stage.name}/{t}"] = _eval_key(stage, t, compiled.keys[part], linker, info)
+        eval_parts: dict[str, Part] = {
+            t: (t, "eval") if (t, "eval") in units else (t, "train")
+            for t in [*stage.tasks, *stage.held_out] if (t, "eval") in units or t in stage.held_out}
+        for t, evaluated in eval_parts.items():
+            eval_keys[f"{stage.name}/{t}"] = _eval_key(stage, t, compiled.keys[evaluated], linker, info)
         kept = _kept_stage(previous, staging, stage.name, link_keys[stage.name]) if options.use_cache else None
         if kept is not None:  # its units and settings are those of the stage in OUT: its shards are kept
             logger.info(f"stage {stage.name}: unchanged, shards kept from the previous build")
@@ -184,11 +185,11 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
             continue
         train, counts = linker.train(stage, {t: units[(t, "train")] for t in stage.tasks}, mixes[stage.name])
         evals = {}
-        for t, part in eval_parts.items():
+        for t, evaluated in eval_parts.items():
             key = eval_keys[f"{stage.name}/{t}"]
             kept_eval = _kept_eval(previous, staging, stage.name, t, key) if options.use_cache else None
             # an eval set made from the same unit under the same settings: its files are kept
-            evals[t] = kept_eval or linker.eval(stage, t, units[part], held_out=t in stage.held_out)
+            evals[t] = kept_eval or linker.eval(stage, t, units[evaluated], held_out=t in stage.held_out)
         stages.append(StagePlan(name=stage.name, settings=settings, train=train, tasks=counts, eval=evals,
                                 leakage=leaks.get(stage.name, {})))
     stages = estimate.estimated(loaded, staging, stages, info.pad_id,  # cost per stage (compiler/estimate.py)

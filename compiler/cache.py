@@ -189,7 +189,8 @@ class Cache:
             return None
         entry = _decode(data)
         if entry is None:
-            return _damaged(path)
+            _damaged(path)
+            return None
         touch(path)  # last use, for `prune --older-than`
         return entry
 
@@ -209,7 +210,8 @@ class Cache:
             return None
         unit = open_unit(path)
         if unit is None:
-            return _damaged(path)
+            _damaged(path)
+            return None
         touch(path)  # last use, for `prune --older-than`
         return unit
 

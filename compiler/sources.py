@@ -556,6 +556,7 @@ def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str, cache: Pat
             ]
         )
     wanted = sorted(set(mapping.values()))
+    files: tuple[str, ...] | None
     if isinstance(ds, ArrowSplit):
         subset, files = None, ds.files
     else:

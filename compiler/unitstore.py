@@ -311,7 +311,7 @@ def take_tokens(unit: UnitResult, name: str, starts: np.ndarray, lengths: np.nda
         stored.fd = os.open(stored.path, os.O_RDONLY)
         weakref.finalize(stored, os.close, stored.fd)
     out = np.empty(total, np.int32)
-    view = memoryview(out).cast("B")
+    view = out.data.cast("B")
     base, fd, pos = stored.at[name], stored.fd, 0
     for start, n in zip(starts.tolist(), lengths.tolist()):
         if n:
