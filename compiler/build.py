@@ -107,6 +107,7 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
 def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
+    estimate.prefetch(list(recipe.stages), options.cache_dir())  # model configs built beside the compile
     tok, info = tokcache.load(loaded, options.cache_dir())  # loaded, or read back from the cache
     _check_chat(checked, info)
 

@@ -25,7 +25,7 @@ from . import leakage
 from .cache import Cache, code_versions, derived_key, tokenizer_hash, touch, unit_key
 from .check import Checked
 from .errors import TunecError
-from .executors import run_local, run_ray
+from .executors import Workers, run_local, run_ray
 from .fileio import atomic_write_text, canonical_json, sha256_text
 from .link import leak_reports
 from .plan import LeakReport
@@ -95,27 +95,30 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
             parts[(task, which)] = load_part(loaded, task, tasks[task], which, cache.root if cache else None)
         return parts[(task, which)]
 
-    leak: dict[Part, LeakKeys] = {}
-    for p in sorted(leak_parts):
-        task = tasks[p[0]]
-        lkey = derived_key(rows_keys[p], "leakage", task.leakage)  # the rows, not the templates, decide them
-        entry = cache.get_arrays("leak", lkey) if cache is not None else None
-        if entry is not None and all(k in entry[0] for k in ("index", "example", "text_offsets", "texts")):
-            a = entry[0]
-            leak[p] = LeakKeys(a["index"], leakage.Hashed(a["example"], a["text_offsets"], a["texts"]))
-            continue
-        rows = part(*p)
-        hashed = leakage.Hashed.concat([leakage.hash_columns(cols, task.leakage.key, task.leakage.context)
-                                        for _, cols in rows.slices()])
-        leak[p] = LeakKeys(rows.index, hashed)
-        if cache is not None:
-            cache.put_arrays("leak", lkey, {"index": rows.index, "example": hashed.example,
-                                            "text_offsets": hashed.text_offsets, "texts": hashed.texts}, {})
+    run_specs = [specs[i] for i in missing]
+    pools = {s.task: part(s.task, "train").columns for s in run_specs if s.few_shot is not None}
+    # Spawned now (when there are at least as many units to build as workers, each worker surely gets
+    # work), the worker processes start while the rows load and the leakage keys are hashed.
+    early = executor == "local" and workers > 1 and len(run_specs) >= workers
+    with Workers(info, run_specs, pools, workers if early else 1) as started:
+        leak: dict[Part, LeakKeys] = {}
+        for p in sorted(leak_parts):
+            task = tasks[p[0]]
+            lkey = derived_key(rows_keys[p], "leakage", task.leakage)  # the rows, not the templates, decide them
+            entry = cache.get_arrays("leak", lkey) if cache is not None else None
+            if entry is not None and all(k in entry[0] for k in ("index", "example", "text_offsets", "texts")):
+                a = entry[0]
+                leak[p] = LeakKeys(a["index"], leakage.Hashed(a["example"], a["text_offsets"], a["texts"]))
+                continue
+            rows = part(*p)
+            hashed = leakage.Hashed.concat([leakage.hash_columns(cols, task.leakage.key, task.leakage.context)
+                                            for _, cols in rows.slices()])
+            leak[p] = LeakKeys(rows.index, hashed)
+            if cache is not None:
+                cache.put_arrays("leak", lkey, {"index": rows.index, "example": hashed.example,
+                                                "text_offsets": hashed.text_offsets, "texts": hashed.texts}, {})
 
-    if missing:
-        run_specs = [specs[i] for i in missing]
-        pools = {s.task: part(s.task, "train").columns for s in run_specs if s.few_shot is not None}
-        if executor == "ray":
+        if run_specs and executor == "ray":
             per_unit = [list(_chunks(j, spec, part(spec.task, spec.part), pools)) for j, spec in enumerate(run_specs)]
             assert cache is not None, "the CLI refuses --executor ray with --no-cache"
             run_ray([(keys[(s.task, s.part)], s, c) for s, c in zip(run_specs, per_unit)], info, pools,
@@ -125,8 +128,9 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
                 if unit is None:
                     raise AssertionError(f"a Ray task stored no unit for {s.task}/{s.part}")
                 units[(s.task, s.part)] = unit
-        else:
-            units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers, progress))
+        elif run_specs:
+            units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers, progress,
+                                    started if early else None))
     order = [(s.task, s.part) for s in specs]
     rebuilt = [order[i] for i in missing]
     return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
@@ -135,7 +139,8 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
 
 def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str, str], Rows],
                pools: dict[str, dict[str, list]], info: TokenizerInfo, cache: Cache | None, scratch: Cache,
-               workers: int, progress: Callable[[int], None]) -> dict[Part, UnitResult]:
+               workers: int, progress: Callable[[int], None], started: Workers | None = None
+               ) -> dict[Part, UnitResult]:
     """Compile the units here (or in worker processes), one after the other, their rows read from Arrow
     a chunk at a time and each chunk's result appended to the unit's file as it comes back: what the
     main process holds grows with a chunk, not with the data. Each unit is read back memory-mapped.
@@ -176,7 +181,7 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
             if n == 0:  # a unit with no rows at all
                 finish(j)
         chunks = (c for j, s in enumerate(specs) for c in _chunks(j, s, part(s.task, s.part), pools))
-        for chunk, result in run_local(chunks, sum(left), info, specs, pools, workers):
+        for chunk, result in run_local(chunks, sum(left), info, specs, pools, workers, started):
             j = chunk.unit
             if j not in writers:
                 writers[j] = writer(j)
