@@ -161,6 +161,9 @@ def bench(args, shared: Path, work: Path) -> int:
     env = dict(os.environ, HF_DATASETS_CACHE=str(work / "hf-datasets-cache"), HF_HUB_OFFLINE="1",
                TUNEC_CACHE=str(work / "cache"))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))
+    # Python's bytecode cache as an installed tunec has it: without it every compile first compiles
+    # tunec's sources (~0.07 s), which a no-change rebuild would mostly be measuring.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     results: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                                  "platform": platform.platform()},
                      "workers": args.workers}

@@ -676,6 +676,7 @@ def main() -> int:
         return 0
 
     base_env = dict(os.environ)
+    base_env.pop("PYTHONDONTWRITEBYTECODE", None)  # Python's bytecode cache, as an installed tunec has it
     tmp = None
     if args.workdir is None:
         tmp = tempfile.mkdtemp(prefix="tunec-bench-")
