@@ -178,10 +178,11 @@ def test_a_unit_that_cannot_be_written_stops_the_compile_in_one_line_and_leaves_
         tmp_path, unit_cache, monkeypatch):
     import errno
 
+    from tiny import DEMO
+
     from tunec.compiler import unitstore
     from tunec.compiler.build import Options, compile_recipe
     from tunec.compiler.errors import TunecError
-    from tiny import DEMO
 
     out = tmp_path / "out"
     compile_recipe(DEMO / "demo.yaml", out, Options(workers=1, use_cache=False))
