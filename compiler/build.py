@@ -29,7 +29,15 @@ from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock,
 from .cache import code_versions, default_dir
 from .check import Checked, check
 from .errors import Problem, TunecError
-from .fileio import atomic_dir, atomic_write_text, canonical_json, sha256_file, sha256_folder, sha256_text
+from .fileio import (
+    atomic_dir,
+    atomic_write_text,
+    canonical_json,
+    compact_json,
+    sha256_file,
+    sha256_folder,
+    sha256_text,
+)
 from .incremental import LeakKeys, Part, cache_of, compile_units, leak_reports_cached
 from .link import Linker
 from .load import LoadedRecipe
@@ -479,7 +487,7 @@ def _link_key(settings: Stage, unit_keys: dict[Part, str], linker: Linker, info)
     """What a stage's shards and counts are made from: its settings, the keys of the units it links,
     and how the linker packs and names them."""
     names = set(settings.tasks) | set(settings.held_out)
-    return sha256_text(canonical_json({
+    return sha256_text(compact_json({
         "code": code_versions(), "format_version": FORMAT_VERSION,
         "settings": settings.model_dump(mode="json"),
         "units": {f"{t}/{p}": k for (t, p), k in sorted(unit_keys.items()) if t in names},
@@ -541,7 +549,7 @@ def _kept_stage(previous: _Previous, staging: Path, name: str, key: str) -> Stag
 def _eval_key(stage: Stage, task: str, unit_key: str, linker: Linker, info) -> str:
     """What one eval set's files and counts are made from: its unit, the stage's name (in its shards'
     metadata) and objective, whether the task is held out, and how the linker packs and names it."""
-    return sha256_text(canonical_json({
+    return sha256_text(compact_json({
         "code": code_versions(), "format_version": FORMAT_VERSION, "stage": stage.name,
         "objective": stage.objective.model_dump(mode="json"), "held_out": task in stage.held_out,
         "task": task, "unit": unit_key,

@@ -45,7 +45,7 @@ from pydantic import BaseModel
 
 from . import __version__
 from .errors import TunecError
-from .fileio import atomic_write_bytes, canonical_json, compact_json, sha256_bytes, sha256_text
+from .fileio import atomic_write_bytes, compact_json, sha256_bytes, sha256_text
 from .units import UnitResult
 from .unitstore import UnitWriter, open_unit, write_unit
 from .versions import dist_version
@@ -111,14 +111,14 @@ def code_versions() -> dict[str, Any]:
 
 def tokenizer_hash(info: Any) -> str:
     """sha256 of everything of the tokenizer a unit uses: its JSON, special ids, chat template."""
-    return sha256_text(canonical_json(plain(info)))
+    return sha256_text(compact_json(plain(info)))
 
 
 def unit_key(spec: Any, task: dict, source: dict[str, str], tokenizer: Any) -> str:
     """sha256 of a unit's inputs: its spec, the task options that select its rows (``task``,
     as plain data), the content hashes of the files it reads (``source``), the tokenizer (its
     ``TokenizerInfo``, or :func:`tokenizer_hash` of it, computed once per compile), the code."""
-    return sha256_text(canonical_json({
+    return sha256_text(compact_json({
         "code": code_versions(),
         "spec": plain(spec),
         "task": task,
@@ -129,7 +129,7 @@ def unit_key(spec: Any, task: dict, source: dict[str, str], tokenizer: Any) -> s
 
 def derived_key(key: str, what: str, options: Any) -> str:
     """The key of something computed from a unit's rows under other options (the leakage keys)."""
-    return sha256_text(canonical_json({"unit": key, "what": what, "options": plain(options),
+    return sha256_text(compact_json({"unit": key, "what": what, "options": plain(options),
                                        "code": code_versions()}))
 
 

@@ -26,7 +26,7 @@ from .cache import Cache, code_versions, derived_key, tokenizer_hash, touch, uni
 from .check import Checked
 from .errors import TunecError
 from .executors import Workers, run_local, run_ray
-from .fileio import atomic_write_text, canonical_json, sha256_text
+from .fileio import atomic_write_text, canonical_json, compact_json, sha256_text
 from .link import leak_reports
 from .plan import LeakReport
 from .sources import Rows, load_part, part_inputs
@@ -203,7 +203,7 @@ def rows_key(part: str, options: dict, content: dict[str, str], seed: int) -> st
     """sha256 of what decides a part's rows (after the field map), less what decides its documents
     (templates, format, few-shot, truncation): the source, the field map, the selections, the content
     of the files read, the seed (a held-out eval fraction is drawn with it) and the code."""
-    return sha256_text(canonical_json({
+    return sha256_text(compact_json({
         "code": code_versions(), "what": "rows", "part": part, "seed": seed, "content": content,
         "options": {k: options.get(k) for k in ("source", "fields", "train", "eval")},
     }))
@@ -234,10 +234,10 @@ def leak_reports_cached(cache: Cache | None, train: dict[str, leakage.Hashed],
     mixtures and parts are unchanged compares nothing again."""
     if cache is None:
         return leak_reports(train, evals)
-    digest = hashlib.sha256(canonical_json({"code": code_versions(), "what": "leak-reports"}).encode("utf-8"))
+    digest = hashlib.sha256(compact_json({"code": code_versions(), "what": "leak-reports"}).encode("utf-8"))
     for side, parts in (("train", train), ("eval", evals)):
         for name, h in parts.items():
-            digest.update(canonical_json([side, name]).encode("utf-8"))
+            digest.update(compact_json([side, name]).encode("utf-8"))
             for a in (h.example, h.text_offsets, h.texts):
                 a = np.ascontiguousarray(a)
                 digest.update(f"{a.dtype.str}{a.shape}".encode("ascii"))

@@ -37,7 +37,8 @@ from .sources import file_hash
 from .tokens import TokenizerInfo, load_tokenizer, tokenizer_info
 from .versions import dist_version
 
-FORMAT = 1  # bump when what an entry holds changes
+FORMAT = 2  # bump when what an entry holds changes
+INFO_JSON = ".info.json"  # the entry's array holding TokenizerInfo.json (megabytes: not in the JSON metadata)
 KIND = "tokenizers"
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf")
 
@@ -106,16 +107,20 @@ def load(loaded: LoadedRecipe, cache_dir: Path | None) -> tuple[Any, TokenizerIn
         tok.save_pretrained(tmp)
         files = {p.relative_to(tmp).as_posix(): p.read_bytes() for p in sorted(Path(tmp).rglob("*")) if p.is_file()}
     arrays = {name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()}
-    cache.put_arrays(KIND, key, arrays, {"format": FORMAT, "info": dataclasses.asdict(info)})
+    arrays[INFO_JSON] = np.frombuffer(info.json.encode("utf-8"), dtype=np.uint8)
+    fields = {k: v for k, v in dataclasses.asdict(info).items() if k != "json"}
+    cache.put_arrays(KIND, key, arrays, {"format": FORMAT, "info": fields})
     return tok, info
 
 
 def _from_entry(arrays: dict[str, np.ndarray], meta: dict) -> tuple[StoredTokenizer, TokenizerInfo] | None:
     """The tokenizer an entry holds; None for an entry of another format or fields (a miss)."""
     values = meta.get("info")
-    names = {f.name for f in dataclasses.fields(TokenizerInfo)}
-    if meta.get("format") != FORMAT or not isinstance(values, dict) or set(values) != names or not arrays:
+    names = {f.name for f in dataclasses.fields(TokenizerInfo)} - {"json"}
+    if meta.get("format") != FORMAT or not isinstance(values, dict) or set(values) != names \
+            or INFO_JSON not in arrays or len(arrays) < 2:
         return None
-    values = dict(values, special_tokens=tuple(tuple(pair) for pair in values["special_tokens"]))
-    files = {name: np.asarray(a, dtype=np.uint8).tobytes() for name, a in arrays.items()}
+    values = dict(values, special_tokens=tuple(tuple(pair) for pair in values["special_tokens"]),
+                  json=np.asarray(arrays[INFO_JSON], dtype=np.uint8).tobytes().decode("utf-8"))
+    files = {name: np.asarray(a, dtype=np.uint8).tobytes() for name, a in arrays.items() if name != INFO_JSON}
     return StoredTokenizer(files), TokenizerInfo(**values)
