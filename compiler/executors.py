@@ -142,7 +142,8 @@ def _ray_unit(cache_root: str, key: str, spec: UnitSpec, chunks: list[Chunk], in
 def run_ray(units: Iterable[tuple[str, UnitSpec, list[Chunk]]], info: TokenizerInfo,
             pools: dict[str, dict[str, list]], cache_root: Path, address: str | None,
             done: Callable[[int], None] = lambda n: None) -> None:
-    """Compile each ``(key, spec, chunks)`` as a Ray task writing into the cache at ``cache_root``.
+    """Compile each ``(key, spec, chunks)`` as a Ray task writing into the cache at ``cache_root``
+    (``units`` is read as tasks are submitted: a generator keeps only the units in flight in memory).
 
     The cache folder must be one the workers share with this machine (a local
     cluster, or a shared filesystem). ``address``: a running cluster (``ray
@@ -157,11 +158,19 @@ def run_ray(units: Iterable[tuple[str, UnitSpec, list[Chunk]]], info: TokenizerI
         ray.init(address=address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
     try:
         task = ray.remote(num_cpus=1, max_retries=2, retry_exceptions=False)(_ray_unit)
-        pending = {}
-        for key, spec, chunks in units:
-            pool = {spec.task: pools[spec.task]} if spec.task in pools else {}
-            pending[task.remote(str(cache_root), key, spec, chunks, info, pool)] = sum(len(c.rows) for c in chunks)
-        while pending:
+        # Units are submitted a few per cluster CPU at a time, their rows read as they are submitted:
+        # the rows held here (and in the object store) are those of the units in flight, not all of them.
+        window = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        todo = iter(units)
+        pending: dict = {}
+        while True:
+            while len(pending) < window and (item := next(todo, None)) is not None:
+                key, spec, chunks = item
+                pool = {spec.task: pools[spec.task]} if spec.task in pools else {}
+                pending[task.remote(str(cache_root), key, spec, chunks, info, pool)] = sum(len(c.rows) for c in chunks)
+                del chunks, item
+            if not pending:
+                break
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 try:

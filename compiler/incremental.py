@@ -119,10 +119,10 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
                                                 "text_offsets": hashed.text_offsets, "texts": hashed.texts}, {})
 
         if run_specs and executor == "ray":
-            per_unit = [list(_chunks(j, spec, part(spec.task, spec.part), pools)) for j, spec in enumerate(run_specs)]
             assert cache is not None, "the CLI refuses --executor ray with --no-cache"
-            run_ray([(keys[(s.task, s.part)], s, c) for s, c in zip(run_specs, per_unit)], info, pools,
-                    cache.root, ray_address, progress)
+            # a unit's chunks are made when its task is submitted (run_ray keeps a few in flight)
+            run_ray(((keys[(s.task, s.part)], s, list(_chunks(j, s, part(s.task, s.part), pools)))
+                     for j, s in enumerate(run_specs)), info, pools, cache.root, ray_address, progress)
             for s in run_specs:
                 unit = cache.get_unit(keys[(s.task, s.part)])
                 if unit is None:
