@@ -38,7 +38,7 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from pydantic import BaseModel
@@ -47,7 +47,7 @@ from . import __version__
 from .errors import TunecError
 from .fileio import atomic_write_bytes, compact_json, sha256_bytes, sha256_text
 from .units import UnitResult
-from .unitstore import UnitWriter, open_unit, write_unit
+from .unitstore import UnitWriter, open_unit
 from .versions import dist_version
 
 logger = logging.getLogger(__name__)
@@ -179,19 +179,28 @@ class Cache:
         return self.root / kind / key[:2] / key
 
     def get_arrays(self, kind: str, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
-        path = self.path(kind, key)
+        def read(path: Path) -> tuple[dict[str, np.ndarray], dict] | None:
+            try:
+                return _decode(path.read_bytes())
+            except OSError as exc:
+                logger.warning(f"cache: cannot read {path} ({exc}); rebuilding it")
+                raise _Unreadable from None
+
+        return self._read(self.path(kind, key), read)
+
+    def _read(self, path: Path, read: Callable[[Path], Any]) -> Any:
+        """``read(path)`` of an entry that is there and whole: used and touched (its last use, for
+        ``prune --older-than``); None when absent or unreadable, and when damaged (removed, to be rebuilt)."""
+        if not path.is_file():
+            return None
         try:
-            data = path.read_bytes()
-        except FileNotFoundError:
+            entry = read(path)
+        except _Unreadable:
             return None
-        except OSError as exc:
-            logger.warning(f"cache: cannot read {path} ({exc}); rebuilding it")
-            return None
-        entry = _decode(data)
         if entry is None:
             _damaged(path)
             return None
-        touch(path)  # last use, for `prune --older-than`
+        touch(path)
         return entry
 
     def put_arrays(self, kind: str, key: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
@@ -205,22 +214,11 @@ class Cache:
     def get_unit(self, key: str) -> UnitResult | None:
         """The unit stored under ``key``, memory-mapped (:func:`.unitstore.open_unit`), after its sha256
         matched; None when absent, and when damaged (the entry is then removed, to be rebuilt)."""
-        path = self.path("units", key)
-        if not path.is_file():
-            return None
-        unit = open_unit(path)
-        if unit is None:
-            _damaged(path)
-            return None
-        touch(path)  # last use, for `prune --older-than`
-        return unit
-
-    def put_unit(self, key: str, unit: UnitResult) -> None:
-        """A unit held whole in memory (a Ray task's); the local executor streams with :meth:`unit_writer`."""
-        write_unit(self.path("units", key), unit)
+        return self._read(self.path("units", key), open_unit)
 
     def unit_writer(self, key: str, n_templates: int) -> UnitWriter:
-        """A writer that stores a unit under ``key`` a chunk at a time (:class:`.unitstore.UnitWriter`)."""
+        """A writer that stores a unit under ``key`` a chunk at a time (:class:`.unitstore.UnitWriter`): the
+        local executor's and each Ray task's."""
         return UnitWriter(self.path("units", key), n_templates)
 
     def entries(self) -> list[Path]:
@@ -250,6 +248,10 @@ class Cache:
             if tmp.is_file() and now - tmp.stat().st_mtime > 3600:  # an hour: no write takes that long
                 tmp.unlink(missing_ok=True)
         return removed, size
+
+
+class _Unreadable(Exception):
+    """An entry that is there but cannot be read now (not damaged: left in place)."""
 
 
 def _damaged(path: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import Problem, TunecError
 from .tokens import TokenizerInfo
-from .units import Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker, join
+from .units import Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker
 
 EXECUTORS = ("local", "ray")
 WINDOW_PER_WORKER = 16  # chunks handed to the pool at a time, per worker
@@ -132,10 +132,15 @@ def _ray_unit(cache_root: str, key: str, spec: UnitSpec, chunks: list[Chunk], in
     """One unit, compiled on a Ray worker and stored in the shared cache under ``key``."""
     from .cache import Cache
 
-    with single_threaded_tokenizers():
-        init_worker(info, [spec], pools, single_thread=True)
-        results = [compile_chunk(Chunk(0, c.rows, c.columns, c.docs)) for c in chunks]
-    Cache(Path(cache_root)).put_unit(key, join(results, len(spec.templates)))
+    writer = Cache(Path(cache_root)).unit_writer(key, len(spec.templates))
+    try:
+        with single_threaded_tokenizers():
+            init_worker(info, [spec], pools, single_thread=True)
+            for c in chunks:  # each chunk's result appended to the unit's file as it is made
+                writer.add(compile_chunk(Chunk(0, c.rows, c.columns, c.docs)))
+        writer.finish()
+    finally:
+        writer.abort()  # a failed task leaves no partial entry (after finish: nothing left to remove)
     return key
 
 

@@ -31,7 +31,7 @@ from .link import leak_reports
 from .plan import LeakReport
 from .sources import Rows, load_part, part_inputs
 from .tokens import TokenizerInfo
-from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, iter_plan_docs
+from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, plan_docs
 from .unitstore import UnitWriter, open_unit
 
 Part = tuple[str, str]  # (task, "train" | "eval")
@@ -210,10 +210,10 @@ def rows_key(part: str, options: dict, content: dict[str, str], seed: int) -> st
 
 
 def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]]) -> Iterator[Chunk]:
-    """A unit's chunks (``CHUNK_ROWS`` rows each, as :func:`.units.chunks_of` cuts them), their rows
+    """A unit's chunks (``CHUNK_ROWS`` rows each, cut the same whatever the number of workers), their rows
     read from Arrow a chunk at a time, their document plans drawn as they go."""
     pool = pools.get(spec.task)
-    plans = iter_plan_docs(spec, rows.count, len(next(iter(pool.values()))) if pool else 0)
+    plans = plan_docs(spec, rows.count, len(next(iter(pool.values()))) if pool else 0)
     index = rows.index
     for lo, columns in rows.slices(CHUNK_ROWS):
         hi = min(lo + CHUNK_ROWS, rows.count)

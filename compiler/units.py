@@ -132,17 +132,12 @@ class UnitResult:
 # ----------------------------------------------------------------- main side
 
 
-def plan_docs(spec: UnitSpec, count: int, pool_size: int) -> list[list[DocPlan]]:
-    """Per row, the documents to make: templates by policy, exemplars for few-shot.
+def plan_docs(spec: UnitSpec, count: int, pool_size: int) -> Iterator[list[DocPlan]]:
+    """Per row, in order, the documents to make: templates by policy, exemplars for few-shot.
 
     A pure function of the recipe's seed, the task and the part. Exemplars
     come from the train pool only and never include the row itself.
     """
-    return list(iter_plan_docs(spec, count, pool_size))
-
-
-def iter_plan_docs(spec: UnitSpec, count: int, pool_size: int) -> Iterator[list[DocPlan]]:
-    """:func:`plan_docs` a row at a time (the same draws, in the same order)."""
     rng = np.random.default_rng([spec.seed, zlib.crc32(spec.task.encode("utf-8")), spec.part == "eval"])
     n_templates = len(spec.templates)
     fs = spec.few_shot
@@ -170,12 +165,6 @@ def iter_plan_docs(spec: UnitSpec, count: int, pool_size: int) -> Iterator[list[
                     exemplars = tuple(int(p) for p in picks)
             docs.append((t, exemplars))
         yield docs
-
-
-def chunks_of(unit: int, columns: dict[str, list[Any]], rows: list[int], docs: list[list[DocPlan]]) -> Iterator[Chunk]:
-    for lo in range(0, len(rows), CHUNK_ROWS):
-        hi = min(lo + CHUNK_ROWS, len(rows))
-        yield Chunk(unit, rows[lo:hi], {k: v[lo:hi] for k, v in columns.items()}, docs[lo:hi])
 
 
 # ----------------------------------------------------------------- worker side
@@ -640,64 +629,3 @@ def _per_doc(mask: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     counts = np.add.reduceat(mask, offsets[:-1], dtype=np.int64) if len(mask) else np.zeros(len(offsets) - 1, np.int64)
     counts[np.diff(offsets) == 0] = 0  # reduceat reads one element for an empty range
     return counts
-
-
-def lm_labels(unit: UnitResult) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and per-doc trained counts under the `lm` objective."""
-    labels = doc_labels(unit.ids, unit.offsets, unit.spans, "lm")
-    return labels, np.maximum(unit.lengths - 1, 0)
-
-
-def join(results: list[UnitResult], n_templates: int) -> UnitResult:
-    """Concatenate chunk results of one unit, in order."""
-    if not results:
-        empty = np.zeros(0, dtype=np.int32)
-        return UnitResult(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 3), np.int32),
-                          np.zeros(0, np.int16), empty.copy(), np.zeros(max(n_templates, 1), np.int64),
-                          np.zeros(0, np.int16), empty.copy(), np.zeros(0, np.int64))
-    ids = np.concatenate([r.ids for r in results])
-    offsets, spans, base_tok, base_doc = [np.zeros(1, np.int64)], [], 0, 0
-    for r in results:
-        offsets.append(r.offsets[1:] + base_tok)
-        s = r.spans.copy()
-        s[:, 0] += base_doc
-        spans.append(s)
-        base_tok += int(r.offsets[-1])
-        base_doc += r.docs
-    choices: list[dict | None] | None = None
-    if results[0].choices is not None:
-        choices = []
-        for r in results:
-            assert r.choices is not None, "every chunk of a unit records choices, or none does"
-            choices.extend(r.choices)
-    return UnitResult(
-        ids=ids,
-        offsets=np.concatenate(offsets),
-        spans=np.concatenate(spans).astype(np.int32),
-        template=np.concatenate([r.template for r in results]),
-        row=np.concatenate([r.row for r in results]),
-        skipped=np.sum([r.skipped for r in results], axis=0),
-        shots=np.concatenate([r.shots for r in results]),
-        sft_labels=np.concatenate([r.sft_labels for r in results]),
-        sft_trained=np.concatenate([r.sft_trained for r in results]),
-        truncated=sum(r.truncated for r in results),
-        dropped=sum(r.dropped for r in results),
-        straddles=sum(r.straddles for r in results),
-        cut=np.concatenate([r.cut if r.cut is not None else np.zeros(r.docs, bool) for r in results]),
-        choices=choices,
-        spaced=_summed([r.spaced for r in results]),
-        side=None if results[0].side is None else np.concatenate([r.side for r in results if r.side is not None]),
-        group=results[0].group,
-        checks=_summed([r.checks for r in results]),
-        audit_failed=None if all(r.audit_failed is None for r in results) else np.concatenate(
-            [r.audit_failed if r.audit_failed is not None else np.zeros(r.docs, bool) for r in results]),
-        audit_example=next((r.audit_example for r in results if r.audit_example), None),
-    )
-
-
-def _summed(counts: list[dict]) -> dict:
-    out: dict = {}
-    for c in counts:
-        for k, v in c.items():
-            out[k] = out.get(k, 0) + v
-    return dict(sorted(out.items()))

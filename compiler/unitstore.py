@@ -36,7 +36,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .units import UnitResult, _summed
+from .units import UnitResult
 
 MAGIC = b"tunec.unit/2\n"
 ALIGN = 64
@@ -48,7 +48,7 @@ class UnitWriter:
     """One unit's chunks, in order, into a unit file at ``path`` (see the module's docstring).
 
     Every array of each chunk is appended to a temporary file beside ``path``
-    as the chunk comes (offsets and spans rebased, as :func:`.units.join` does),
+    as the chunk comes (offsets and spans rebased to the whole unit),
     so a writer holds only counts and, for eval units, the answer-choice records.
     :meth:`finish` lays the file out; :meth:`abort` removes what was written.
     """
@@ -169,17 +169,6 @@ def split_fields(unit: UnitResult) -> tuple[dict[str, np.ndarray], dict[str, Any
         else:
             values[f.name] = _enc(v)
     return arrays, values
-
-
-def write_unit(path: Path, unit: UnitResult) -> None:
-    """A whole unit held in memory (one Ray task's) to ``path``."""
-    w = UnitWriter(path, len(unit.skipped))
-    try:
-        w.add(unit)
-    except BaseException:
-        w.abort()
-        raise
-    w.finish()
 
 
 def _align(n: int) -> int:
@@ -386,3 +375,12 @@ def _dec(value: Any) -> Any:
     if tag == "d":
         return {_dec(k): _dec(v) for k, v in items}
     return [_dec(v) for v in items] if tag == "l" else tuple(_dec(v) for v in items)
+
+
+def _summed(counts: list[dict]) -> dict:
+    """Per-key sums of count dictionaries, keys sorted."""
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))

@@ -13,8 +13,69 @@ import pytest
 from tunec.compiler.link import Selected
 from tunec.compiler.pack import IGNORE, Docs, build_rows
 from tunec.compiler.sources import Rows
-from tunec.compiler.units import UnitResult, join
-from tunec.compiler.unitstore import UnitWriter, open_unit, take_tokens, write_unit
+from tunec.compiler.units import UnitResult
+from tunec.compiler.unitstore import UnitWriter, open_unit, take_tokens
+
+
+def summed(counts: list[dict]) -> dict:
+    out: dict = {}
+    for c in counts:
+        for k, v in c.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
+
+
+def join(results: list[UnitResult], n_templates: int) -> UnitResult:
+    """The chunks of one unit concatenated in memory: what the writer must store, computed apart from it."""
+    if not results:
+        empty = np.zeros(0, dtype=np.int32)
+        return UnitResult(empty, np.zeros(1, dtype=np.int64), np.zeros((0, 3), np.int32),
+                          np.zeros(0, np.int16), empty.copy(), np.zeros(max(n_templates, 1), np.int64),
+                          np.zeros(0, np.int16), empty.copy(), np.zeros(0, np.int64))
+    ids = np.concatenate([r.ids for r in results])
+    offsets, spans, base_tok, base_doc = [np.zeros(1, np.int64)], [], 0, 0
+    for r in results:
+        offsets.append(r.offsets[1:] + base_tok)
+        s = r.spans.copy()
+        s[:, 0] += base_doc
+        spans.append(s)
+        base_tok += int(r.offsets[-1])
+        base_doc += r.docs
+    choices: list[dict | None] | None = None
+    if results[0].choices is not None:
+        choices = []
+        for r in results:
+            assert r.choices is not None, "every chunk of a unit records choices, or none does"
+            choices.extend(r.choices)
+    return UnitResult(
+        ids=ids,
+        offsets=np.concatenate(offsets),
+        spans=np.concatenate(spans).astype(np.int32),
+        template=np.concatenate([r.template for r in results]),
+        row=np.concatenate([r.row for r in results]),
+        skipped=np.sum([r.skipped for r in results], axis=0),
+        shots=np.concatenate([r.shots for r in results]),
+        sft_labels=np.concatenate([r.sft_labels for r in results]),
+        sft_trained=np.concatenate([r.sft_trained for r in results]),
+        truncated=sum(r.truncated for r in results),
+        dropped=sum(r.dropped for r in results),
+        straddles=sum(r.straddles for r in results),
+        cut=np.concatenate([r.cut if r.cut is not None else np.zeros(r.docs, bool) for r in results]),
+        choices=choices,
+        spaced=summed([r.spaced for r in results]),
+        side=None if results[0].side is None else np.concatenate([r.side for r in results if r.side is not None]),
+        group=results[0].group,
+        checks=summed([r.checks for r in results]),
+        audit_failed=None if all(r.audit_failed is None for r in results) else np.concatenate(
+            [r.audit_failed if r.audit_failed is not None else np.zeros(r.docs, bool) for r in results]),
+        audit_example=next((r.audit_example for r in results if r.audit_example), None),
+    )
+
+
+def write_unit(path: Path, unit: UnitResult) -> None:
+    w = UnitWriter(path, len(unit.skipped))
+    w.add(unit)
+    w.finish()
 
 
 def chunk(rng: np.random.Generator, docs: int, templates: int = 2, choices: bool = False, side: bool = False,
