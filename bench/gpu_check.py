@@ -120,11 +120,13 @@ def check_packed(args, device, attn: str) -> dict:
 def check_chunked_memory(args, device) -> dict:
     import torch
 
+    from tunec.runtime import kernels
     from tunec.runtime.memory import precision_for
     from tunec.runtime.model import PackedLM
 
     model, attn = build(config(args), "sdpa")
     model = model.to(device).train()
+    fused = kernels.use_liger(model, device) or "eager layers"  # as `tunec run` runs them
     rows, seq = (2, 256) if args.tiny else (4, 2048)
     ids, pos, labels = (t.to(device) for t in packed_rows(rows, seq, model.config.vocab_size))
     precision = precision_for(device)
@@ -150,21 +152,25 @@ def check_chunked_memory(args, device) -> dict:
                 f"{found['chunked']['loss']:.4f} (chunked); peak memory is measured on CUDA only"}
     ratio = found["chunked"]["peak_gib"] / found["full"]["peak_gib"]
     found["ratio"] = ratio
+    found["layers"] = fused
     return {"ok": same and ratio <= 0.5, "figures": found,
-            "detail": f"{rows}x{seq} tokens: peak {found['full']['peak_gib']:.2f} GiB full, "
+            "detail": f"{rows}x{seq} tokens, {fused}: peak {found['full']['peak_gib']:.2f} GiB full, "
                       f"{found['chunked']['peak_gib']:.2f} GiB chunked ({ratio:.2f}x; target <= 0.5)"}
 
 
-def check_train(args, device) -> dict:
+def train_steps(args, device, compiled: bool) -> dict:
+    """Full fine-tuning steps on one batch, as `tunec run` takes them (``compile: true`` when ``compiled``)."""
     import torch
 
     from tunec.compiler.recipe import Stage
+    from tunec.runtime import kernels
     from tunec.runtime.loop import make_optimizer
     from tunec.runtime.memory import precision_for
     from tunec.runtime.model import PackedLM, attention_for
 
     model, attn = build(config(args), attention_for(device))
     model = model.to(device).train()
+    layers = kernels.compile_layers(model) if compiled else (kernels.use_liger(model, device) or "eager layers")
     n_params = sum(p.numel() for p in model.parameters())
     stage = Stage.model_validate({"name": "check", "objective": "lm", "tasks": ["t"], "lr": 1e-4,
                                   "model": {"kind": "config", "config": {"model_type": "qwen2"}}})
@@ -178,9 +184,10 @@ def check_train(args, device) -> dict:
     steps = 3 if args.tiny else 12
     losses, t0 = [], 0.0
     for i in range(steps):
-        if i == 2:  # the first steps warm up kernels and the allocator
+        if i == 2:  # the first steps warm up kernels and the allocator (and compile)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
         with precision.autocast(device):
             loss = module(ids, pos, labels) / trained
@@ -197,12 +204,27 @@ def check_train(args, device) -> dict:
                                      if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
     mfu = 6 * n_params * tokens_per_s / (peak * 1e12) if peak else None
     ok = losses[-1] < losses[0] and all(map(lambda x: x == x, losses)) and (fused or device.type != "cuda")
-    figures = {"parameters": n_params, "losses": losses, "tokens_per_s": tokens_per_s, "mfu": mfu,
-               "precision": precision.name, "fused_adamw": fused, "attention": attn}
-    return {"ok": ok, "figures": figures,
-            "detail": f"{n_params / 1e6:.1f} M params, {precision.name}, {attn}, fused AdamW {fused}: loss "
-                      f"{losses[0]:.3f} -> {losses[-1]:.3f}, {tokens_per_s:,.0f} tokens/s"
-                      + (f", MFU {mfu:.1%}" if mfu is not None else "")}
+    return {"ok": ok, "parameters": n_params, "losses": losses, "tokens_per_s": tokens_per_s, "mfu": mfu,
+            "precision": precision.name, "fused_adamw": fused, "attention": attn, "layers": layers,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def check_train(args, device) -> dict:
+    """The same steps with the runtime's default layers, then compiled (``compile: true``)."""
+    found = {}
+    for name, compiled in (("default", False), ("compiled", True)):
+        found[name] = train_steps(args, device, compiled)
+        gc.collect()
+    ok = all(r.pop("ok") for r in found.values())
+
+    def said(r: dict) -> str:
+        return (f"{r['layers']}: loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, {r['tokens_per_s']:,.0f} "
+                f"tokens/s" + (f", MFU {r['mfu']:.1%}" if r["mfu"] is not None else ""))
+
+    r = found["default"]
+    return {"ok": ok, "figures": found,
+            "detail": f"{r['parameters'] / 1e6:.1f} M params, {r['precision']}, {r['attention']}, fused AdamW "
+                      f"{r['fused_adamw']}; {said(r)}; {said(found['compiled'])}"}
 
 
 def check_qlora(args, device) -> dict:

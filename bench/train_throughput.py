@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora", action="store_true", help="LoRA (r=16, all-linear) instead of full fine-tuning")
     ap.add_argument("--loss", choices=["chunked", "full"], default="chunked",
                     help="the loss without full logits (the runtime's default), or through them")
+    ap.add_argument("--compile", action="store_true", help="compile each decoder layer (a stage's `compile: true`)")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense bf16 TFLOP/s, for MFU")
     ap.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "train_throughput.json")
@@ -185,6 +186,7 @@ def main(argv=None) -> int:
     import torch
 
     from tunec.compiler.recipe import ConfigModel, LoraPeft
+    from tunec.runtime import kernels
     from tunec.runtime.loss import OutputHead, causal_lm
     from tunec.runtime.loss import loss_sum as chunked_loss_sum
     from tunec.runtime.model import (
@@ -209,6 +211,8 @@ def main(argv=None) -> int:
     if args.lora:
         model = add_lora(model, LoraPeft(kind="lora", r=16, alpha=32, dropout=0.0), 0)
     model.to(device).train()
+    # as `tunec run` does: compiled layers with `compile: true`, else Liger's kernels on CUDA when installed
+    fused = kernels.compile_layers(model) if args.compile else kernels.use_liger(model, device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
     on_cuda = device.type == "cuda"
@@ -272,6 +276,7 @@ def main(argv=None) -> int:
         "parameters": n_params,
         "mode": "lora" if args.lora else "full",
         "loss": args.loss,
+        "layers": fused or "eager",
         "flops_per_token": f"{4 if args.lora else 6}*N",
         "peak_tflops": peak,
         "attention": attn,
@@ -285,7 +290,8 @@ def main(argv=None) -> int:
         "results": results,
         "packed_over_padded_tokens_per_s": ratio,
     }
-    print(f"{report['model']}, {n_params / 1e6:.1f} M parameters, {report['mode']}, {report['device']}, {attn}")
+    print(f"{report['model']}, {n_params / 1e6:.1f} M parameters, {report['mode']}, {report['device']}, {attn}, "
+          f"{report['layers']}")
     print(f"{examples_per_step} examples per step (packed: {rows_per_step} rows x {seq_len}), "
           f"{micro_batches} micro-batch(es) per step, {steps} timed steps")
     head = ("mode", "tokens/s", "examples/s", "padding", "model TFLOP/s", "MFU", "peak GiB")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock, preference, tokcache
-from .cache import code_versions, default_dir
+from .cache import Cache, code_versions, default_dir
 from .check import Checked, check
 from .errors import Problem, TunecError
 from .fileio import (
@@ -38,7 +38,7 @@ from .fileio import (
     sha256_folder,
     sha256_text,
 )
-from .incremental import LeakKeys, Part, cache_of, compile_units, leak_reports_cached
+from .incremental import LeakKeys, Part, cache_of, compile_units, leak_reports_cached, unit_keys
 from .link import Linker
 from .load import LoadedRecipe
 from .lock import BuildLock
@@ -145,24 +145,67 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
 
     _check_out(out, loaded, options.force)  # refuse early, before the long work
 
-    staging.mkdir()
-    scratch = staging / UNITS_SCRATCH  # units of a compile without a cache; removed before the swap
-    with _progress(options.progress, None, "compile") as bar:
-        compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), _leak_parts(recipe, specs),
-                                 options.workers, scratch, options.executor, options.ray_address, bar)
-    if options.on_units is not None:
-        options.on_units(compiled.reused, compiled.rebuilt)
-    units = compiled.units
-    _warn_double_spaces(units, checked.templates)
-    preference.warn_checks(units)  # pairs dropped under `format.checks: warn`
-    audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
-    findings = lint.for_compile(checked, options.cache_dir(), compiled.rows)  # prompt lint: warnings, in the plan
-
+    # Every key is known before any unit is read: a rebuild whose units, stages, eval sets and leakage
+    # settings all match the build in OUT (and whose stages' files are intact) reads no unit at all.
+    keyed = unit_keys(checked, specs, info)
     linker = Linker(out=staging, seq_len=recipe.seq_len, pad_id=info.pad_id, shard_rows=options.shard_rows,
                     seed=recipe.seed, template_names={n: [t.name for t in checked.templates[n]] for n in recipe.tasks})
-    mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
-    release(*units.values())  # the mapped pages the mixtures read (per-document counts) go back to the page cache
-    leaks = _leakage(recipe, units, compiled.leak, mixes, cache_of(options.cache_dir()))
+    have = {(s.task, s.part) for s in specs}
+    settings_of: dict[str, Stage] = {}
+    eval_parts_of: dict[str, dict[str, Part]] = {}
+    link_keys: dict[str, str] = {}
+    eval_keys: dict[str, str] = {}
+    for stage in recipe.stages:
+        settings = stage
+        if isinstance(stage.model, LocalModel):
+            local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
+            settings = stage.model_copy(update={"model": local})
+        settings_of[stage.name] = settings
+        link_keys[stage.name] = _link_key(settings, keyed.units, linker, info)
+        eval_parts_of[stage.name] = {
+            t: (t, "eval") if (t, "eval") in have else (t, "train")
+            for t in [*stage.tasks, *stage.held_out] if (t, "eval") in have or t in stage.held_out}
+        for t, evaluated in eval_parts_of[stage.name].items():
+            eval_keys[f"{stage.name}/{t}"] = _eval_key(stage, t, keyed.units[evaluated], linker, info)
+    leak_parts = _leak_parts(recipe, specs)
+    build_key = _build_key(checked, keyed.units, link_keys, eval_keys, leak_parts)
+    previous = _Previous(out.resolve())  # the build in OUT, whose unchanged stages and eval sets are kept
+    # ... and whose units are all in the cache (marked used, for `cache prune --older-than`; read, and
+    # checked against their sha256, only by a compile that needs them)
+    unchanged = (options.use_cache and _all_kept(previous, recipe, build_key)
+                 and _touch_units(Cache(options.cache_dir() or default_dir()), keyed.units))
+
+    staging.mkdir()
+    scratch = staging / UNITS_SCRATCH  # units of a compile without a cache; removed before the swap
+    warnings: dict[str, list[str]] = {"units": [], "leakage": []}
+    if unchanged:
+        order = [(s.task, s.part) for s in specs]
+        if options.on_units is not None:
+            options.on_units(order, [])
+        warnings = previous.manifest["warnings"]
+        for message in warnings["units"]:
+            logger.warning(message)
+        findings = lint.for_compile(checked, options.cache_dir(), {})  # prompt lint: warnings, in the plan
+        leaks = {s.name: previous.stages[s.name].leakage for s in recipe.stages if previous.stages[s.name].leakage}
+        for message in warnings["leakage"]:  # `leakage: error` with leaks fails before a build is written
+            logger.warning(message)
+    else:
+        with _progress(options.progress, None, "compile") as bar:
+            compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), leak_parts,
+                                     options.workers, scratch, options.executor, options.ray_address, bar, keyed)
+        if options.on_units is not None:
+            options.on_units(compiled.reused, compiled.rebuilt)
+        units = compiled.units
+        with _recorded(warnings["units"]):
+            _warn_double_spaces(units, checked.templates)
+            preference.warn_checks(units)  # pairs dropped under `format.checks: warn`
+            audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
+        findings = lint.for_compile(checked, options.cache_dir(), compiled.rows)  # prompt lint: warnings, in plan
+
+        mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
+        release(*units.values())  # the mapped pages the mixtures read (per-document counts) go back to the page cache
+        with _recorded(warnings["leakage"]):
+            leaks = _leakage(recipe, units, compiled.leak, mixes, cache_of(options.cache_dir()))
 
     atomic_write_text(staging / MARKER_FILE, json.dumps({"recipe": str(loaded.path)}) + "\n")
     tok_dir = staging / "tokenizer"
@@ -173,28 +216,18 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     )
 
     stages = []
-    previous = _Previous(out.resolve())  # the build in OUT, whose unchanged stages and eval sets are kept
-    link_keys: dict[str, str] = {}
-    eval_keys: dict[str, str] = {}
     for stage in recipe.stages:
-        settings = stage
-        if isinstance(stage.model, LocalModel):
-            local = LocalModel(kind="local", path=str(loaded.resolve(stage.model.path)))
-            settings = stage.model_copy(update={"model": local})
-        link_keys[stage.name] = _link_key(settings, compiled.keys, linker, info)
-        eval_parts: dict[str, Part] = {
-            t: (t, "eval") if (t, "eval") in units else (t, "train")
-            for t in [*stage.tasks, *stage.held_out] if (t, "eval") in units or t in stage.held_out}
-        for t, evaluated in eval_parts.items():
-            eval_keys[f"{stage.name}/{t}"] = _eval_key(stage, t, compiled.keys[evaluated], linker, info)
+        settings = settings_of[stage.name]
         kept = _kept_stage(previous, staging, stage.name, link_keys[stage.name]) if options.use_cache else None
         if kept is not None:  # its units and settings are those of the stage in OUT: its shards are kept
             logger.info(f"stage {stage.name}: unchanged, shards kept from the previous build")
             stages.append(kept.model_copy(update={"leakage": leaks.get(stage.name, {})}))
             continue
+        if unchanged:
+            raise AssertionError(f"stage {stage.name} was found unchanged, yet it cannot be kept")
         train, counts = linker.train(stage, {t: units[(t, "train")] for t in stage.tasks}, mixes[stage.name])
         evals = {}
-        for t, evaluated in eval_parts.items():
+        for t, evaluated in eval_parts_of[stage.name].items():
             key = eval_keys[f"{stage.name}/{t}"]
             kept_eval = _kept_eval(previous, staging, stage.name, t, key) if options.use_cache else None
             # an eval set made from the same unit under the same settings: its files are kept
@@ -226,8 +259,8 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
     )
     shards = {e.path: (e.sha256, e.bytes) for sp in stages for packed in (sp.train, *(e.data for e in sp.eval.values()))
               for e in packed.shards}
-    _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in compiled.keys.items()}, link_keys,
-                    eval_keys, shards)
+    _write_manifest(staging, {f"{t}/{part}": key for (t, part), key in keyed.units.items()}, link_keys,
+                    eval_keys, shards, build_key, warnings)
     shutil.rmtree(scratch, ignore_errors=True)  # mapped units stay readable until dropped (unlinked, not gone)
     atomic_write_text(staging / PLAN_FILE, canonical_json(plan.model_dump(mode="json")))
     return plan
@@ -467,11 +500,13 @@ def _save_tokenizer(tok, folder: Path) -> None:
 
 
 def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str], evals: dict[str, str],
-                    known: dict[str, tuple[str, int]]) -> None:
+                    known: dict[str, tuple[str, int]], build_key: str, warnings: dict[str, list[str]]) -> None:
     """sha256 and size of every compiled file, the cache key of every unit the build linked, each
     stage's link key (what its shards were made from: a rebuild with the same key keeps them) and each
-    eval set's. ``known``: the sha256 and size of files hashed as they were written (the shards),
-    or checked against the previous manifest (kept ones), which are not read again."""
+    eval set's; the build key (:func:`_build_key`) and the warnings the units and the leakage check
+    gave, which a rebuild under the same build key repeats without reading a unit. ``known``: the
+    sha256 and size of files hashed as they were written (the shards), or checked against the previous
+    manifest (kept ones), which are not read again."""
     files = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
         rel = path.relative_to(out).as_posix()
@@ -480,7 +515,65 @@ def _write_manifest(out: Path, units: dict[str, str], stages: dict[str, str], ev
             sha = known[rel][0] if rel in known and known[rel][1] == size else sha256_file(path)
             files[rel] = {"sha256": sha, "bytes": size}
     atomic_write_text(out / MANIFEST_FILE, canonical_json({"format_version": FORMAT_VERSION, "files": files,
-                                                           "units": units, "stages": stages, "evals": evals}))
+                                                           "units": units, "stages": stages, "evals": evals,
+                                                           "build_key": build_key, "warnings": warnings}))
+
+
+def _build_key(checked: Checked, units: dict[Part, str], stages: dict[str, str], evals: dict[str, str],
+               leak_parts: set[Part]) -> str:
+    """What every unit-derived part of a build is made from: the keys of all its units, stages and eval
+    sets, and the leakage settings (the recipe's mode; each task's key and context: the leakage keys are
+    hashed under them, yet they are in no unit's key). Two builds with the same one have the same
+    shards, counts, leakage reports and warnings."""
+    recipe = checked.recipe
+    return sha256_text(compact_json({
+        "code": code_versions(), "format_version": FORMAT_VERSION,
+        "units": {f"{t}/{p}": k for (t, p), k in sorted(units.items())}, "stages": stages, "evals": evals,
+        "leakage": {"mode": recipe.leakage, "parts": sorted(f"{t}/{p}" for t, p in leak_parts),
+                    "tasks": {t: recipe.tasks[t].leakage.model_dump(mode="json") for t in checked.used_tasks()}},
+    }))
+
+
+def _all_kept(previous: _Previous, recipe, build_key: str) -> bool:
+    """Whether the build in OUT was made under ``build_key`` and every stage of it can be kept whole."""
+    manifest = previous.manifest
+    warnings = manifest.get("warnings")
+    if manifest.get("build_key") != build_key or not isinstance(warnings, dict) or \
+            not all(isinstance(warnings.get(k), list) for k in ("units", "leakage")):
+        return False
+    return all(previous.manifest.get("stages", {}).get(s.name) is not None and s.name in previous.stages
+               and previous.intact(f"stages/{s.name}", f"stage {s.name}") for s in recipe.stages)
+
+
+def _touch_units(cache: Cache, units: dict[Part, str]) -> bool:
+    """Mark each unit's entry used now; whether all of them are there."""
+    for key in units.values():
+        try:
+            os.utime(cache.path("units", key))
+        except OSError:
+            return False
+    return True
+
+
+class _Recorder(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextmanager
+def _recorded(into: list[str]) -> Iterator[None]:
+    """The warnings tunec's compiler logs inside, also appended to ``into``."""
+    handler = _Recorder(into)
+    root = logging.getLogger(__name__.rpartition(".")[0])  # tunec.compiler
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
 
 
 def _link_key(settings: Stage, unit_keys: dict[Part, str], linker: Linker, info) -> str:
@@ -501,6 +594,7 @@ class _Previous:
 
     def __init__(self, out: Path):
         self.out = out
+        self._intact: dict[str, bool] = {}
 
     @functools.cached_property
     def manifest(self) -> dict:
@@ -518,7 +612,13 @@ class _Previous:
             return {}
 
     def intact(self, folder: str, what: str) -> bool:
-        """Whether ``folder`` holds exactly the files the manifest lists under it, each with its sha256."""
+        """Whether ``folder`` holds exactly the files the manifest lists under it, each with its sha256
+        (found once per folder)."""
+        if folder not in self._intact:
+            self._intact[folder] = self._check(folder, what)
+        return self._intact[folder]
+
+    def _check(self, folder: str, what: str) -> bool:
         prefix = folder + "/"
         listed = {rel: f for rel, f in self.manifest.get("files", {}).items() if rel.startswith(prefix)}
         path = self.out / folder

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from .load import LoadedRecipe
+from .modelconfig import built_config, config_here
 from .plan import Estimate, PackedSet, StagePlan
 from .recipe import ConfigModel, HubModel, LocalModel, LoraPeft, QLoraPeft, Stage, StageModel
 
@@ -251,30 +252,9 @@ import json, sys
 sys.path.pop(0)  # not the working folder
 import transformers.utils, transformers.utils.import_utils
 transformers.utils.is_torch_available = transformers.utils.import_utils.is_torch_available = lambda: False
-from tunec.compiler.estimate import config_here
+from tunec.compiler.modelconfig import config_here
 print(json.dumps(config_here(json.load(sys.stdin)), default=str))
 """
-
-
-def config_here(request: dict[str, Any]) -> dict[str, Any]:
-    """``{"config": to_dict()}`` or ``{"error": message}`` for a config request, built in this process."""
-    from transformers import AutoConfig
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # validate has said what transformers thinks of the config
-    try:
-        if request["kind"] == "config":
-            args = dict(request["config"])
-            config = AutoConfig.for_model(args.pop("model_type"), **args)
-        else:
-            config = AutoConfig.from_pretrained(request["target"], revision=request.get("revision"),
-                                                local_files_only=True)
-        return {"config": json.loads(json.dumps(config.to_dict(), default=str))}
-    except Exception as exc:  # noqa: BLE001 - any failure only means no estimate
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
-    finally:
-        hf_logging.set_verbosity(before)
 
 
 CONFIG_FORMAT = 1  # bump when what a cached config entry holds changes
@@ -350,7 +330,10 @@ def _cached_config(request_json: str, cache: Path | None) -> tuple[dict[str, Any
 @lru_cache(maxsize=32)
 def _config(request_json: str) -> tuple[dict[str, Any] | None, str | None]:
     request = json.loads(request_json)
-    if "torch" in sys.modules:
+    got = built_config(request_json)  # built by the config check's child process (compiler/modelconfig.py)
+    if got is not None:
+        pass
+    elif "torch" in sys.modules:
         got = config_here(request)
     else:
         try:

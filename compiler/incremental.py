@@ -65,11 +65,16 @@ class Compiled:
     rows: dict[Part, Rows] = field(default_factory=dict)  # the parts whose rows were loaded (read on demand)
 
 
-def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
-                  leak_parts: set[Part], workers: int, scratch: Path, executor: str = "local",
-                  ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None) -> Compiled:
-    """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
-    into the folder ``scratch``, which the caller removes once the units are linked)."""
+@dataclass(frozen=True)
+class Keys:
+    """Per part, its unit's cache key and the key of its rows (:func:`rows_key`): known before any data
+    or unit is read."""
+
+    units: dict[Part, str]
+    rows: dict[Part, str]
+
+
+def unit_keys(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo) -> Keys:
     loaded = checked.loaded
     tasks = loaded.recipe.tasks
     keys: dict[Part, str] = {}
@@ -79,6 +84,20 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
         options, content = part_inputs(loaded, s.task, tasks[s.task], s.part)
         keys[(s.task, s.part)] = unit_key(s, options, content, tok)
         rows_keys[(s.task, s.part)] = rows_key(s.part, options, content, loaded.recipe.seed)
+    return Keys(keys, rows_keys)
+
+
+def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
+                  leak_parts: set[Part], workers: int, scratch: Path, executor: str = "local",
+                  ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None,
+                  keyed: Keys | None = None) -> Compiled:
+    """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
+    into the folder ``scratch``, which the caller removes once the units are linked). ``keyed``: the
+    keys of :func:`unit_keys`, when the caller has them already."""
+    loaded = checked.loaded
+    tasks = loaded.recipe.tasks
+    keyed = keyed if keyed is not None else unit_keys(checked, specs, info)
+    keys, rows_keys = dict(keyed.units), keyed.rows
 
     units: dict[Part, UnitResult] = {}
     if cache is not None:

@@ -8,6 +8,8 @@ here and not at the first training step.
 transformers' config modules import torch whenever it is installed, and
 ``tunec validate`` must not pay for that: unless torch is already loaded,
 the config is built in a child process that hides torch from transformers.
+That child also returns the config as the cost estimates read it
+(:func:`config_here`), so that a compile starts one such child, not two.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 from functools import lru_cache
 from typing import Any
 
@@ -33,9 +36,27 @@ import json, sys
 sys.path.pop(0)  # not the working folder: it may hold a `tunec` folder that is not the installed package
 import transformers.utils, transformers.utils.import_utils
 transformers.utils.is_torch_available = transformers.utils.import_utils.is_torch_available = lambda: False
-from {__name__} import check_here
-print(json.dumps(check_here(json.load(sys.stdin))))
+from {__name__} import check_here, config_here
+config = json.load(sys.stdin)
+findings = check_here(config)
+print(json.dumps({{"findings": findings, "built": config_here({{"kind": "config", "config": config}})}}, default=str))
 """
+
+# What each config check's child also built: request JSON (as :func:`config_request` writes it) ->
+# :func:`config_here`'s answer, for the cost estimates (compiler/estimate.py).
+_built: dict[str, dict[str, Any]] = {}
+_built_lock = threading.Lock()
+
+
+def config_request(config: dict[str, Any]) -> str:
+    """The cost estimates' request (compiler/estimate.py) for a `kind: config` model's config."""
+    return json.dumps({"kind": "config", "config": config}, sort_keys=True)
+
+
+def built_config(request_json: str) -> dict[str, Any] | None:
+    """:func:`config_here`'s answer to ``request_json``, when a config check of this process built it."""
+    with _built_lock:
+        return _built.get(request_json)
 
 
 def config_findings(config: dict[str, Any]) -> list[Finding]:
@@ -45,13 +66,19 @@ def config_findings(config: dict[str, Any]) -> list[Finding]:
 
 @lru_cache(maxsize=64)
 def _findings(config_json: str) -> tuple:
+    config = json.loads(config_json)
     if "torch" in sys.modules:  # nothing left to save: build it here
-        return tuple(check_here(json.loads(config_json)))
+        return tuple(check_here(config))
     try:
         done = subprocess.run([sys.executable, "-c", _CHILD], input=config_json, capture_output=True, text=True,
                               timeout=300)
-        return tuple(json.loads(done.stdout.strip().splitlines()[-1]))
-    except (subprocess.SubprocessError, OSError, ValueError, IndexError) as exc:
+        answer = json.loads(done.stdout.strip().splitlines()[-1])
+        if isinstance(answer.get("built"), dict):
+            with _built_lock:
+                _built[config_request(config)] = answer["built"]
+        return tuple(tuple(f) for f in answer["findings"])
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError, AttributeError, KeyError,
+            TypeError) as exc:
         detail = (getattr(exc, "stderr", None) or "").strip().splitlines()[-1:] or [str(exc)]
         return ((None, f"could not check the model config with transformers ({detail[0]})", "warning"),)
 
@@ -71,6 +98,29 @@ def check_here(config: dict[str, Any]) -> list[Finding]:
         findings = _check_class(cls, args)
     findings += [(None, line, "warning") for line in dict.fromkeys(logged)]
     return findings
+
+
+def config_here(request: dict[str, Any]) -> dict[str, Any]:
+    """``{"config": to_dict()}`` or ``{"error": message}`` for a cost estimate's config request
+    (``{"kind": "config", "config": ...}`` or ``{"kind": "pretrained", "target": ..., "revision": ...}``),
+    built in this process."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # validate has said what transformers thinks of the config
+    try:
+        if request["kind"] == "config":
+            args = dict(request["config"])
+            config = AutoConfig.for_model(args.pop("model_type"), **args)
+        else:
+            config = AutoConfig.from_pretrained(request["target"], revision=request.get("revision"),
+                                                local_files_only=True)
+        return {"config": json.loads(json.dumps(config.to_dict(), default=str))}
+    except Exception as exc:  # noqa: BLE001 - any failure only means no estimate
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def _check_class(cls, args: dict[str, Any]) -> list[Finding]:

@@ -683,6 +683,8 @@ class Stage(Strict):
     activation_checkpointing: Annotated[bool, Field(strict=True)] | Literal["auto"] = Field(
         default="auto", description="Recompute each layer's activations in the backward pass; `auto`: on a GPU "
         "when one micro-batch's activations would take over a quarter of its memory.")
+    compile: bool = Field(default=False, strict=True, description="Compile each decoder layer with torch.compile: "
+                          "faster steps and less memory after a first step that compiles (tens of seconds).")
     parallelism: Parallelism = Field(default=DdpParallelism(kind="ddp"), description="How processes under "
                                      "`torchrun` share the work: `ddp` (whole model on each) or `fsdp` (sharded).")
 
@@ -695,6 +697,10 @@ class Stage(Strict):
         if isinstance(self.parallelism, FsdpParallelism) and not isinstance(self.peft, NoPeft):
             found.append(f"`parallelism: fsdp` trains full models only for now; use `peft: none` or "
                          f"`parallelism: ddp` with `peft: {self.peft.kind}`")
+        if self.compile and isinstance(self.parallelism, FsdpParallelism):
+            found.append("`compile: true` is not combined with `parallelism: fsdp` yet; use one of them")
+        if self.compile and isinstance(self.peft, QLoraPeft):
+            found.append("`compile: true` is not combined with `peft: qlora` (4-bit layers) yet; use one of them")
         if isinstance(self.peft, QLoraPeft) and not isinstance(self.model, (LocalModel, HubModel)):
             found.append("`peft: qlora` quantizes a pretrained base: give `model: {kind: hub, ...}` or "
                          "`{kind: local, ...}`")

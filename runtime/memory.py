@@ -135,7 +135,7 @@ def prepare(model, activation_checkpointing: bool | Literal["auto"], lora: bool,
 
 # Stage settings that change how much memory a step needs, not what it computes (the loss of a step is normalised
 # over the whole step, however it is split): left out of a stage's fingerprint, so `--resume` may change them
-MEMORY_SETTINGS = ("chunked_loss", "activation_checkpointing", "micro_batch_rows")
+MEMORY_SETTINGS = ("chunked_loss", "activation_checkpointing", "micro_batch_rows", "compile")
 
 
 def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from tunec.compiler.recipe import ConfigModel, FsdpParallelism, LoraPeft, QLoraP
 from tunec.compiler.schema_errors import collapse_unions
 from tunec.compiler.yamlpos import load_yaml_text
 
-from . import accuracy, checkpoint, eval_auto, fsdp, loggers, memory, outputs, preference
+from . import accuracy, checkpoint, eval_auto, fsdp, kernels, loggers, memory, outputs, preference
 from . import dist as distmod
 from . import model as models
 from .data import RowStream, ShardSet, plan_batching
@@ -61,7 +61,7 @@ class RunOptions:
 # What `--set` may change: how a stage trains, not what it trains on (the compiled shards fix that).
 TRAINING_SETTINGS = ("lr", "batch_tokens", "epochs", "max_steps", "warmup_steps", "weight_decay", "max_grad_norm",
                      "micro_batch_rows", "eval_every_steps", "checkpoint_every_steps", "log_every_steps",
-                     "chunked_loss", "activation_checkpointing")
+                     "chunked_loss", "activation_checkpointing", "compile")
 
 
 def fingerprint(out: Path, plan: Plan, sp: StagePlan, max_steps: int | None = None) -> str:
@@ -395,6 +395,9 @@ def run_stage(out: Path, plan: Plan, sp: StagePlan, data: ShardSet, evals: dict[
         batching = replace(batching, total_steps=min(batching.total_steps, options.max_steps))
     precision, memory_note = memory.prepare(model, stage.activation_checkpointing, lora is not None, device,
                                             batching.micro_batch_rows * data.seq_len)
+    fused = kernels.compile_layers(model) if stage.compile else kernels.use_liger(model, device)
+    if fused:
+        memory_note += f", {fused}"
     # a preference objective (DPO, ...) trains through per-document log-probs: runtime/preference.py
     module = preference.wrap(stage, models.PackedLM(model, attn, chunked=stage.chunked_loss))
     wrapped: torch.nn.Module = module

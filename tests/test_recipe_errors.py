@@ -99,7 +99,7 @@ def test_unknown_field_without_close_name_lists_allowed_fields(write_recipe):
     path = write_recipe(VALID.replace("    objective: sft\n", "    objective: sft\n    zzz: 1\n"))
     assert errors(path) == [
         "R:10:5: stages[0].zzz: unknown field `zzz`; allowed: activation_checkpointing, batch_tokens, budget, "
-        "checkpoint_every_steps, chunked_loss, epochs, eval, eval_every_steps, held_out, log_every_steps, lr, "
+        "checkpoint_every_steps, chunked_loss, compile, epochs, eval, eval_every_steps, held_out, log_every_steps, lr, "
         "max_grad_norm, max_steps, micro_batch_rows, mixture, model, name, objective, parallelism, peft, tasks, "
         "warmup_steps, weight_decay"
     ]

@@ -123,11 +123,11 @@ def test_bad_overrides_are_all_reported_each_naming_itself(build):
         "--set stages.base.tasks=[plurals]: `tasks` is fixed by the compiled build; change it in the recipe and "
         "compile again (at run time only these can be set: lr, batch_tokens, epochs, max_steps, warmup_steps, "
         "weight_decay, max_grad_norm, micro_batch_rows, eval_every_steps, checkpoint_every_steps, log_every_steps, "
-        "chunked_loss, activation_checkpointing)",
+        "chunked_loss, activation_checkpointing, compile)",
         "--set stages.base.peft=lora: `peft` is fixed by the compiled build; change it in the recipe and compile "
         "again (at run time only these can be set: lr, batch_tokens, epochs, max_steps, warmup_steps, "
         "weight_decay, max_grad_norm, micro_batch_rows, eval_every_steps, checkpoint_every_steps, log_every_steps, "
-        "chunked_loss, activation_checkpointing)",
+        "chunked_loss, activation_checkpointing, compile)",
         "--set stages.base.lrr=1: stages have no setting `lrr` (did you mean 'lr'?)",
         "--set stages.nope.lr=1: no stage 'nope' in the plan",
         "--set lr=1: which stage? write stages.STAGE.lr=VALUE, or add --stage STAGE",

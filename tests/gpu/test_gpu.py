@@ -1,5 +1,5 @@
 """The runtime's CUDA paths: bf16, packed attention under SDPA and flash-attention, the chunked loss's
-memory, a frozen base in bf16, `micro_batch_rows: auto`, QLoRA, Liger, FSDP on one GPU."""
+memory, a frozen base in bf16, `micro_batch_rows: auto`, QLoRA, Liger, compiled layers, FSDP on one GPU."""
 
 from __future__ import annotations
 
@@ -159,6 +159,44 @@ def test_liger_loss_equals_the_chunked_loss():
     finally:
         lossmod.liger_usable = lossmod_usable
     assert float(liger) == pytest.approx(float(plain), rel=1e-4)
+
+
+def loss_and_grads(model, attn, ids, pos, labels):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = PackedLM(model, attn)(ids, pos, labels)
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
+def same_step(a, b, rel: float) -> None:
+    assert a[0] == pytest.approx(b[0], rel=rel)
+    for name, grad in a[1].items():  # bf16 passes: each gradient within a few percent of its own scale
+        scale = float(grad.abs().max()) + 1e-12
+        assert float((grad - b[1][name]).abs().max()) <= 0.05 * scale, name
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+def test_liger_layers_compute_what_the_plain_layers_compute():
+    from tunec.runtime import kernels
+
+    model, attn = qwen(layers=2)
+    model = model.cuda().train()
+    ids, pos, labels = rows(2, 1024, QWEN["vocab_size"])
+    plain = loss_and_grads(model, attn, ids, pos, labels)
+    assert kernels.use_liger(model, torch.device("cuda")) == "Liger kernels for 5 RMSNorm and 2 SwiGLU modules"
+    same_step(loss_and_grads(model, attn, ids, pos, labels), plain, rel=1e-3)
+
+
+def test_compiled_layers_compute_what_the_eager_layers_compute():
+    from tunec.runtime import kernels
+
+    model, attn = qwen(layers=2)
+    model = model.cuda().train()
+    ids, pos, labels = rows(2, 1024, QWEN["vocab_size"])
+    eager = loss_and_grads(model, attn, ids, pos, labels)
+    assert kernels.compile_layers(model) == "2 decoder layers compiled (torch.compile)"
+    same_step(loss_and_grads(model, attn, ids, pos, labels), eager, rel=1e-3)
 
 
 def test_fsdp_on_one_gpu_trains_and_saves(tmp_path):
