@@ -697,8 +697,6 @@ class Stage(Strict):
         if isinstance(self.parallelism, FsdpParallelism) and not isinstance(self.peft, NoPeft):
             found.append(f"`parallelism: fsdp` trains full models only for now; use `peft: none` or "
                          f"`parallelism: ddp` with `peft: {self.peft.kind}`")
-        if self.compile and isinstance(self.parallelism, FsdpParallelism):
-            found.append("`compile: true` is not combined with `parallelism: fsdp` yet; use one of them")
         if self.compile and isinstance(self.peft, QLoraPeft):
             found.append("`compile: true` is not combined with `peft: qlora` (4-bit layers) yet; use one of them")
         if isinstance(self.peft, QLoraPeft) and not isinstance(self.model, (LocalModel, HubModel)):

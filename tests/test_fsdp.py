@@ -1,7 +1,8 @@
 """FSDP2 (`parallelism: {kind: fsdp}`) on the CPU with gloo.
 
 - one process sharding over a one-process group trains exactly as DDP's plain path;
-- `torchrun --nproc_per_node 2` gives the same losses (1e-5) and final weights as one process;
+- `torchrun --nproc_per_node 2` gives the same losses (1e-5) and final weights as one process, with its
+  decoder layers compiled (`compile: true`) too;
 - a checkpoint saved by 2 processes (torch.distributed.checkpoint) resumes in 1 and ends identically;
 - evaluation keeps ranks in step when one has fewer eval rows (FSDP's forward is collective).
 """
@@ -121,6 +122,12 @@ def test_two_processes_match_one_and_a_two_process_checkpoint_resumes_in_one(com
     assert_same(outcome(two), outcome(one))
     shards = sorted(p.name for p in (two / "runs/sharded/checkpoints/step-00000002/dcp").glob("*.distcp"))
     assert len(shards) == 2  # one file per rank
+
+    # `compile: true` under FSDP: each decoder layer compiled, then sharded; the same training
+    compiled_two = shutil.copytree(compiled["fsdp"], tmp_path / "compiled")
+    log = torchrun(compiled_two, 2, "--set", "stages.sharded.compile=true")
+    assert "2 decoder layers compiled (torch.compile)" in log
+    assert_same(outcome(compiled_two), outcome(one))
 
     # the two-process run, as if killed after step 3: its step-2 checkpoint is the newest one left
     cut = tmp_path / "cut"
