@@ -185,6 +185,25 @@ def test_a_step_is_the_same_whatever_the_micro_batches(tmp_path, one_thread):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_layers_train_the_same_pairs_as_eager_ones(tmp_path, one_thread):
+    """`compile: true` changes how a DPO step runs (reference log-probs included), not what it computes."""
+    out = build(tmp_path, rows=sums(24), stage_opts="    batch_tokens: 512\n    max_steps: 2\n    lr: 1.0e-3\n")
+    other = tmp_path / "compiled"
+    shutil.copytree(out, other)
+    run(out, RunOptions(**QUIET))
+    run(other, RunOptions(overrides=("stages.align.compile=true",), **QUIET))
+    assert "loss" in metrics(out)[0] and "logps/chosen" in metrics(out)[0]
+    for a, b in zip(metrics(out), metrics(other), strict=True):
+        for key in ("loss", "rewards/accuracies", "logps/chosen", "logps/rejected", "grad_norm"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    wa = load_file(out / "runs" / "align" / "model" / "model.safetensors")
+    wb = load_file(other / "runs" / "align" / "model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
 def test_resume_reads_the_reference_back_and_matches_an_uninterrupted_run(tmp_path, one_thread):
     out = build(tmp_path, rows=sums(24), stage_opts="    batch_tokens: 256\n    max_steps: 4\n    lr: 1.0e-3\n"
                 "    checkpoint_every_steps: 1\n")
