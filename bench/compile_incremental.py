@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,6 @@ DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
 TASKS = Path("data") / "tasks"
 ALPACA = Path("data") / "instruct" / "alpaca_data_cleaned_1000.json"
 GPT2 = Path("data") / "tokenizers" / "gpt2"
-CHILD_FLAG = "--_child"  # internal: run the CLI in this process, then write its peak RSS
 TARGET_NO_CHANGE = 0.05  # a rebuild with nothing changed, as a share of the full build
 TARGET_ONE_TEMPLATE = 0.10  # a rebuild after one template edit
 TARGET_FLAT = 2.0  # peak RSS at the largest size / at the smallest
@@ -111,25 +109,28 @@ def write_alpaca(shared: Path, folder: Path, rows: int) -> Path:
 # ----------------------------------------------------------------- runs
 
 
-def child(result: str, cli_args: list[str]) -> None:
-    from tunec import cli
-
-    code = 0
-    try:
-        cli.main(cli_args, prog_name="tunec")
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    finally:
-        Path(result).write_text(json.dumps({
-            "self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-            "workers_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
-        }))
-    sys.exit(code)
+# Each timed compile: the CLI run as the `tunec` script runs it, then its peak RSS written; a `-c`
+# program that imports no more than the script does, so that the time is tunec's and not also that of
+# importing this benchmark.
+CHILD = """
+import json, resource, sys
+from tunec import cli
+code = 0
+try:
+    cli.main(sys.argv[2:], prog_name="tunec")
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+finally:
+    with open(sys.argv[1], "w") as fh:
+        fh.write(json.dumps({"self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                             "workers_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+sys.exit(code)
+"""
 
 
 def compile_(recipe: Path, out: Path, args: list[str], env: dict[str, str], workers: int) -> dict:
     result = out.with_name(out.name + ".rss.json")
-    cmd = [sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, str(result),
+    cmd = [sys.executable, "-c", CHILD, str(result),
            "compile", str(recipe), "-o", str(out), "--workers", str(workers), "--force", *args]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -227,9 +228,6 @@ def bench(args, shared: Path, work: Path) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == CHILD_FLAG:
-        child(sys.argv[2], sys.argv[3:])
-        return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", type=int, default=40, help="tasks from shared/data/tasks [40]")
     ap.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000],

@@ -20,14 +20,15 @@ import json
 import logging
 import os
 import shutil
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock, preference, tokcache
 from .cache import Cache, code_versions, default_dir
-from .check import Checked, check
+from .check import Checked, check, start_model_checks
 from .errors import Problem, TunecError
 from .fileio import (
     atomic_dir,
@@ -56,8 +57,9 @@ from .plan import (
     TokenizerPlan,
     read_plan,
 )
-from .recipe import LocalModel, Stage, StageModel
+from .recipe import LocalModel, LocalTokenizer, Stage, StageModel
 from .sources import fingerprint
+from .tokens import TokenizerInfo
 from .units import UnitSpec
 from .unitstore import release
 from .versions import dist_version
@@ -91,11 +93,28 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
     from .load import load_recipe
 
     check_output(Path(out))  # before any work: the recipe may take a while to check
-    checked = check(load_recipe(recipe_path, overrides), options.cache_dir())
-    return build(checked, Path(out), options)
+    loaded = load_recipe(recipe_path, overrides)
+    tokenizer = _early_tokenizer(loaded, options.cache_dir())
+    checked = check(loaded, options.cache_dir())
+    return build(checked, Path(out), options, tokenizer)
 
 
-def build(checked: Checked, out: Path, options: Options) -> Plan:
+def _early_tokenizer(loaded: LoadedRecipe, cache: Path | None) -> tuple[Any, TokenizerInfo] | None:
+    """The tokenizer, loaded while the model configs are checked, when that check has to start a child
+    process (transformers imported there: about a second, which the load then overlaps); None when it
+    does not, or when the load fails (the check then says why, located, and the build loads it again).
+    Only a local tokenizer: a hub one may go to the network, which must not delay the check's errors."""
+    spec = loaded.recipe.tokenizer
+    if not start_model_checks(loaded, cache) or not isinstance(spec, LocalTokenizer) or \
+            not loaded.resolve(spec.path).is_dir():
+        return None
+    try:
+        return tokcache.load(loaded, cache)
+    except Exception:  # noqa: BLE001 - any failure here is the check's to report, or the build's
+        return None
+
+
+def build(checked: Checked, out: Path, options: Options, tokenizer: tuple[Any, TokenizerInfo] | None = None) -> Plan:
     check_output(out)
     # Held from the first look at `out` to the swap: a second compile, or a run training
     # on the shards this one replaces, is refused instead (see compiler/lock.py).
@@ -105,18 +124,20 @@ def build(checked: Checked, out: Path, options: Options) -> Plan:
         _remove_leftovers(real)
         staging = real.with_name(f"{STAGING_PREFIX % real.name}{os.getpid()}")
         try:
-            plan = _build(checked, out, staging, options)
+            plan = _build(checked, out, staging, options, tokenizer)
             _swap_in(real, staging, checked.loaded, options.force)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # the unfinished new build, or the old one
         return plan
 
 
-def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan:
+def _build(checked: Checked, out: Path, staging: Path, options: Options,
+           tokenizer: tuple[Any, TokenizerInfo] | None = None) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
     estimate.prefetch(list(recipe.stages), options.cache_dir())  # model configs built beside the compile
-    tok, info = tokcache.load(loaded, options.cache_dir())  # loaded, or read back from the cache
+    # loaded (or read back from the cache) now, unless the compile did so while the configs were checked
+    tok, info = tokenizer if tokenizer is not None else tokcache.load(loaded, options.cache_dir())
     _check_chat(checked, info)
 
     # Units: a task's train part when a stage trains on it (or it is held out
@@ -190,9 +211,11 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
         for message in warnings["leakage"]:  # `leakage: error` with leaks fails before a build is written
             logger.warning(message)
     else:
+        linting = lint.Background(checked, options.cache_dir())  # the prompt lint, beside the workers
         with _progress(options.progress, None, "compile") as bar:
             compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), leak_parts,
-                                     options.workers, scratch, options.executor, options.ray_address, bar, keyed)
+                                     options.workers, scratch, options.executor, options.ray_address, bar, keyed,
+                                     on_rows=linting.start)
         if options.on_units is not None:
             options.on_units(compiled.reused, compiled.rebuilt)
         units = compiled.units
@@ -200,7 +223,8 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options) -> Plan
             _warn_double_spaces(units, checked.templates)
             preference.warn_checks(units)  # pairs dropped under `format.checks: warn`
             audit.warn_failures(units)  # `audit: warn`: failures counted in the plan (compiler/audit.py)
-        findings = lint.for_compile(checked, options.cache_dir(), compiled.rows)  # prompt lint: warnings, in plan
+        # prompt lint: warnings, in the plan
+        findings = lint.for_compile(checked, options.cache_dir(), compiled.rows, linting.found())
 
         mixes = {s.name: linker.select(s, {t: units[(t, "train")] for t in s.tasks}) for s in recipe.stages}
         release(*units.values())  # the mapped pages the mixtures read (per-document counts) go back to the page cache
@@ -566,14 +590,22 @@ class _Recorder(logging.Handler):
 
 @contextmanager
 def _recorded(into: list[str]) -> Iterator[None]:
-    """The warnings tunec's compiler logs inside, also appended to ``into``."""
+    """The warnings tunec's compiler logs inside, also appended to ``into`` whatever the loggers'
+    level (what a later rebuild repeats must not depend on how this compile's logging was set up):
+    where that level hides warnings, they are recorded and go no further."""
     handler = _Recorder(into)
     root = logging.getLogger(__name__.rpartition(".")[0])  # tunec.compiler
+    saved = root.level, root.propagate
+    if not root.isEnabledFor(logging.WARNING):
+        root.setLevel(logging.WARNING)
+        root.propagate = False
     root.addHandler(handler)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        root.setLevel(saved[0])
+        root.propagate = saved[1]
 
 
 def _link_key(settings: Stage, unit_keys: dict[Part, str], linker: Linker, info) -> str:
@@ -626,12 +658,37 @@ class _Previous:
             if path.is_dir() else set()
         if not listed or present != set(listed):
             return False
+        sized = {rel: f["bytes"] for rel, f in listed.items() if (self.out / rel).stat().st_size == f.get("bytes")}
+        hashes = _hashed(self.out, list(sized), threaded=sum(sized.values()) >= _THREADED_BYTES)
         for rel, f in listed.items():
-            file = self.out / rel
-            if file.stat().st_size != f.get("bytes") or sha256_file(file) != f.get("sha256"):
+            if hashes.get(rel) != f.get("sha256"):
                 logger.warning(f"{what}: {rel} differs from the previous build's manifest; linking it again")
                 return False
         return True
+
+
+_THREADED_BYTES = 4 << 20  # below this, a second thread costs more than it saves
+
+
+def _hashed(root: Path, files: list[str], threaded: bool = True) -> dict[str, str]:
+    """sha256 of each file, on two threads when ``threaded`` (hashlib lets go of the GIL while it
+    hashes): a kept stage's shards are checked in less time on two cores."""
+    hashes: dict[str, str] = {}
+
+    def run(part: list[str]) -> None:
+        for rel in part:
+            hashes[rel] = sha256_file(root / rel)
+
+    if not threaded:
+        run(files)
+        return hashes
+    other = threading.Thread(target=run, args=(files[1::2],), name="tunec-hash")
+    other.start()
+    try:
+        run(files[::2])
+    finally:
+        other.join()
+    return hashes
 
 
 def _kept_stage(previous: _Previous, staging: Path, name: str, key: str) -> StagePlan | None:

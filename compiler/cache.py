@@ -110,8 +110,21 @@ def code_versions() -> dict[str, Any]:
 
 
 def tokenizer_hash(info: Any) -> str:
-    """sha256 of everything of the tokenizer a unit uses: its JSON, special ids, chat template."""
-    return sha256_text(compact_json(plain(info)))
+    """sha256 of everything of the tokenizer a unit uses: its JSON, special ids, chat template (as the
+    tokenizer cache stored it with the tokenizer, when it did: see :func:`remember_tokenizer_hash`)."""
+    known = _TOKENIZER_HASHES.get(info)
+    return known if known is not None else sha256_text(compact_json(plain(info)))
+
+
+_TOKENIZER_HASHES: dict[Any, str] = {}  # TokenizerInfo -> its tokenizer_hash, for the few last read back
+
+
+def remember_tokenizer_hash(info: Any, value: str) -> None:
+    """``value`` is :func:`tokenizer_hash` of ``info``, computed when ``info`` was stored in the cache (the
+    entry, checked against its sha256 when read, holds both): not computed again over megabytes of JSON."""
+    if len(_TOKENIZER_HASHES) >= 4:
+        _TOKENIZER_HASHES.pop(next(iter(_TOKENIZER_HASHES)))
+    _TOKENIZER_HASHES[info] = value
 
 
 def unit_key(spec: Any, task: dict, source: dict[str, str], tokenizer: Any) -> str:
@@ -223,7 +236,8 @@ class Cache:
 
     def entries(self) -> list[Path]:
         """Every entry in the folder: units, leakage keys, and what other steps keep here (lint findings
-        per task, model configs, config checks, the tokenizer, leakage reports)."""
+        per task, model configs, config checks, templates found clean and files' columns, the tokenizer,
+        leakage reports)."""
         if not self.root.is_dir():
             return []
         return sorted(p for p in self.root.rglob("*") if p.is_file() and not p.name.startswith("."))

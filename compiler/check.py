@@ -19,7 +19,7 @@ from . import preference, promptsource
 from .errors import Problem, TunecError, did_you_mean
 from .hubmeta import hub_columns
 from .load import LoadedRecipe, display_path
-from .modelconfig import Finding, config_findings
+from .modelconfig import Finding, config_findings, start_config_findings
 from .recipe import (
     PAIRED_FORMATS,
     ChatFormat,
@@ -39,7 +39,7 @@ from .recipe import (
     field_column,
 )
 from .refs import reference_problems, template_dirs
-from .sources import check_files, peek_columns, read_utf8
+from .sources import check_files, file_hash, peek_columns, read_utf8, source_files
 from .templates import TemplateSource, analyse, find_library_template, string_problems, unknown_names
 from .yamltext import value_lines
 
@@ -95,14 +95,14 @@ def check(loaded: LoadedRecipe, cache: Path | None = None) -> Checked:
     columns: dict[str, list[str] | None] = {}
     for name, task in recipe.tasks.items():
         problems.extend(check_files(loaded, name, task))
-        cols = _task_columns(loaded, name, task, problems, warnings)
+        cols = _task_columns(loaded, name, task, problems, warnings, cache)
         columns[name] = cols
         sources = []
         for i, ref in enumerate(task.templates):
             loc = ("tasks", name, "templates", i)
             for source in _resolve_template(loaded, ref, loc, dirs, problems):
                 sources.append(source)
-                problems.extend(_template_problems(loaded, source, cols, loc))
+                problems.extend(_template_problems(loaded, source, cols, loc, cache))
         templates[name] = tuple(sources)
         problems.extend(_format_problems(loaded, name, task, cols))
         if isinstance(task.format, PAIRED_FORMATS):
@@ -118,7 +118,18 @@ def check(loaded: LoadedRecipe, cache: Path | None = None) -> Checked:
     return Checked(loaded, templates, columns, tuple(warnings))
 
 
-def _template_problems(loaded: LoadedRecipe, source: TemplateSource, cols, loc) -> list[Problem]:
+def _template_problems(loaded: LoadedRecipe, source: TemplateSource, cols, loc,
+                       cache: Path | None = None) -> list[Problem]:
+    """:func:`.templates.analyse`'s problems, located in the recipe. With a compile cache folder, a
+    template found without problems is remembered there (``checks/``, an empty file under a hash of
+    everything the analysis reads: the template, its place, the columns, Jinja's version and the
+    code), so that a recompile parses it again only when one of those changed."""
+    clean = _clean_template_path(source, cols, cache) if cache is not None else None
+    if clean is not None and clean.is_file():
+        from .cache import touch
+
+        touch(clean)  # used now, for `cache prune --older-than`
+        return []
     problems = []
     for p in analyse(source, cols):
         where = f" [{p.file}:{p.line}]" if p.line and p.file != loaded.display else ""
@@ -126,7 +137,59 @@ def _template_problems(loaded: LoadedRecipe, source: TemplateSource, cols, loc) 
         if p.file == loaded.display and p.line:  # inline template: point at its own line
             here = Problem(here.message, here.file, p.line, None, here.field)
         problems.append(here)
+    if clean is not None and not problems:
+        try:
+            clean.parent.mkdir(parents=True, exist_ok=True)
+            clean.touch()  # empty: being there is what it says
+        except OSError:
+            pass  # a cache that cannot be written only costs time
     return problems
+
+
+def _peeked_columns(loaded: LoadedRecipe, task: Task, cache: Path | None) -> list[str] | None:
+    """:func:`.sources.peek_columns` of the task's train split. With a compile cache folder, the columns
+    found in a file are remembered there (``checks/``) under the sha256 of its bytes, which the unit
+    keys hash anyway (:func:`.sources.file_hash` hashes a file once per compile), and how it is read."""
+    path = source_files(loaded, task).get(task.train.split)
+    if cache is None or isinstance(task.source, HubSource) or path is None or not path.is_file():
+        return peek_columns(loaded, task, task.train.split)
+    from .cache import code_versions, touch
+    from .fileio import atomic_write_text, compact_json, sha256_text
+
+    key = sha256_text(compact_json({"what": "columns", "file": file_hash(path), "kind": task.source.kind,
+                                    "code": code_versions()}))
+    memo = cache / "checks" / key[:2] / f"{key}.json"
+    try:
+        stored = json.loads(memo.read_text(encoding="utf-8"))
+        if isinstance(stored, dict) and "columns" in stored and (
+                stored["columns"] is None or all(isinstance(c, str) for c in stored["columns"])):
+            touch(memo)
+            return stored["columns"]
+    except (OSError, ValueError):
+        pass  # absent or damaged: peek again
+    found = peek_columns(loaded, task, task.train.split)  # a file that cannot be read raises: nothing kept
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(memo, compact_json({"columns": found}))
+    except OSError:
+        pass  # a cache that cannot be written only costs time
+    return found
+
+
+_TEMPLATE_CHECK_FORMAT = 1  # bump when what a template check decides changes outside compiler/
+
+
+def _clean_template_path(source: TemplateSource, cols: list[str] | None, cache: Path) -> Path:
+    from dataclasses import asdict
+
+    from .cache import code_versions
+    from .fileio import compact_json, sha256_text
+    from .versions import dist_version
+
+    key = sha256_text(compact_json({"format": _TEMPLATE_CHECK_FORMAT, "what": "template-check",
+                                    "template": asdict(source), "columns": cols, "code": code_versions(),
+                                    "jinja2": dist_version("jinja2")}))
+    return cache / "checks" / key[:2] / f"{key}.clean"
 
 
 def _format_problems(loaded: LoadedRecipe, name: str, task: Task, cols: list[str] | None) -> list[Problem]:
@@ -152,9 +215,9 @@ def _format_problems(loaded: LoadedRecipe, name: str, task: Task, cols: list[str
 
 
 def _task_columns(loaded: LoadedRecipe, name: str, task: Task, problems: list[Problem],
-                  warnings: list[Problem]) -> list[str] | None:
+                  warnings: list[Problem], cache: Path | None = None) -> list[str] | None:
     try:
-        source_cols = peek_columns(loaded, task, task.train.split)
+        source_cols = _peeked_columns(loaded, task, cache)
     except TunecError as exc:
         problems.extend(exc.problems)
         return None
@@ -296,16 +359,10 @@ def model_config_findings(config: dict, cache: Path | None = None) -> list[Findi
     run (its child failed) is never kept."""
     if cache is None:
         return config_findings(config)
-    from . import __version__
-    from .cache import code_versions, touch
-    from .fileio import atomic_write_text, canonical_json, sha256_text
-    from .versions import dist_version
+    from .cache import touch
+    from .fileio import atomic_write_text, canonical_json
 
-    transformers = dist_version("transformers")
-    key = sha256_text(canonical_json({"format": _CONFIG_CHECK_FORMAT, "what": "model-config", "config": config,
-                                      "transformers": transformers, "tunec": __version__,
-                                      "code": code_versions()}))
-    path = cache / "checks" / key[:2] / f"{key}.json"
+    path = _config_check_path(config, cache)
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(stored, list) and all(isinstance(f, list) and len(f) == 3 for f in stored):
@@ -321,6 +378,34 @@ def model_config_findings(config: dict, cache: Path | None = None) -> list[Findi
         except OSError:
             pass  # a cache that cannot be written only costs time
     return found
+
+
+def _config_check_path(config: dict, cache: Path) -> Path:
+    from . import __version__
+    from .cache import code_versions
+    from .fileio import canonical_json, sha256_text
+    from .versions import dist_version
+
+    transformers = dist_version("transformers")
+    key = sha256_text(canonical_json({"format": _CONFIG_CHECK_FORMAT, "what": "model-config", "config": config,
+                                      "transformers": transformers, "tunec": __version__,
+                                      "code": code_versions()}))
+    return cache / "checks" / key[:2] / f"{key}.json"
+
+
+def start_model_checks(loaded: LoadedRecipe, cache: Path | None = None) -> bool:
+    """Start, in the background, the config check of every ``kind: config`` model that
+    :func:`model_config_findings` will not find in the cache: its child process (transformers
+    imported, about a second) then runs while the compile does something else (loads its tokenizer),
+    and :func:`check` waits for its findings instead of starting it. Whether one was started."""
+    started = False
+    for stage in loaded.recipe.stages:
+        model = stage.model
+        if isinstance(model, ConfigModel) and not _non_finite(model.config) and isinstance(
+                model.config.get("model_type"), str):
+            if cache is None or not _config_check_path(model.config, cache).is_file():
+                started = start_config_findings(model.config) or started
+    return started
 
 
 def _non_finite(value, where: tuple = ()) -> list[tuple]:

@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -90,21 +91,18 @@ def unit_keys(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo) -> K
 def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
                   leak_parts: set[Part], workers: int, scratch: Path, executor: str = "local",
                   ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None,
-                  keyed: Keys | None = None) -> Compiled:
+                  keyed: Keys | None = None, on_rows: Callable[[dict[Part, Rows]], None] | None = None) -> Compiled:
     """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
     into the folder ``scratch``, which the caller removes once the units are linked). ``keyed``: the
-    keys of :func:`unit_keys`, when the caller has them already."""
+    keys of :func:`unit_keys`, when the caller has them already. ``on_rows``: called with the parts
+    whose rows are loaded, once all of them are and before they are compiled here (not on Ray, and
+    not when no unit is compiled), e.g. to start reading them in another thread meanwhile."""
     loaded = checked.loaded
     tasks = loaded.recipe.tasks
     keyed = keyed if keyed is not None else unit_keys(checked, specs, info)
     keys, rows_keys = dict(keyed.units), keyed.rows
 
-    units: dict[Part, UnitResult] = {}
-    if cache is not None:
-        for s in specs:
-            unit = cache.get_unit(keys[(s.task, s.part)])
-            if unit is not None:
-                units[(s.task, s.part)] = unit
+    units: dict[Part, UnitResult] = _cached_units(cache, specs, keys) if cache is not None else {}
     missing = [i for i, s in enumerate(specs) if (s.task, s.part) not in units]
 
     parts: dict[Part, Rows] = {}
@@ -148,12 +146,34 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
                     raise AssertionError(f"a Ray task stored no unit for {s.task}/{s.part}")
                 units[(s.task, s.part)] = unit
         elif run_specs:
+            for s in run_specs:
+                part(s.task, s.part)  # as _run_local would first: every part's row count is needed there
+            if on_rows is not None:
+                on_rows(dict(parts))
             units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers, progress,
                                     started if early else None))
     order = [(s.task, s.part) for s in specs]
     rebuilt = [order[i] for i in missing]
     return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
                     reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt, rows=parts)
+
+
+def _cached_units(cache: Cache, specs: list[UnitSpec], keys: dict[Part, str]) -> dict[Part, UnitResult]:
+    """The units of ``specs`` found intact in ``cache``, read on two threads (each is checked against
+    its sha256 as it is read, and hashlib lets go of the GIL while it hashes)."""
+    found: dict[Part, UnitResult | None] = {}
+
+    def read(part: list[UnitSpec]) -> None:
+        for s in part:
+            found[(s.task, s.part)] = cache.get_unit(keys[(s.task, s.part)])
+
+    other = threading.Thread(target=read, args=(specs[1::2],), name="tunec-units")
+    other.start()
+    try:
+        read(specs[::2])
+    finally:
+        other.join()
+    return {(s.task, s.part): unit for s in specs if (unit := found.get((s.task, s.part))) is not None}
 
 
 def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str, str], Rows],

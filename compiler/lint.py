@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,14 +406,14 @@ def task_key(checked: Checked, name: str, part: str) -> str:
     """
     from . import __version__
     from .cache import code_versions, plain
-    from .fileio import canonical_json, sha256_text
+    from .fileio import compact_json, sha256_text
     from .sources import part_inputs
 
     loaded = checked.loaded
     task = checked.recipe.tasks[name]
     sources = checked.templates[name]
     options, content = part_inputs(loaded, name, task, part)
-    return sha256_text(canonical_json({
+    return sha256_text(compact_json({  # compact: the C encoder (a key, never read back)
         "code": code_versions(), "tunec": __version__, "rules": RULES_VERSION,
         "config": checked.recipe.lint.model_dump(mode="json"),
         "task": name, "part": part, "options": options, "content": content,
@@ -453,6 +454,37 @@ def lint_recipe(checked: Checked, cache: Path | None = None,
     return out
 
 
+class Background:
+    """:func:`lint_recipe` in a thread, started once the compile has loaded the rows (:meth:`start`,
+    the ``on_rows`` of :func:`.incremental.compile_units`): most of it runs while the workers compile
+    the units and the main process only waits for them. :meth:`found` waits for it; None when it was
+    never started. Its result does not depend on when it runs."""
+
+    def __init__(self, checked: Checked, cache: Path | None):
+        self.checked, self.cache = checked, cache
+        self.thread: threading.Thread | None = None
+        self.result: list[Finding] | None = None
+        self.error: BaseException | None = None
+
+    def start(self, rows: Mapping[tuple[str, str], Rows]) -> None:
+        def run() -> None:
+            try:
+                self.result = lint_recipe(self.checked, self.cache, rows)
+            except BaseException as exc:  # noqa: BLE001 - raised again in the compile's thread by found()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="tunec-lint", daemon=True)
+        self.thread.start()
+
+    def found(self) -> list[Finding] | None:
+        if self.thread is None:
+            return None
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
 _FINDING_KEYS = {"id", "message", "location", "task", "template"}
 
 
@@ -488,15 +520,19 @@ def _write_findings(path: Path, found: list[Finding]) -> None:
 
 
 def for_compile(checked: Checked, cache: Path | None = None,
-                rows: Mapping[tuple[str, str], Rows] | None = None) -> list[LintFinding]:
+                rows: Mapping[tuple[str, str], Rows] | None = None,
+                found: list[Finding] | None = None) -> list[LintFinding]:
     """``tunec compile``'s lint: each finding logged as a warning, all of them returned for the plan.
 
     With a compile cache folder, findings are cached per task (:func:`lint_recipe`); ``rows``:
-    the parts the compile has loaded, so that the lint does not read them again.
+    the parts the compile has loaded, so that the lint does not read them again; ``found``: what
+    :func:`lint_recipe` returned already (run while the units compiled, see :class:`Background`).
     """
     import logging
 
-    findings = [LintFinding.model_validate(f.as_dict()) for f in lint_recipe(checked, cache, rows)]
+    if found is None:
+        found = lint_recipe(checked, cache, rows)
+    findings = [LintFinding.model_validate(f.as_dict()) for f in found]
     for f in findings:
         where = f"{f.location}: " if f.location else ""
         logging.getLogger(__name__).warning(f"lint: {where}[{f.id}] {f.message}")

@@ -60,8 +60,33 @@ def built_config(request_json: str) -> dict[str, Any] | None:
 
 
 def config_findings(config: dict[str, Any]) -> list[Finding]:
-    """Problems of a `kind: config` model's ``config`` (which holds a string ``model_type``)."""
-    return [tuple(f) for f in _findings(json.dumps(config, sort_keys=True))]
+    """Problems of a `kind: config` model's ``config`` (which holds a string ``model_type``); waited
+    for when :func:`start_config_findings` started finding them."""
+    config_json = json.dumps(config, sort_keys=True)
+    with _built_lock:
+        started = _started.pop(config_json, None)
+    if started is not None:
+        started.join()  # its answer is then in _findings' cache
+    return [tuple(f) for f in _findings(config_json)]
+
+
+_started: dict[str, threading.Thread] = {}
+
+
+def start_config_findings(config: dict[str, Any]) -> bool:
+    """Find :func:`config_findings` of ``config`` in a background thread (its child process runs beside
+    the caller); whether it is running. Nothing to start when torch is loaded already (the config is
+    then built here)."""
+    config_json = json.dumps(config, sort_keys=True)
+    if "torch" in sys.modules:
+        return False
+    with _built_lock:
+        if config_json in _started:
+            return True
+        thread = _started[config_json] = threading.Thread(target=_findings, args=(config_json,),
+                                                          name="tunec-config-check", daemon=True)
+    thread.start()
+    return True
 
 
 @lru_cache(maxsize=64)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .cache import Cache, code_versions
+from .cache import Cache, code_versions, remember_tokenizer_hash, tokenizer_hash
 from .fileio import canonical_json, sha256_text
 from .load import LoadedRecipe
 from .recipe import LocalTokenizer
@@ -109,7 +109,9 @@ def load(loaded: LoadedRecipe, cache_dir: Path | None) -> tuple[Any, TokenizerIn
     arrays = {name: np.frombuffer(data, dtype=np.uint8) for name, data in files.items()}
     arrays[INFO_JSON] = np.frombuffer(info.json.encode("utf-8"), dtype=np.uint8)
     fields = {k: v for k, v in dataclasses.asdict(info).items() if k != "json"}
-    cache.put_arrays(KIND, key, arrays, {"format": FORMAT, "info": fields})
+    digest = tokenizer_hash(info)
+    remember_tokenizer_hash(info, digest)
+    cache.put_arrays(KIND, key, arrays, {"format": FORMAT, "info": fields, "tokenizer_hash": digest})
     return tok, info
 
 
@@ -123,4 +125,7 @@ def _from_entry(arrays: dict[str, np.ndarray], meta: dict) -> tuple[StoredTokeni
     values = dict(values, special_tokens=tuple(tuple(pair) for pair in values["special_tokens"]),
                   json=np.asarray(arrays[INFO_JSON], dtype=np.uint8).tobytes().decode("utf-8"))
     files = {name: np.asarray(a, dtype=np.uint8).tobytes() for name, a in arrays.items() if name != INFO_JSON}
-    return StoredTokenizer(files), TokenizerInfo(**values)
+    info = TokenizerInfo(**values)
+    if isinstance(meta.get("tokenizer_hash"), str):
+        remember_tokenizer_hash(info, meta["tokenizer_hash"])
+    return StoredTokenizer(files), info

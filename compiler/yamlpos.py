@@ -84,7 +84,7 @@ for _tag, _pattern, _first in [
 if getattr(yaml, "__with_libyaml__", False):
     from yaml.composer import Composer
 
-    class _CCore12Loader(yaml.cyaml.CParser, Core12Loader):  # type: ignore[misc]
+    class _CCore12Loader(yaml.cyaml.CParser, Core12Loader):
         """:class:`Core12Loader` with libyaml's C scanner and parser producing the events: the nodes are
         still composed here (the depth guard above, the same start marks), about 7 times faster on a
         40-task recipe. Used only for text that PyYAML's reader accepts; any error is reported by the

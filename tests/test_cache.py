@@ -336,7 +336,8 @@ def test_a_rebuild_loads_no_tokenizer_and_builds_no_model_config_unless_their_co
     assert calls == ["config"]  # another config: checked again
     calls.clear()
     compile_recipe(path, project / "g", Options(workers=1, use_cache=False))
-    assert calls == ["config", "tokenizer"]  # --no-cache: nothing read from the cache
+    # --no-cache: nothing read from the cache (the tokenizer loads while the config is checked)
+    assert sorted(calls) == ["config", "tokenizer"]
 
 
 def test_leakage_reports_are_compared_once_per_content(project, unit_cache, monkeypatch):
@@ -358,3 +359,20 @@ def test_leakage_reports_are_compared_once_per_content(project, unit_cache, monk
     assert calls == [1, 1]
     clean = compile_recipe(path, project / "e", Options(workers=1, use_cache=False)).stages[0].leakage
     assert clean["add"].leaked == 2 and calls == [1, 1, 1]
+
+
+def test_the_tokenizer_hash_kept_with_a_cached_tokenizer_is_the_one_computed(project, unit_cache):
+    """The unit keys take the tokenizer's hash from its cache entry instead of hashing its JSON again:
+    the same value."""
+    from tunec.compiler import cache as cache_mod
+    from tunec.compiler import tokcache
+    from tunec.compiler.load import load_recipe
+
+    loaded = load_recipe(recipe(project))
+    _, fresh = tokcache.load(loaded, unit_cache)  # loaded, stored
+    cache_mod._TOKENIZER_HASHES.clear()
+    _, again = tokcache.load(loaded, unit_cache)  # read back: its hash remembered
+    assert again == fresh and again in cache_mod._TOKENIZER_HASHES
+    remembered = cache_mod.tokenizer_hash(again)
+    cache_mod._TOKENIZER_HASHES.clear()
+    assert remembered == cache_mod.tokenizer_hash(again) == cache_mod.tokenizer_hash(fresh)
