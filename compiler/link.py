@@ -9,6 +9,7 @@ evaluated task (its eval part, or all its rows for a held-out task).
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,18 +112,23 @@ class Linker:
     def _pack(self, docs: DocSource, rel: Path, stage: str) -> PackedSet:
         lengths = docs.lengths
         bins = group_bins(docs, self.seq_len) if docs.side is not None else best_fit_decreasing(lengths, self.seq_len)
-        shards = []
-        for s, lo in enumerate(range(0, len(bins), self.shard_rows)):
-            group = bins[lo : lo + self.shard_rows]
-            arrays = build_rows(docs, group, self.seq_len, self.pad_id)
-            path = rel / f"{s:05d}.safetensors"
-            written = write_shard(self.out / path, arrays, {"stage": stage, "seq_len": self.seq_len})
-            shards.append(ShardEntry(
-                path=path.as_posix(), sha256=written.sha256, bytes=written.bytes, rows=written.rows,
-                tokens=int(lengths[np.concatenate(group)].sum()) if group else 0,
-                trained_tokens=int((arrays["labels"] != IGNORE).sum()),
-            ))
-            del arrays  # before the next shard's are built
+        shards: list[ShardEntry] = []
+        # Each shard is written (saved, synced, hashed) on a thread while the next one's rows are built:
+        # at most two shards' arrays exist at once, and the shards are listed in order whatever finishes first.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tunec-shard") as writer:
+            pending: list[tuple[Path, Future, int, int]] = []
+            for s, lo in enumerate(range(0, len(bins), self.shard_rows)):
+                group = bins[lo : lo + self.shard_rows]
+                arrays = build_rows(docs, group, self.seq_len, self.pad_id)
+                path = rel / f"{s:05d}.safetensors"
+                pending.append((path, writer.submit(write_shard, self.out / path, arrays,
+                                                    {"stage": stage, "seq_len": self.seq_len}),
+                                int(lengths[np.concatenate(group)].sum()) if group else 0,
+                                int((arrays["labels"] != IGNORE).sum())))
+                del arrays  # the writer holds them until the shard is on disk
+                while len(pending) > 1:  # the shard before this one is written before another is built
+                    shards.append(_entry(*pending.pop(0)))
+            shards.extend(_entry(*p) for p in pending)
         tokens = int(lengths.sum())
         return PackedSet(
             rows=len(bins), seq_len=self.seq_len, tokens=tokens,
@@ -130,6 +136,12 @@ class Linker:
             fill_rate=round(tokens / (len(bins) * self.seq_len), 6) if bins else 0.0,
             shards=shards,
         )
+
+
+def _entry(path: Path, written: Future, tokens: int, trained_tokens: int) -> ShardEntry:
+    shard = written.result()  # a failed write raises here
+    return ShardEntry(path=path.as_posix(), sha256=shard.sha256, bytes=shard.bytes, rows=shard.rows, tokens=tokens,
+                      trained_tokens=trained_tokens)
 
 
 def _labelled(unit: UnitResult, objective: str) -> tuple[np.ndarray, np.ndarray]:
