@@ -9,6 +9,7 @@ the final model (:mod:`tunec.runtime.outputs`) with ``result.json`` last.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -161,6 +162,7 @@ def run(out: str | Path, options: RunOptions = RunOptions()) -> list[outputs.Sta
         with _hold(out, dist, device):
             return _run(out, options, dist, device)
     finally:
+        gc.collect()  # sharded modules (and the communication work they hold) go before their process group
         fsdp.release()  # the one-process group of an FSDP stage, when one stopped early
         distmod.shutdown(dist)
 

@@ -300,6 +300,23 @@ def run_cmd(out: str, stage: str | None, resume: bool, force: bool, device: str,
                            f"({out}/runs/{result.stage}/eval.json)")
                 for line in accuracy.table(saved):
                     click.echo(line)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _leave_worker()
+
+
+def _leave_worker() -> None:
+    """End a `torchrun` process whose work is done and written, without the interpreter's teardown.
+
+    The process group is destroyed by then, but the communication backend's own threads (gloo's on the
+    CPU) can still hold objects that hold tensors; freeing those while the interpreter is torn down
+    aborts the process now and then ("terminate called without an active exception", exit -6), and
+    torchrun then reports a run that finished as failed. Everything is flushed first."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @main.command()
