@@ -17,8 +17,9 @@ import logging
 import multiprocessing
 import os
 from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -52,7 +53,7 @@ class Workers:
 
     def close(self) -> None:
         if self.pool is not None:
-            self.pool.terminate()
+            _stop(self.pool)
             self.pool = None
 
     def __enter__(self) -> "Workers":
@@ -65,8 +66,22 @@ class Workers:
 def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]], workers: int):
     # spawn: a clean interpreter per worker (fork after the tokenizer's thread
     # pool has started can deadlock), importing only the light worker modules.
+    # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory, or one that
+    # cannot start) breaks the pool and fails the compile at once, where a Pool would wait forever
+    # for the chunk the dead worker held.
     ctx = multiprocessing.get_context("spawn")
-    return ctx.Pool(workers, initializer=init_worker, initargs=(info, specs, pools, True))
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(info, specs, pools, True))
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    """End the workers: chunks not yet started are dropped, running ones end with their processes."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: list[UnitSpec],
@@ -91,24 +106,33 @@ def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: l
         if started is not None and started.pool is not None:
             yield from _in_order(started.pool, chunks, workers)
             return
-        with _spawn(info, specs, pools, workers) as pool:
+        pool = _spawn(info, specs, pools, workers)
+        try:
             yield from _in_order(pool, chunks, workers)
+        finally:
+            _stop(pool)
     except RowError as exc:
         raise row_error(exc) from None
+    except BrokenProcessPool:
+        raise TunecError(Problem(
+            "a compile worker process ended before its work was done (killed by the system, e.g. for memory, or "
+            "unable to start: a script that compiles with --workers > 1 must do so under "
+            "`if __name__ == \"__main__\":`, since workers are spawned and import the script); "
+            "compile again, with fewer --workers if memory is short")) from None
 
 
 def _in_order(pool, chunks: Iterable[Chunk], workers: int) -> Iterator[tuple[Chunk, UnitResult]]:
     """The chunks' results from ``pool``, in chunk order. A sliding window: a chunk is handed out as
     each result is taken, so no worker waits for the slowest chunk of a batch."""
     it = iter(chunks)
-    pending: deque[tuple[Chunk, AsyncResult]] = deque()
+    pending: deque[tuple[Chunk, Future]] = deque()
     for chunk in itertools.islice(it, WINDOW_PER_WORKER * workers):
-        pending.append((chunk, pool.apply_async(compile_chunk, (chunk,))))
+        pending.append((chunk, pool.submit(compile_chunk, chunk)))
     while pending:
         chunk, job = pending.popleft()
-        result = job.get()
+        result = job.result()
         for more in itertools.islice(it, 1):
-            pending.append((more, pool.apply_async(compile_chunk, (more,))))
+            pending.append((more, pool.submit(compile_chunk, more)))
         yield chunk, result
 
 

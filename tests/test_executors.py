@@ -79,3 +79,23 @@ def test_workers_started_ahead_compile_the_same_and_are_closed_by_their_owner(in
         assert one.pool is None
         assert [r.ids.tolist() for _, r in executors.run_local(iter(work), len(work), info, specs, {}, 1, one)] == \
             [r.ids.tolist() for _, r in here]
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_fails_the_compile_instead_of_hanging(tmp_path):
+    """Workers are spawned and import the main script: one that compiles at import time, unguarded, makes
+    every worker fail while starting. The compile stops with a message saying so, where a pool that
+    replaced dead workers would have waited forever for their chunks."""
+    import subprocess
+    import sys
+
+    from tiny import DEMO
+
+    script = tmp_path / "unguarded.py"
+    script.write_text("from tunec.compiler.build import Options, compile_recipe\n"
+                      f"compile_recipe({str(DEMO / 'demo.yaml')!r}, {str(tmp_path / 'out')!r}, "
+                      "Options(workers=2, use_cache=False))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "a compile worker process ended before its work was done" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out" / "plan.json").exists()
