@@ -70,7 +70,10 @@ def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str
     # cannot start) breaks the pool and fails the compile at once, where a Pool would wait forever
     # for the chunk the dead worker held.
     ctx = multiprocessing.get_context("spawn")
-    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(info, specs, pools, True))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(info, specs, pools, True))
+    for _ in range(workers):  # the pool starts its processes as work arrives: start them all now
+        pool.submit(int)
+    return pool
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
