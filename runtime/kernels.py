@@ -31,6 +31,7 @@ import torch
 
 from tunec.compiler.errors import TunecError
 
+from .fsdp import decoder_layers
 from .loss import causal_lm
 
 # Modules whose arithmetic is exactly Liger's "llama" RMSNorm: x * rsqrt(mean(x^2) + eps) in float32, cast back
@@ -41,19 +42,12 @@ LIGER_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen
 LIGER_MLPS = frozenset({"LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP"})
 
 
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's stack of decoder layers (``model.model.layers`` for the architectures transformers ships)."""
-    body = causal_lm(model).base_model
-    layers = getattr(body, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        raise TunecError(f"`compile: true`: {type(causal_lm(model)).__name__} has no list of decoder layers "
-                         "(`model.layers`) to compile; set `compile: false`")
-    return layers
-
-
 def compile_layers(model) -> str:
     """Compile each decoder layer in place (``nn.Module.compile``); returns a note for the stage's start line."""
-    layers = decoder_layers(model)
+    layers = decoder_layers(model)  # the blocks FSDP shards, found the same way
+    if not layers:
+        raise TunecError(f"`compile: true`: {type(causal_lm(model)).__name__} names no decoder layers "
+                         "(`_no_split_modules`) to compile; set `compile: false`")
     for layer in layers:
         layer.compile()
     return f"{len(layers)} decoder layers compiled (torch.compile)"

@@ -181,5 +181,5 @@ def test_compile_needs_a_layer_stack():
             super().__init__()
             self.lm_head = torch.nn.Linear(2, 2)
 
-    with pytest.raises(TunecError, match="has no list of decoder layers"):
+    with pytest.raises(TunecError, match="names no decoder layers"):
         kernels.compile_layers(Flat())
