@@ -124,7 +124,7 @@ finally:
     with open(sys.argv[1], "w") as fh:
         fh.write(json.dumps({"self_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                              "workers_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-sys.exit(code)
+cli.leave(code)  # as the `tunec` script ends (tunec.cli.console)
 """
 
 

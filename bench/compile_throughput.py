@@ -25,8 +25,8 @@ What it does, in one run on one machine:
 5. checks that every build is byte-identical to the first ``--workers 1``
    build (plan.json, manifest.json, every shard, the tokenizer files).
 
-The compile subprocess runs the same ``tunec.cli.main`` as the ``tunec``
-console script, with light timers wrapped around the build's phases (a few
+The compile subprocess runs the same ``tunec.cli.main`` and ``tunec.cli.leave``
+as the ``tunec`` console script, with light timers wrapped around the build's phases (a few
 ``perf_counter`` calls per phase, and one per rendered row with ``--workers
 1``); ``--plain-cli`` runs the installed ``tunec`` script instead, without
 phase timings.
@@ -547,7 +547,7 @@ def child_compile(phases_file: str, cli_args: list[str]) -> None:
             "timers": {k: {"seconds": v[0], "calls": v[1], "order": v[2]} for k, v in acc.items()},
             "hooks_missing": missing,
         }))
-    sys.exit(code)
+    cli.leave(code)  # as the `tunec` script ends (tunec.cli.console)
 
 
 # ----------------------------------------------------------------- report

@@ -16,6 +16,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -49,11 +50,20 @@ class Workers:
 
     def __init__(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]], workers: int):
         self.specs, self.workers = specs, workers
-        self.pool = _spawn(info, specs, pools, workers) if workers > 1 else None
+        self.pool: ProcessPoolExecutor | None = None
+        self._starter: threading.Thread | None = None
+        if workers > 1:
+            self.pool, self._starter = _spawn(info, specs, pools, workers)
+
+    def ready(self) -> ProcessPoolExecutor:
+        """The pool, its processes all launched."""
+        assert self.pool is not None and self._starter is not None, "a pool is started for two workers or more"
+        self._starter.join()
+        return self.pool
 
     def close(self) -> None:
         if self.pool is not None:
-            _stop(self.pool)
+            _stop(self.ready())
             self.pool = None
 
     def __enter__(self) -> "Workers":
@@ -63,7 +73,10 @@ class Workers:
         self.close()
 
 
-def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]], workers: int):
+def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]],
+           workers: int) -> tuple[ProcessPoolExecutor, threading.Thread]:
+    """A pool of ``workers`` processes, and the thread launching them (join it before reading the
+    pool's processes; the pool's own methods wait for the launch by themselves)."""
     # spawn: a clean interpreter per worker (fork after the tokenizer's thread
     # pool has started can deadlock), importing only the light worker modules.
     # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory, or one that
@@ -71,9 +84,20 @@ def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str
     # for the chunk the dead worker held.
     ctx = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(info, specs, pools, True))
-    for _ in range(workers):  # the pool starts its processes as work arrives: start them all now
-        pool.submit(int)
-    return pool
+
+    def launch() -> None:
+        # The pool starts its processes as work arrives: start them all now. Launching one waits for
+        # the new interpreter to read its arguments (the tokenizer's JSON: a megabyte or more) - a
+        # quarter of a second each, which this thread waits out instead of the caller.
+        try:
+            for _ in range(workers):
+                pool.submit(int)
+        except (BrokenProcessPool, RuntimeError):  # the pool's next use says so, or it is being shut down
+            pass
+
+    starter = threading.Thread(target=launch, name="tunec-spawn", daemon=True)
+    starter.start()
+    return pool, starter
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -107,9 +131,10 @@ def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: l
                     yield chunk, compile_chunk(chunk)
             return
         if started is not None and started.pool is not None:
-            yield from _in_order(started.pool, chunks, workers)
+            yield from _in_order(started.ready(), chunks, workers)
             return
-        pool = _spawn(info, specs, pools, workers)
+        pool, starter = _spawn(info, specs, pools, workers)
+        starter.join()
         try:
             yield from _in_order(pool, chunks, workers)
         finally:

@@ -30,13 +30,16 @@ from .executors import Workers, run_local, run_ray
 from .fileio import atomic_write_text, canonical_json, compact_json, sha256_text
 from .link import leak_reports
 from .plan import LeakReport
-from .sources import Rows, load_part, part_inputs
+from .sources import Rows, load_part, part_inputs, source_files
 from .tokens import TokenizerInfo
 from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, plan_docs
 from .unitstore import UnitWriter, open_unit
 
 Part = tuple[str, str]  # (task, "train" | "eval")
 
+# Source bytes per worker above which the workers are spawned before the rows are loaded: about a
+# thousand rows of instruction data, two chunks (CHUNK_ROWS) or more for each worker.
+EARLY_SPAWN_BYTES = 1 << 20
 logger = logging.getLogger(__name__)
 
 
@@ -114,9 +117,11 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
 
     run_specs = [specs[i] for i in missing]
     pools = {s.task: part(s.task, "train").columns for s in run_specs if s.few_shot is not None}
-    # Spawned now (when there are at least as many units to build as workers, each worker surely gets
-    # work), the worker processes start while the rows load and the leakage keys are hashed.
-    early = executor == "local" and workers > 1 and len(run_specs) >= workers
+    # Spawned now (when there are at least as many units to build as workers, or source files large
+    # enough to give each worker chunks of its own), the worker processes start while the rows load
+    # and the leakage keys are hashed. A small compile does not spawn them: its one chunk runs here.
+    early = executor == "local" and workers > 1 and (
+        len(run_specs) >= workers or _source_bytes(loaded, run_specs) >= EARLY_SPAWN_BYTES * workers)
     with Workers(info, run_specs, pools, workers if early else 1) as started:
         leak: dict[Part, LeakKeys] = {}
         for p in sorted(leak_parts):
@@ -156,6 +161,12 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     rebuilt = [order[i] for i in missing]
     return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
                     reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt, rows=parts)
+
+
+def _source_bytes(loaded, specs: list[UnitSpec]) -> int:
+    """Bytes of the local files the tasks of ``specs`` read (a hub dataset counts for nothing)."""
+    files = {path for s in specs for path in source_files(loaded, loaded.recipe.tasks[s.task]).values()}
+    return sum(path.stat().st_size for path in files if path.is_file())
 
 
 def _cached_units(cache: Cache, specs: list[UnitSpec], keys: dict[Part, str]) -> dict[Part, UnitResult]:

@@ -99,3 +99,46 @@ def test_a_worker_that_cannot_start_fails_the_compile_instead_of_hanging(tmp_pat
     assert proc.returncode != 0
     assert "a compile worker process ended before its work was done" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out" / "plan.json").exists()
+
+
+def test_workers_closed_before_their_launch_is_over_end_without_hanging(info):
+    started = executors.Workers(info, [SPEC], {}, 2)
+    started.close()  # waits for the launching thread, then ends the processes it launched
+    assert started.pool is None
+
+
+def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_same(tmp_path, monkeypatch):
+    """A single unit (fewer units than workers) whose source files are large gets its workers spawned while
+    its rows load; a small one compiles here. The build is byte-identical to one worker's."""
+    from tunec.compiler import incremental
+    from tunec.compiler.build import Options, compile_recipe
+
+    demo = Path(__file__).resolve().parents[1] / "recipes" / "demo"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"tokenizer: {{kind: local, path: {demo / 'tokenizer'}}}\nseq_len: 256\n"
+        f"tasks:\n  arithmetic:\n    source: {{kind: jsonl, path: {demo / 'data/arithmetic/train.jsonl'}}}\n"
+        "    templates: [arithmetic/qa]\n"
+        "stages:\n  - {name: sft, objective: sft, tasks: [arithmetic], model: {kind: config, config: "
+        "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
+        "vocab_size: 1024}}}\n", encoding="utf-8")
+    asked: list[int] = []
+
+    class Spy(executors.Workers):
+        def __init__(self, info, specs, pools, workers):
+            asked.append(workers)
+            super().__init__(info, specs, pools, workers)
+
+    monkeypatch.setattr(incremental, "Workers", Spy)
+
+    def build(out: str, workers: int) -> dict[str, bytes]:
+        compile_recipe(recipe, tmp_path / out, Options(workers=workers, use_cache=False))
+        return {p.relative_to(tmp_path / out).as_posix(): p.read_bytes()
+                for p in sorted((tmp_path / out).rglob("*")) if p.is_file()}
+
+    one = build("one", 1)
+    small = build("small", 2)  # a few kilobytes of source: compiled here
+    monkeypatch.setattr(incremental, "EARLY_SPAWN_BYTES", 1)
+    large = build("large", 2)  # "large": spawned ahead
+    assert asked == [1, 1, 2]
+    assert one == small == large
