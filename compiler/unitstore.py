@@ -9,16 +9,19 @@ calls :func:`release` after each shard, which hands the mapped pages back to
 the page cache: the compile's resident memory stays at what one chunk and one
 shard need, whatever the size of the data.
 
-The file (``unit format 2``)::
+The file (``unit format 3``)::
 
-    tunec.unit/2\\n
-    <sha256 hex of everything after this line>\\n
-    <8-byte little-endian length H><H bytes of JSON: every array's dtype, shape and
-    offset in the file; the unit's other fields>
-    <the arrays, each starting at a multiple of 64 bytes in the file, zero-padded between>
+    tunec.unit/3\\n
+    <sha256 hex of the header block, then of each array's own sha256 (32 bytes), in name order>\\n
+    <header block: 8-byte little-endian length H, then H bytes of JSON: every array's dtype,
+    shape and offset in the file; the unit's other fields>
+    <the arrays, in name order, each starting at a multiple of 64 bytes in the file, zero-padded between>
 
-Written under a temporary name and renamed when whole (fsync first); read
-only after its sha256 matched (streamed, in blocks: hashing maps nothing).
+Each array is hashed as its chunks are appended, so laying the file out is a copy
+the kernel makes (``copy_file_range``), not a read, hash and write of every byte.
+Written under a temporary name and renamed when whole (fsync first); read only
+after its digest matched (every array hashed again, streamed in blocks: hashing
+maps nothing).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import numpy as np
 
 from .units import UnitResult
 
-MAGIC = b"tunec.unit/2\n"
+MAGIC = b"tunec.unit/3\n"
 ALIGN = 64
 BLOCK = 1 << 22  # bytes copied or hashed at a time
 _PREFIX = len(MAGIC) + 65  # magic, digest, newline
@@ -76,7 +79,9 @@ class UnitWriter:
             stream = self._streams[name] = _Stream(p, open(p, "wb"), array.dtype, array.shape[1:])
         if array.dtype != stream.dtype or array.shape[1:] != stream.tail:
             raise AssertionError(f"unit array {name}: a chunk of {array.dtype}{array.shape}, not {stream.dtype}")
-        stream.fh.write(np.ascontiguousarray(array).tobytes())
+        data = np.ascontiguousarray(array).tobytes()
+        stream.fh.write(data)
+        stream.sha256.update(data)
         stream.count += len(array)
 
     def add(self, r: UnitResult) -> None:
@@ -156,6 +161,7 @@ class _Stream:
     dtype: np.dtype
     tail: tuple
     count: int = 0
+    sha256: Any = dataclasses.field(default_factory=hashlib.sha256)  # of the bytes written so far
 
 
 def split_fields(unit: UnitResult) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -201,31 +207,60 @@ def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], str
             raw = raw + b" " * (width - len(raw))
             break
         width = _align(len(raw) + 32)
-    h = hashlib.sha256()
-    with open(tmp, "wb") as fh:
-        fh.write(MAGIC + b"0" * 64 + b"\n")
-
-        def put(data: bytes) -> None:
-            fh.write(data)
-            h.update(data)
-
-        put(struct.pack("<Q", len(raw)) + raw)
-        pos = _PREFIX + 8 + len(raw)
+    block = struct.pack("<Q", len(raw)) + raw
+    digests = {name: streamed[name].sha256.digest() if name in streamed
+               else hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes()).digest() for name in names}
+    with open(tmp, "wb", buffering=0) as fh:  # unbuffered: the copies below write at the file's offset
+        _write_all(fh, MAGIC + _digest(block, [digests[n] for n in names]).encode("ascii") + b"\n" + block)
+        pos = _PREFIX + len(block)
         for name in names:
             start = layout[name]["offset"]
-            put(b"\0" * (start - pos))
+            _write_all(fh, b"\0" * (start - pos))
             if name in streamed:
-                with open(streamed[name].path, "rb") as src:
-                    while block := src.read(BLOCK):
-                        put(block)
+                _copy(streamed[name].path, fh, layout[name]["nbytes"])
             else:
-                put(np.ascontiguousarray(arrays[name]).tobytes())
+                _write_all(fh, np.ascontiguousarray(arrays[name]).tobytes())
             pos = start + layout[name]["nbytes"]
-        put(b"\0" * (_align(pos) - pos))
-        fh.seek(len(MAGIC))
-        fh.write(h.hexdigest().encode("ascii"))
-        fh.flush()
+        _write_all(fh, b"\0" * (_align(pos) - pos))
         os.fsync(fh.fileno())
+
+
+def _digest(block: bytes, arrays: list[bytes]) -> str:
+    """A unit file's digest: sha256 of its header block, then of its arrays' sha256 digests in order."""
+    h = hashlib.sha256(block)
+    for d in arrays:
+        h.update(d)
+    return h.hexdigest()
+
+
+def _copy(src: Path, dst: Any, nbytes: int) -> None:
+    """Append the ``nbytes`` bytes of file ``src`` to the unbuffered file ``dst``: in the kernel when it
+    can (``copy_file_range``), else read and written in blocks."""
+    with open(src, "rb", buffering=0) as fh:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(fh.fileno(), dst.fileno(), nbytes - done)
+                    if n == 0:
+                        break
+                    done += n
+            except OSError:  # not on this filesystem or kernel: the plain copy below, from where it stopped
+                pass
+        fh.seek(done)
+        while done < nbytes:
+            data = fh.read(min(BLOCK, nbytes - done))
+            if not data:
+                raise OSError(f"{src}: shorter than the {nbytes} bytes written to it")
+            _write_all(dst, data)
+            done += len(data)
+
+
+def _write_all(fh: Any, data: bytes) -> None:
+    """``data`` written whole to the unbuffered file ``fh`` (a write may take only part of it)."""
+    view = memoryview(data)
+    while view:
+        view = view[fh.write(view):]
 
 
 def open_unit(path: Path, verify: bool = True) -> UnitResult | None:
@@ -239,17 +274,15 @@ def open_unit(path: Path, verify: bool = True) -> UnitResult | None:
                 return None
             digest = head[len(MAGIC):_PREFIX - 1].decode("ascii", "replace")
             (n,) = struct.unpack("<Q", head[_PREFIX:])
-            if verify:
-                h = hashlib.sha256(head[_PREFIX:])
-                while block := fh.read(BLOCK):
-                    h.update(block)
-                if h.hexdigest() != digest:
-                    return None
-            fh.seek(_PREFIX + 8)
-            header = json.loads(fh.read(n))
             size = os.fstat(fh.fileno()).st_size
+            if n > size:
+                return None
+            raw = fh.read(n)
+            header = json.loads(raw)
+            if verify and not _intact(fh, head[_PREFIX:] + raw, header, digest, size):
+                return None
             mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    except (OSError, ValueError, UnicodeDecodeError, struct.error):
+    except (OSError, ValueError, UnicodeDecodeError, struct.error, RecursionError):
         return None
     try:
         layout, values = header["arrays"], header["fields"]
@@ -272,6 +305,35 @@ def open_unit(path: Path, verify: bool = True) -> UnitResult | None:
         return unit
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _intact(fh: BinaryIO, block: bytes, header: Any, digest: str, size: int) -> bool:
+    """Whether the file is whole and hashes to its ``digest`` (see :func:`_digest`): its arrays where the
+    header puts them, nothing but zeros between and after them, up to the file's aligned end."""
+    try:
+        layout = header["arrays"]
+        regions = sorted((int(a["offset"]), int(a["nbytes"]), name) for name, a in layout.items())
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return False
+    digests: dict[str, bytes] = {}
+    pos = _PREFIX + len(block)
+    for at, nbytes, name in regions:
+        if at < pos or nbytes < 0 or (at - pos and fh.read(at - pos) != b"\0" * (at - pos)):
+            return False  # overlapping, or something other than padding between two arrays
+        h = hashlib.sha256()
+        left = nbytes
+        while left:
+            data = fh.read(min(BLOCK, left))
+            if not data:
+                return False
+            h.update(data)
+            left -= len(data)
+        digests[name] = h.digest()
+        pos = at + nbytes
+    tail = _align(pos) - pos
+    if size != pos + tail or fh.read(tail) != b"\0" * tail:
+        return False
+    return _digest(block, [digests[n] for n in sorted(digests)]) == digest
 
 
 @dataclass

@@ -138,6 +138,47 @@ def test_a_damaged_or_cut_unit_file_does_not_read(tmp_path):
         assert open_unit(tmp_path / "u") is None
 
 
+def test_a_change_of_any_byte_of_a_unit_file_or_bytes_after_it_are_found(tmp_path):
+    # the digest covers the header and each array; what lies between the arrays must be zeros
+    rng = np.random.default_rng(3)
+    w = UnitWriter(tmp_path / "u", 2)
+    for _ in range(3):
+        w.add(chunk(rng, 7, choices=True))
+    w.finish()
+    data = (tmp_path / "u").read_bytes()
+    for at in range(len(data)):
+        (tmp_path / "u").write_bytes(data[:at] + bytes([data[at] ^ 0x20]) + data[at + 1:])
+        assert open_unit(tmp_path / "u") is None, at
+    for extra in (b"\0", b"\0" * 64, b"x"):
+        (tmp_path / "u").write_bytes(data + extra)
+        assert open_unit(tmp_path / "u") is None
+    (tmp_path / "u").write_bytes(data)
+    assert open_unit(tmp_path / "u") is not None
+
+
+def test_without_a_kernel_copy_the_unit_file_is_the_same(tmp_path, monkeypatch):
+    import os
+
+    def write(name: str) -> bytes:
+        rng = np.random.default_rng(5)
+        w = UnitWriter(tmp_path / name, 2)
+        for _ in range(4):
+            w.add(chunk(rng, 9))
+        w.finish()
+        return (tmp_path / name).read_bytes()
+
+    kernel = write("a")
+
+    def refused(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refused, raising=False)
+    assert write("b") == kernel
+    monkeypatch.delattr(os, "copy_file_range", raising=False)
+    assert write("c") == kernel
+    assert open_unit(tmp_path / "c") is not None
+
+
 def test_an_aborted_writer_leaves_nothing(tmp_path):
     w = UnitWriter(tmp_path / "u", 2)
     w.add(chunk(np.random.default_rng(1), 4))
