@@ -171,8 +171,10 @@ class ByteDecoder:
 
     def __init__(self, table: list[bytes | None]):
         self.known = np.array([t is not None for t in table], dtype=bool)
-        self.table = np.array([t if t is not None else b"" for t in table], dtype=object)
-        self.lengths = np.array([len(t) for t in self.table], dtype=np.int64)
+        # every token's bytes, one after the other: token i is flat[at[i] : at[i] + lengths[i]]
+        self.lengths = np.array([len(t) if t is not None else 0 for t in table], dtype=np.int64)
+        self.at = np.cumsum(self.lengths) - self.lengths
+        self.flat = np.frombuffer(b"".join(t for t in table if t is not None), dtype=np.uint8)
 
     @classmethod
     def of(cls, backend: Any) -> "ByteDecoder | None":
@@ -214,14 +216,21 @@ class ByteDecoder:
         return found if found.runs(probe, starts, ends) == want else None
 
     def runs(self, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> list[str] | None:
-        """Each run's text; None when a run holds an id outside the table."""
-        ids = np.asarray(ids)
-        inside = (ids >= 0) & (ids < len(self.table))
-        if not inside.all() or not self.known[ids].all():
+        """Each run's text; None when a run holds an id outside the table. Only the runs' tokens are
+        looked up, and their bytes gathered in one step (no Python object per token)."""
+        runs = np.asarray(ends, np.int64) - np.asarray(starts, np.int64)
+        tokens = np.asarray(ids)[np.repeat(starts, runs) + _ramp(runs)]
+        if not ((tokens >= 0) & (tokens < len(self.known))).all() or not self.known[tokens].all():
             return None
-        cum = np.concatenate(([0], np.cumsum(self.lengths[ids])))
-        data = b"".join(self.table[ids].tolist())
-        return [data[a:b].decode("utf-8", "replace") for a, b in zip(cum[starts].tolist(), cum[ends].tolist())]
+        lengths = self.lengths[tokens]
+        data = self.flat[np.repeat(self.at[tokens], lengths) + _ramp(lengths)].tobytes()
+        cum = np.concatenate(([0], np.cumsum(lengths)))[np.concatenate(([0], np.cumsum(runs)))].tolist()
+        return [data[a:b].decode("utf-8", "replace") for a, b in zip(cum[:-1], cum[1:])]
+
+
+def _ramp(lengths: np.ndarray) -> np.ndarray:
+    """``0..l0-1, 0..l1-1, ...``"""
+    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _document_ok(got: list[str], want: Intended, exact: bool, backend: Any) -> bool:

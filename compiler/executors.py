@@ -16,6 +16,8 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
+import tempfile
 import threading
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -26,7 +28,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import Problem, TunecError
 from .tokens import TokenizerInfo
-from .units import Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker
+from .units import Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker, init_worker_from
 
 EXECUTORS = ("local", "ray")
 WINDOW_PER_WORKER = 16  # chunks handed to the pool at a time, per worker
@@ -52,8 +54,9 @@ class Workers:
         self.specs, self.workers = specs, workers
         self.pool: ProcessPoolExecutor | None = None
         self._starter: threading.Thread | None = None
+        self._setup: Path | None = None
         if workers > 1:
-            self.pool, self._starter = _spawn(info, specs, pools, workers)
+            self.pool, self._starter, self._setup = _spawn(info, specs, pools, workers)
 
     def ready(self) -> ProcessPoolExecutor:
         """The pool, its processes all launched."""
@@ -65,6 +68,9 @@ class Workers:
         if self.pool is not None:
             _stop(self.ready())
             self.pool = None
+        if self._setup is not None:
+            self._setup.unlink(missing_ok=True)
+            self._setup = None
 
     def __enter__(self) -> "Workers":
         return self
@@ -74,16 +80,25 @@ class Workers:
 
 
 def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]],
-           workers: int) -> tuple[ProcessPoolExecutor, threading.Thread]:
-    """A pool of ``workers`` processes, and the thread launching them (join it before reading the
-    pool's processes; the pool's own methods wait for the launch by themselves)."""
+           workers: int) -> tuple[ProcessPoolExecutor, threading.Thread, Path]:
+    """A pool of ``workers`` processes, the thread launching them (join it before reading the pool's
+    processes; the pool's own methods wait for the launch by themselves), and the file holding what
+    each worker starts with (remove it once the pool is stopped)."""
     # spawn: a clean interpreter per worker (fork after the tokenizer's thread
     # pool has started can deadlock), importing only the light worker modules.
     # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory, or one that
     # cannot start) breaks the pool and fails the compile at once, where a Pool would wait forever
     # for the chunk the dead worker held.
     ctx = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker, initargs=(info, specs, pools, True))
+    fd, name = tempfile.mkstemp(prefix="tunec-workers-", suffix=".pickle")  # this user's alone (mode 0600)
+    setup = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump((info, specs, pools), fh, protocol=pickle.HIGHEST_PROTOCOL)
+    except BaseException:
+        setup.unlink(missing_ok=True)
+        raise
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker_from, initargs=(str(setup), True))
 
     def launch() -> None:
         # The pool starts its processes as work arrives: start them all now. Launching one waits for
@@ -97,7 +112,7 @@ def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str
 
     starter = threading.Thread(target=launch, name="tunec-spawn", daemon=True)
     starter.start()
-    return pool, starter
+    return pool, starter, setup
 
 
 def _stop(pool: ProcessPoolExecutor) -> None:
@@ -133,12 +148,13 @@ def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: l
         if started is not None and started.pool is not None:
             yield from _in_order(started.ready(), chunks, workers)
             return
-        pool, starter = _spawn(info, specs, pools, workers)
+        pool, starter, setup = _spawn(info, specs, pools, workers)
         starter.join()
         try:
             yield from _in_order(pool, chunks, workers)
         finally:
             _stop(pool)
+            setup.unlink(missing_ok=True)
     except RowError as exc:
         raise row_error(exc) from None
     except BrokenProcessPool:

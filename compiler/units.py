@@ -221,6 +221,17 @@ def init_worker(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dic
     _worker = Worker(info, specs, pools)
 
 
+def init_worker_from(setup: str, single_thread: bool) -> None:
+    """:func:`init_worker` with the arguments pickled in the file ``setup`` (written by the process that
+    spawns the workers): handing a megabyte of tokenizer to each new process through its start-up pipe
+    would hold up the start of the next one until this one has read it."""
+    import pickle
+
+    with open(setup, "rb") as fh:
+        info, specs, pools = pickle.load(fh)
+    init_worker(info, specs, pools, single_thread)
+
+
 def compile_chunk(chunk: Chunk) -> UnitResult:
     assert _worker is not None, "init_worker runs first in every process"
     # A chunk allocates ~100 Python objects per row (Jinja contexts, token lists) and frees them at

@@ -103,8 +103,10 @@ def test_a_worker_that_cannot_start_fails_the_compile_instead_of_hanging(tmp_pat
 
 def test_workers_closed_before_their_launch_is_over_end_without_hanging(info):
     started = executors.Workers(info, [SPEC], {}, 2)
+    setup = started._setup  # what each worker starts with, handed over in a file of this user's
+    assert setup is not None and setup.is_file() and setup.stat().st_mode & 0o077 == 0
     started.close()  # waits for the launching thread, then ends the processes it launched
-    assert started.pool is None
+    assert started.pool is None and not setup.exists()
 
 
 def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_same(tmp_path, monkeypatch):

@@ -374,3 +374,30 @@ def test_a_parquet_file_damaged_inside_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in output, output
     assert code == 1 and len(errors) == 1 and "\n" not in errors[0]
     assert errors[0].startswith(f"error: {tmp_path / 'd.parquet'}: cannot read parquet file: "), errors
+
+
+@pytest.mark.parametrize("where", ["split", "after_ascii", "cut_at_block_end", "last_byte"])
+def test_the_utf8_check_reads_in_blocks_yet_finds_every_fault_and_accepts_split_characters(tmp_path, where):
+    from tunec.compiler.sources import _check_utf8
+
+    block = 1 << 16
+    line = b'{"q": "' + b"a" * 40 + b'", "a": "1"}\n'
+    ascii_part = line * (2 * block // len(line) + 3)  # more than two blocks of ASCII
+    path = tmp_path / "d.jsonl"
+    if where == "split":  # "é" (2 bytes) and "€" (3 bytes) each cut by a block boundary: valid
+        head = b'{"q": "' + b"a" * (block - 8)
+        path.write_bytes(head + "é".encode() + b'", "a": "1"}\n' + ascii_part[: block - 30] + b'{"q": "\xe2\x82\xac"}\n')
+        assert path.read_bytes()[block - 1:block + 1] == "é".encode()
+        _check_utf8(path)
+        return
+    if where == "after_ascii":
+        data, line_no = ascii_part + b'{"q": "\xff"}\n', ascii_part.count(b"\n") + 1
+    elif where == "cut_at_block_end":  # a character's first byte ends a block, a block of ASCII follows,
+        # then a byte that would end that character: not UTF-8 (the ASCII between breaks it)
+        pad = b'{"q": "' + b"a" * (block - 8)
+        data, line_no = pad + b"\xc3" + b"b" * block + b"\xa9\"}\n", 1
+    else:
+        data, line_no = ascii_part + b"\xe2\x82", ascii_part.count(b"\n") + 1
+    path.write_bytes(data)
+    with pytest.raises(TunecError, match=rf"d\.jsonl:{line_no}:\d+: not valid UTF-8"):
+        _check_utf8(path)
