@@ -52,6 +52,15 @@ def test_a_thread_still_running_is_waited_for_as_a_normal_exit_would(tmp_path):
     assert done.stdout.splitlines()[-1] == "thread finished"
 
 
+def test_a_compile_run_under_a_profiler_lets_it_write_its_output(tmp_path):
+    # `python -m cProfile` writes its file after the program returns: the program returns
+    done = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / "prof"), "-m", "tunec.cli",
+                           "compile", str(DEMO), "-o", str(tmp_path / "out"), "-j", "1"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "prof").stat().st_size > 0
+
+
 def test_a_failed_compile_still_exits_1_with_its_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(DEMO.read_text(encoding="utf-8").replace("seq_len:", "seq_lenn:"), encoding="utf-8")

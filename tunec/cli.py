@@ -329,13 +329,14 @@ def leave(code: int) -> None:
     threads still running are waited for and the exit handlers run (logging
     flushed, the resource tracker told, temporary folders removed), as a normal
     exit would; then the process ends. Not while a thread that the exit would
-    wait for still runs, and never for a library caller of :func:`main` (a
-    test's ``CliRunner``)."""
+    wait for still runs, nor under a profiler or tracer (``python -m cProfile``
+    writes its output after the program returns), and never for a library caller
+    of :func:`main` (a test's ``CliRunner``)."""
     import atexit
     import threading
 
     others = [t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
-    if not _finished_early[0] or others:
+    if not _finished_early[0] or others or sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)
     atexit._run_exitfuncs()
     sys.stdout.flush()
