@@ -177,17 +177,21 @@ def _fill(out: dict[str, np.ndarray], docs: DocSource, bins: list[list[int]], se
     row_start[:] = (ends - lengths)[first]
     at = (ends - lengths) - row_start[row_of]
     inner = _ramps(lengths)
-    dst = np.repeat(row_of * seq_len + at, lengths) + inner
+    used = np.bincount(row_of, weights=lengths, minlength=n).astype(np.int64)
+    if bool((at + lengths > seq_len).any()):
+        raise AssertionError("a packed row holds more tokens than seq_len")
+    # A row's documents fill it from its start, one after the other: the cells they take, read row by
+    # row, are the documents' tokens in `order`'s order (a mask, not an index per token)
+    taken = (np.arange(seq_len) < used[:, None]).reshape(-1)
     ids, labs = docs.gather(order, lengths, inner)
-    out["input_ids"].reshape(-1)[dst] = ids
-    out["labels"].reshape(-1)[dst] = labs
+    out["input_ids"].reshape(-1)[taken] = ids
+    out["labels"].reshape(-1)[taken] = labs
     del ids, labs
     positions = out["position_ids"]
-    positions.reshape(-1)[dst] = inner
-    used = np.bincount(row_of, weights=lengths, minlength=n).astype(np.int64)
+    positions.reshape(-1)[taken] = inner
     pad_rows = np.flatnonzero(used < seq_len)
     for r in pad_rows.tolist():  # one slice per row (not per document)
         positions[r, used[r]:] = np.arange(seq_len - used[r], dtype=np.int32)
     if docs.side is not None:
-        out["pair_ids"].reshape(-1)[dst] = np.repeat(order // docs.group, lengths)
-        out["sides"].reshape(-1)[dst] = np.repeat(docs.side[order].astype(np.int32), lengths)
+        out["pair_ids"].reshape(-1)[taken] = np.repeat(order // docs.group, lengths)
+        out["sides"].reshape(-1)[taken] = np.repeat(docs.side[order].astype(np.int32), lengths)

@@ -71,3 +71,12 @@ def test_full_rows_have_no_padding_document():
     rows = build_rows(docs, [[0, 1]], 4, pad_id=9)
     assert rows["input_ids"].tolist() == [[1, 2, 3, 4]]
     assert rows["position_ids"].tolist() == [[0, 1, 0, 1]]
+
+
+def test_a_bin_holding_more_tokens_than_a_row_stops_the_packing():
+    from tunec.compiler.pack import Docs, build_rows
+
+    docs = Docs(np.arange(10, dtype=np.int32), np.array([0, 6, 10]), np.arange(10, dtype=np.int32))
+    assert build_rows(docs, [[0, 1]], 10, 0)["input_ids"].tolist() == [list(range(10))]
+    with pytest.raises(AssertionError, match="more tokens than seq_len"):
+        build_rows(docs, [[0, 1]], 8, 0)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 
 from tunec.compiler.link import Selected
-from tunec.compiler.pack import IGNORE, Docs, build_rows
+from tunec.compiler.pack import IGNORE, Docs, build_rows, doc_labels
 from tunec.compiler.sources import Rows
 from tunec.compiler.units import UnitResult
 from tunec.compiler.unitstore import UnitWriter, open_unit, take_tokens
@@ -83,9 +83,12 @@ def chunk(rng: np.random.Generator, docs: int, templates: int = 2, choices: bool
     lengths = rng.integers(1, 40, docs)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     ids = rng.integers(0, 1000, int(offsets[-1])).astype(np.int32)
-    labels = np.where(rng.random(len(ids)) < 0.5, ids, IGNORE).astype(np.int32)
-    labels[offsets[:-1]] = IGNORE  # as the workers label: never a document's first token
-    spans = np.array([[d, 1, int(n)] for d, n in enumerate(lengths)], np.int32).reshape(-1, 3)
+    # zero to two trained spans per document, labelled as the workers label them
+    spans = np.array([[d, a, b] for d, n in enumerate(lengths.tolist())
+                      for a, b in sorted(tuple(sorted(rng.integers(0, n + 1, 2).tolist()))
+                                         for _ in range(int(rng.integers(0, 3))))],
+                     np.int32).reshape(-1, 3)
+    labels = doc_labels(ids, offsets, spans, "sft")
     return UnitResult(
         ids=ids, offsets=offsets, spans=spans, template=rng.integers(0, templates, docs).astype(np.int16),
         row=(np.arange(docs) + base_row).astype(np.int32), skipped=rng.integers(0, 3, templates).astype(np.int64),
