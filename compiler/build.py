@@ -14,6 +14,7 @@ a killed one left behind.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import functools
 import json
@@ -21,7 +22,7 @@ import logging
 import os
 import shutil
 import threading
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -133,6 +134,12 @@ def build(checked: Checked, out: Path, options: Options, tokenizer: tuple[Any, T
 
 def _build(checked: Checked, out: Path, staging: Path, options: Options,
            tokenizer: tuple[Any, TokenizerInfo] | None = None) -> Plan:
+    with ExitStack() as cleanup:  # the worker processes, kept from the units to the shards
+        return _build_in(checked, out, staging, options, tokenizer, cleanup)
+
+
+def _build_in(checked: Checked, out: Path, staging: Path, options: Options,
+              tokenizer: tuple[Any, TokenizerInfo] | None, cleanup: ExitStack) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
     estimate.prefetch(list(recipe.stages), options.cache_dir())  # model configs built beside the compile
@@ -215,7 +222,10 @@ def _build(checked: Checked, out: Path, staging: Path, options: Options,
         with _progress(options.progress, None, "compile") as bar:
             compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), leak_parts,
                                      options.workers, scratch, options.executor, options.ray_address, bar, keyed,
-                                     on_rows=linting.start)
+                                     on_rows=linting.start, keep_workers=True)
+        if compiled.workers is not None:  # they build and write the shards too, beside each other
+            cleanup.callback(compiled.workers.close)
+            linker = dataclasses.replace(linker, pool=compiled.workers.ready())
         if options.on_units is not None:
             options.on_units(compiled.reused, compiled.rebuilt)
         units = compiled.units

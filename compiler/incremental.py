@@ -67,6 +67,8 @@ class Compiled:
     reused: list[Part] = field(default_factory=list)
     rebuilt: list[Part] = field(default_factory=list)
     rows: dict[Part, Rows] = field(default_factory=dict)  # the parts whose rows were loaded (read on demand)
+    # with `keep_workers`: the worker processes that compiled the units, still running (the caller closes them)
+    workers: Workers | None = None
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,15 @@ def unit_keys(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo) -> K
 def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
                   leak_parts: set[Part], workers: int, scratch: Path, executor: str = "local",
                   ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None,
-                  keyed: Keys | None = None, on_rows: Callable[[dict[Part, Rows]], None] | None = None) -> Compiled:
+                  keyed: Keys | None = None, on_rows: Callable[[dict[Part, Rows]], None] | None = None,
+                  keep_workers: bool = False) -> Compiled:
     """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
     into the folder ``scratch``, which the caller removes once the units are linked). ``keyed``: the
     keys of :func:`unit_keys`, when the caller has them already. ``on_rows``: called with the parts
     whose rows are loaded, once all of them are and before they are compiled here (not on Ray, and
-    not when no unit is compiled), e.g. to start reading them in another thread meanwhile."""
+    not when no unit is compiled), e.g. to start reading them in another thread meanwhile.
+    ``keep_workers``: the worker processes spawned for the units are left running and handed back in
+    :attr:`Compiled.workers` (the caller closes them), for the linker's shards."""
     loaded = checked.loaded
     tasks = loaded.recipe.tasks
     keyed = keyed if keyed is not None else unit_keys(checked, specs, info)
@@ -122,7 +127,8 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     # and the leakage keys are hashed. A small compile does not spawn them: its one chunk runs here.
     early = executor == "local" and workers > 1 and (
         len(run_specs) >= workers or _source_bytes(loaded, run_specs) >= EARLY_SPAWN_BYTES * workers)
-    with Workers(info, run_specs, pools, workers if early else 1) as started:
+    started = Workers(info, run_specs, pools, workers if early else 1)
+    try:
         leak: dict[Part, LeakKeys] = {}
         for p in sorted(leak_parts):
             task = tasks[p[0]]
@@ -157,10 +163,16 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
                 on_rows(dict(parts))
             units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers, progress,
                                     started if early else None))
+    except BaseException:
+        started.close()
+        raise
+    kept = started if keep_workers and started.pool is not None else None
+    if kept is None:
+        started.close()
     order = [(s.task, s.part) for s in specs]
     rebuilt = [order[i] for i in missing]
     return Compiled(units={p: units[p] for p in order}, keys=keys, leak=leak,
-                    reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt, rows=parts)
+                    reused=[p for p in order if p not in rebuilt], rebuilt=rebuilt, rows=parts, workers=kept)
 
 
 def _source_bytes(loaded, specs: list[UnitSpec]) -> int:

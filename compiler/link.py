@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -21,9 +22,9 @@ from .fileio import atomic_write_text, sha256_text
 from .pack import IGNORE, DocSource, best_fit_decreasing, build_rows, group_bins
 from .plan import LENGTH_BINS, ChoicesFile, EvalSet, LeakReport, Lengths, PackedSet, ShardEntry, TaskCounts
 from .recipe import Stage
-from .shards import write_shard
+from .shards import WrittenShard, write_shard
 from .units import MESSAGES, UnitResult
-from .unitstore import release, take_tokens
+from .unitstore import open_unit, release, take_tokens
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class Linker:
     shard_rows: int
     seed: int
     template_names: dict[str, list[str]]  # task -> its templates' names
+    # worker processes (a concurrent.futures executor) that build and write shards beside each other;
+    # None: this process builds them, one writing while the next is built
+    pool: Any = field(default=None, compare=False, repr=False)
 
     def select(self, stage: Stage, units: dict[str, UnitResult]) -> "Mix":
         """The stage's mixture: which documents of each task (pure: no files written)."""
@@ -112,6 +116,54 @@ class Linker:
     def _pack(self, docs: DocSource, rel: Path, stage: str) -> PackedSet:
         lengths = docs.lengths
         bins = group_bins(docs, self.seq_len) if docs.side is not None else best_fit_decreasing(lengths, self.seq_len)
+        shards = self._shards_in_pool(docs, bins, rel, stage)
+        if shards is None:
+            shards = self._shards_here(docs, bins, rel, stage)
+        tokens = int(lengths.sum())
+        return PackedSet(
+            rows=len(bins), seq_len=self.seq_len, tokens=tokens,
+            trained_tokens=sum(s.trained_tokens for s in shards),
+            fill_rate=round(tokens / (len(bins) * self.seq_len), 6) if bins else 0.0,
+            shards=shards,
+        )
+
+    def _shards_in_pool(self, docs: DocSource, bins: list[list[int]], rel: Path, stage: str) -> list[ShardEntry] | None:
+        """The shards built and written by the worker processes of ``pool``, each its own shard (the same
+        files as :meth:`_shards_here` writes); None without a pool, or for documents the workers cannot
+        read by themselves (in memory, or pairs, whose ids number the stage's pairs)."""
+        if self.pool is None or not isinstance(docs, Selected) or docs.side is not None or \
+                not all(getattr(u, "_stored", None) is not None for u in docs.units):
+            return None
+        from concurrent.futures.process import BrokenProcessPool
+
+        paths = tuple(str(u._stored.path) for u in docs.units)  # type: ignore[attr-defined]
+        jobs: list[tuple[Path, Future, int]] = []
+        shards = []
+        try:
+            for s, lo in enumerate(range(0, len(bins), self.shard_rows)):
+                group = bins[lo : lo + self.shard_rows]
+                order = np.fromiter((d for b in group for d in b), dtype=np.int64, count=sum(len(b) for b in group))
+                ends = np.cumsum([len(b) for b in group]).tolist()
+                local = [list(range(a, b)) for a, b in zip([0, *ends[:-1]], ends)]  # the shard's docs, renumbered
+                job = ShardJob(paths, docs.part[order], docs.doc[order], docs.lengths[order], docs.lm, local,
+                               self.seq_len, self.pad_id, str(self.out / rel / f"{s:05d}.safetensors"),
+                               {"stage": stage, "seq_len": self.seq_len})
+                jobs.append((rel / f"{s:05d}.safetensors", self.pool.submit(build_shard, job),
+                             int(docs.lengths[order].sum())))
+            for path, job, tokens in jobs:
+                written, trained = job.result()
+                shards.append(ShardEntry(path=path.as_posix(), sha256=written.sha256, bytes=written.bytes,
+                                         rows=written.rows, tokens=tokens, trained_tokens=trained))
+        except BrokenProcessPool:
+            raise TunecError("a compile worker process ended while it wrote a shard (killed by the system, e.g. "
+                             "for memory); compile again, with fewer --workers if memory is short") from None
+        finally:
+            for _, job, _ in jobs:
+                job.cancel()
+        return shards
+
+    def _shards_here(self, docs: DocSource, bins: list[list[int]], rel: Path, stage: str) -> list[ShardEntry]:
+        lengths = docs.lengths
         shards: list[ShardEntry] = []
         # Each shard is written (saved, synced, hashed) on a thread while the next one's rows are built:
         # at most two shards' arrays exist at once, and the shards are listed in order whatever finishes first.
@@ -129,13 +181,45 @@ class Linker:
                 while len(pending) > 1:  # the shard before this one is written before another is built
                     shards.append(_entry(*pending.pop(0)))
             shards.extend(_entry(*p) for p in pending)
-        tokens = int(lengths.sum())
-        return PackedSet(
-            rows=len(bins), seq_len=self.seq_len, tokens=tokens,
-            trained_tokens=sum(s.trained_tokens for s in shards),
-            fill_rate=round(tokens / (len(bins) * self.seq_len), 6) if bins else 0.0,
-            shards=shards,
-        )
+        return shards
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard for a worker process to build and write: its documents (renumbered 0.. in the order
+    ``bins`` packs them) by unit file, index in the unit and length."""
+
+    units: tuple[str, ...]  # the unit files (compiler/unitstore.py), as `part` numbers them
+    part: np.ndarray
+    doc: np.ndarray
+    lengths: np.ndarray
+    lm: bool
+    bins: list[list[int]]
+    seq_len: int
+    pad_id: int
+    path: str
+    metadata: dict
+
+
+_opened: dict[str, UnitResult] = {}  # a worker's units, mapped once (a compile's unit files never change)
+
+
+def build_shard(job: ShardJob) -> tuple[WrittenShard, int]:
+    """Build and write ``job``'s shard (in a worker process); the shard, and its trained tokens."""
+    units = []
+    for path in job.units:
+        if path not in _opened:
+            unit = open_unit(Path(path), verify=False)  # checked by the process that handed it over
+            if unit is None:
+                raise OSError(f"{path}: not a whole unit")
+            if len(_opened) >= 64:
+                _opened.pop(next(iter(_opened)))
+            _opened[path] = unit
+        units.append(_opened[path])
+    docs = Selected(units=units, part=job.part, doc=job.doc, lengths=job.lengths, lm=job.lm)
+    arrays = build_rows(docs, job.bins, job.seq_len, job.pad_id)
+    trained = int((arrays["labels"] != IGNORE).sum())
+    return write_shard(Path(job.path), arrays, job.metadata), trained
 
 
 def _entry(path: Path, written: Future, tokens: int, trained_tokens: int) -> ShardEntry:

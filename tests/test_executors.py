@@ -144,3 +144,59 @@ def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_s
     large = build("large", 2)  # "large": spawned ahead
     assert asked == [1, 1, 2]
     assert one == small == large
+
+
+@pytest.mark.parametrize("recipe", ["demo/collection.yaml", "preference.yaml"])
+def test_shards_built_by_the_workers_are_the_shards_built_here(tmp_path, monkeypatch, recipe):
+    """With worker processes spawned for the units, they also build and write the shards (pairs excepted:
+    their ids number the stage's pairs, so those are built here); every file equals a one-worker build's."""
+    from tunec.compiler import incremental, link
+    from tunec.compiler.build import Options, compile_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / recipe
+    used: list[tuple[bool, bool]] = []  # per shard set: (in the pool, of pairs)
+    real = link.Linker._shards_in_pool
+
+    def spy(self, docs, *args, **kwargs):
+        got = real(self, docs, *args, **kwargs)
+        used.append((got is not None, docs.side is not None))
+        return got
+
+    monkeypatch.setattr(link.Linker, "_shards_in_pool", spy)
+    monkeypatch.setattr(incremental, "EARLY_SPAWN_BYTES", 1)  # spawned ahead, so kept for the shards
+
+    def build(out: str, workers: int) -> dict[str, bytes]:
+        compile_recipe(path, tmp_path / out, Options(workers=workers, use_cache=False, shard_rows=8))
+        return {p.relative_to(tmp_path / out).as_posix(): p.read_bytes()
+                for p in sorted((tmp_path / out).rglob("*")) if p.is_file()}
+
+    one = build("one", 1)
+    assert not any(pooled for pooled, _ in used)
+    used.clear()
+    two = build("two", 2)
+    assert one == two
+    assert used and all(pooled != pairs for pooled, pairs in used)
+    assert any(pairs for _, pairs in used) == (recipe == "preference.yaml")
+    assert sum(p.endswith(".safetensors") for p in two) > 2
+
+
+def test_a_worker_that_dies_while_writing_a_shard_fails_the_compile_in_one_line(info, tmp_path):
+    from tunec.compiler.link import Linker, Selected
+    from tunec.compiler.unitstore import UnitWriter, open_unit
+
+    work = chunks([str(i) for i in range(12)])
+    writer = UnitWriter(tmp_path / "u", 1)
+    for _, result in executors.run_local(iter(work), len(work), info, [SPEC], {}, 1):
+        writer.add(result)
+    writer.finish()
+    unit = open_unit(tmp_path / "u")
+    assert unit is not None
+    with executors.Workers(info, [SPEC], {}, 2) as started:
+        pool = started.ready()
+        for process in list(pool._processes.values()):  # killed, as the system kills for memory
+            process.kill()
+            process.join()
+        linker = Linker(out=tmp_path / "out", seq_len=64, pad_id=0, shard_rows=2, seed=0,
+                        template_names={"sums": ["qa"]}, pool=pool)
+        with pytest.raises(TunecError, match="ended while it wrote a shard"):
+            linker._pack(Selected.of([(unit, np.arange(unit.docs))], "sft"), Path("s"), "s")
