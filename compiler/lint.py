@@ -34,7 +34,6 @@ duplicate-examples      rows of a task repeat another row exactly (more than ``d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import threading
@@ -329,7 +328,7 @@ def _squeezed(source: TemplateSource) -> str:
 
 def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
     """``(repeated rows, first row, its first repeat)`` over all rows, or None when none repeats."""
-    seen: dict[bytes, int] = {}  # a row's 128-bit digest -> its first position
+    seen: dict[int, int] = {}  # a row's digest -> its first position
     count, first = 0, None
     for lo, columns in rows.slices():  # a slice of rows out of Arrow at a time
         names = sorted(columns)
@@ -348,25 +347,20 @@ def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
 _JSON = json.JSONEncoder(default=str, ensure_ascii=False).encode  # what a row's values print as, JSON
 
 
-def _row_digest(values: tuple) -> bytes:
-    """128-bit digest of a row's values (columns in name order): two rows get the same one when each of
-    their values prints as the same JSON. A string is hashed as itself (escaping it as JSON costs
-    more than hashing it); any other value as its JSON text, unless that is a JSON string (a value
-    printed through ``str``), which is hashed as the string it holds, as equal JSON requires."""
-    h = hashlib.blake2b(digest_size=16)
-    for v in values:
-        if type(v) is not str:
-            text = _JSON(v)
-            if not text.startswith('"'):
-                data = text.encode("utf-8", "surrogatepass")
-                h.update(b"j%d:" % len(data))
-                h.update(data)
-                continue
-            v = json.loads(text)
-        data = v.encode("utf-8", "surrogatepass")
-        h.update(b"s%d:" % len(data))
-        h.update(data)
-    return h.digest()
+def _row_digest(values: tuple) -> int:
+    """64-bit digest of a row's values (columns in name order): two rows get the same one when each of
+    their values prints as the same JSON. Python's own hash of the values, a string as itself, any
+    other value as its JSON text (kept apart from strings), unless that is a JSON string (a value
+    printed through ``str``): then as the string it holds, as equal JSON requires. Two different rows
+    share a digest once in 2**64 pairs (a duplicate warning, never a change to the data)."""
+    if all(type(v) is str for v in values):
+        return hash(values)
+    return hash(tuple(v if type(v) is str else _json_value(v) for v in values))
+
+
+def _json_value(value: Any) -> Any:
+    text = _JSON(value)
+    return json.loads(text) if text.startswith('"') else ("json", text)
 
 
 def _template_places(checked: Checked, name: str, task: Task, sources: tuple[TemplateSource, ...]) -> list[str | None]:
