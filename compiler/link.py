@@ -145,10 +145,10 @@ class Linker:
                 order = np.fromiter((d for b in group for d in b), dtype=np.int64, count=sum(len(b) for b in group))
                 ends = np.cumsum([len(b) for b in group]).tolist()
                 local = [list(range(a, b)) for a, b in zip([0, *ends[:-1]], ends)]  # the shard's docs, renumbered
-                job = ShardJob(paths, docs.part[order], docs.doc[order], docs.lengths[order], docs.lm, local,
-                               self.seq_len, self.pad_id, str(self.out / rel / f"{s:05d}.safetensors"),
-                               {"stage": stage, "seq_len": self.seq_len})
-                jobs.append((rel / f"{s:05d}.safetensors", self.pool.submit(build_shard, job),
+                spec = ShardJob(paths, docs.part[order], docs.doc[order], docs.lengths[order], docs.lm, local,
+                                self.seq_len, self.pad_id, str(self.out / rel / f"{s:05d}.safetensors"),
+                                {"stage": stage, "seq_len": self.seq_len})
+                jobs.append((rel / f"{s:05d}.safetensors", self.pool.submit(build_shard, spec),
                              int(docs.lengths[order].sum())))
             for path, job, tokens in jobs:
                 written, trained = job.result()
@@ -158,8 +158,8 @@ class Linker:
             raise TunecError("a compile worker process ended while it wrote a shard (killed by the system, e.g. "
                              "for memory); compile again, with fewer --workers if memory is short") from None
         finally:
-            for _, job, _ in jobs:
-                job.cancel()
+            for _, pending, _ in jobs:
+                pending.cancel()
         return shards
 
     def _shards_here(self, docs: DocSource, bins: list[list[int]], rel: Path, stage: str) -> list[ShardEntry]:
