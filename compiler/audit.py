@@ -33,16 +33,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 IGNORE = -100
 _MAX_MERGE = 64  # characters of the text before a span a boundary-merged token may hold
 _PROBE = "Q: caf\u00e9 12+3?\n  A:\tyes <x> \u00ab\u00bb end"
-# id(backend) -> (backend, answer): the backend is held so that its id cannot be reused by another
-# tokenizer while the answer is kept (a few at most: a worker has one tokenizer)
-_faithful: dict[int, tuple[Any, bool]] = {}
+_faithful: dict[int, tuple[Any, bool]] = {}  # see per_backend
 
 
 @dataclass(frozen=True)
@@ -58,15 +56,24 @@ class Intended:
     ends: Sequence[str] = field(default_factory=tuple)  # chat: the end-of-turn token texts one may close a turn
 
 
+def per_backend(known: dict[int, tuple[Any, Any]], backend: Any, build: Callable[[Any], Any]) -> Any:
+    """``build(backend)``, made once per tokenizer object and kept in ``known`` (id -> (backend, value):
+    the backend is held so that its id cannot be reused by another tokenizer while the value is kept;
+    a few at most, a worker has one tokenizer)."""
+    key = id(backend)
+    if key not in known or known[key][0] is not backend:
+        if len(known) >= 8:
+            known.pop(next(iter(known)))
+        known[key] = (backend, build(backend))
+    return known[key][1]
+
+
 def faithful(backend: Any) -> bool:
     """Whether the tokenizer decodes what it encodes (byte-level BPE does; normalising ones do not)."""
-    key = id(backend)
-    if key not in _faithful or _faithful[key][0] is not backend:
-        ids = backend.encode(_PROBE, add_special_tokens=False).ids
-        if len(_faithful) >= 8:
-            _faithful.pop(next(iter(_faithful)))
-        _faithful[key] = (backend, backend.decode(ids, skip_special_tokens=False) == _PROBE)
-    return _faithful[key][1]
+    def check(b: Any) -> bool:
+        return b.decode(b.encode(_PROBE, add_special_tokens=False).ids, skip_special_tokens=False) == _PROBE
+
+    return per_backend(_faithful, backend, check)
 
 
 def audit(backend: Any, ids: Sequence[int] | np.ndarray, offsets: Sequence[int] | np.ndarray,
@@ -178,12 +185,7 @@ class ByteDecoder:
 
     @classmethod
     def of(cls, backend: Any) -> "ByteDecoder | None":
-        key = id(backend)
-        if key not in cls._known or cls._known[key][0] is not backend:
-            if len(cls._known) >= 8:
-                cls._known.pop(next(iter(cls._known)))
-            cls._known[key] = (backend, cls._build(backend))
-        return cls._known[key][1]
+        return per_backend(cls._known, backend, cls._build)
 
     @classmethod
     def _build(cls, backend: Any) -> "ByteDecoder | None":

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from .audit import ByteDecoder, _ramp
+from .audit import ByteDecoder, _ramp, per_backend
 from .errors import TunecError
 from .load import LoadedRecipe
 from .recipe import HubTokenizer, LocalTokenizer
@@ -202,12 +202,7 @@ class Tiling:
 
     @classmethod
     def of(cls, backend: Any) -> "Tiling | None":
-        key = id(backend)
-        if key not in cls._known or cls._known[key][0] is not backend:
-            if len(cls._known) >= 8:
-                cls._known.pop(next(iter(cls._known)))
-            cls._known[key] = (backend, cls._build(backend))
-        return cls._known[key][1]
+        return per_backend(cls._known, backend, cls._build)
 
     @classmethod
     def _build(cls, backend: Any) -> "Tiling | None":
