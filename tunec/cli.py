@@ -95,7 +95,7 @@ def validate(recipe: str, overrides: tuple[str, ...], with_lint: bool) -> None:
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Build folder.")
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=None,
-              help="Worker processes (cores) for rendering and tokenizing [default: all cores].")
+              help="Worker processes (cores) for rendering, tokenizing and writing shards [default: all cores].")
 @click.option("--force", is_flag=True, help="Replace a build folder that holds another recipe's build.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None, help="Packed rows per shard file.")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help=_SET_HELP + " Recorded in the plan.")
