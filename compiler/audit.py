@@ -197,16 +197,24 @@ class ByteDecoder:
         added = backend.get_added_tokens_decoder()
         if not all(t.content.isascii() for t in added.values()):
             return None
-        chars = _byte_chars()
-        to_bytes = {ord(c): b for c, b in chars.items()}  # as latin-1 code points: one byte each
-        outside = dict.fromkeys(map(ord, chars))  # deletes the alphabet: what is left is outside it
         # an id's token as `decode` looks it up: the added tokens first, then the model's vocabulary
         tokens: dict[int, str] = {i: t for t, i in backend.get_vocab(with_added_tokens=False).items()}
         tokens.update({i: t.content for i, t in added.items()})
         table: list[bytes | None] = [None] * (max(tokens, default=-1) + 1)
-        for i, token in tokens.items():
-            inside = not token.translate(outside)
-            table[i] = token.translate(to_bytes).encode("latin-1") if inside else token.encode("utf-8")
+        # Every token's characters read through the alphabet at once: one array of code points, one lookup
+        lookup = np.full(0x200, -1, dtype=np.int16)  # the alphabet's characters are all below U+0200
+        for c, b in _byte_chars().items():
+            lookup[ord(c)] = b
+        texts = list(tokens.values())
+        points = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+        mapped = np.where(points < 0x200, lookup[np.minimum(points, 0x1FF)], -1)
+        size = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+        ends = np.cumsum(size)
+        outside = np.add.reduceat((mapped < 0).astype(np.int64), ends - size) if len(texts) and size.all() \
+            else np.array([int((mapped[e - n:e] < 0).any()) for n, e in zip(size.tolist(), ends.tolist())])
+        data = mapped.astype(np.uint8).tobytes()
+        for i, token, e, n, out in zip(tokens, texts, ends.tolist(), size.tolist(), outside.tolist()):
+            table[i] = token.encode("utf-8") if out else data[e - n:e]
         found = cls(table)
         probe = np.asarray(backend.encode(_PROBE + " \u4e2d\u6587 \U0001f600 <x>", add_special_tokens=True).ids
                            + sorted(added))  # with the added tokens (the EOS...) after it
