@@ -37,7 +37,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-IGNORE = -100
+from .pack import IGNORE, ramps
+
 _MAX_MERGE = 64  # characters of the text before a span a boundary-merged token may hold
 _PROBE = "Q: caf\u00e9 12+3?\n  A:\tyes <x> \u00ab\u00bb end"
 _faithful: dict[int, tuple[Any, bool]] = {}  # see per_backend
@@ -210,8 +211,8 @@ class ByteDecoder:
         mapped = np.where(points < 0x200, lookup[np.minimum(points, 0x1FF)], -1)
         size = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
         ends = np.cumsum(size)
-        outside = np.add.reduceat((mapped < 0).astype(np.int64), ends - size) if len(texts) and size.all() \
-            else np.array([int((mapped[e - n:e] < 0).any()) for n, e in zip(size.tolist(), ends.tolist())])
+        misses = np.concatenate(([0], np.cumsum(mapped < 0)))  # characters outside the alphabet, so far
+        outside = misses[ends] > misses[ends - size]
         data = mapped.astype(np.uint8).tobytes()
         for i, token, e, n, out in zip(tokens, texts, ends.tolist(), size.tolist(), outside.tolist()):
             table[i] = token.encode("utf-8") if out else data[e - n:e]
@@ -229,18 +230,14 @@ class ByteDecoder:
         """Each run's text; None when a run holds an id outside the table. Only the runs' tokens are
         looked up, and their bytes gathered in one step (no Python object per token)."""
         runs = np.asarray(ends, np.int64) - np.asarray(starts, np.int64)
-        tokens = np.asarray(ids)[np.repeat(starts, runs) + _ramp(runs)]
+        tokens = np.asarray(ids)[np.repeat(starts, runs) + ramps(runs)]
         if not ((tokens >= 0) & (tokens < len(self.known))).all() or not self.known[tokens].all():
             return None
         lengths = self.lengths[tokens]
-        data = self.flat[np.repeat(self.at[tokens], lengths) + _ramp(lengths)].tobytes()
+        data = self.flat[np.repeat(self.at[tokens], lengths) + ramps(lengths)].tobytes()
         cum = np.concatenate(([0], np.cumsum(lengths)))[np.concatenate(([0], np.cumsum(runs)))].tolist()
         return [data[a:b].decode("utf-8", "replace") for a, b in zip(cum[:-1], cum[1:])]
 
-
-def _ramp(lengths: np.ndarray) -> np.ndarray:
-    """``0..l0-1, 0..l1-1, ...``"""
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _document_ok(got: list[str], want: Intended, exact: bool, backend: Any) -> bool:

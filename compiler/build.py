@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from .fileio import (
     atomic_write_text,
     canonical_json,
     compact_json,
+    on_two_threads,
     sha256_file,
     sha256_folder,
     sha256_text,
@@ -685,19 +685,14 @@ def _hashed(root: Path, files: list[str], threaded: bool = True) -> dict[str, st
     hashes): a kept stage's shards are checked in less time on two cores."""
     hashes: dict[str, str] = {}
 
-    def run(part: list[str]) -> None:
-        for rel in part:
-            hashes[rel] = sha256_file(root / rel)
+    def hashed(rel: str) -> None:
+        hashes[rel] = sha256_file(root / rel)
 
-    if not threaded:
-        run(files)
-        return hashes
-    other = threading.Thread(target=run, args=(files[1::2],), name="tunec-hash")
-    other.start()
-    try:
-        run(files[::2])
-    finally:
-        other.join()
+    if threaded:
+        on_two_threads(files, hashed, "tunec-hash")
+    else:
+        for rel in files:
+            hashed(rel)
     return hashes
 
 

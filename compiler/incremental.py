@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import json
 import logging
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,7 +26,7 @@ from .cache import Cache, code_versions, derived_key, tokenizer_hash, touch, uni
 from .check import Checked
 from .errors import TunecError
 from .executors import Workers, run_local, run_ray
-from .fileio import atomic_write_text, canonical_json, compact_json, sha256_text
+from .fileio import atomic_write_text, canonical_json, compact_json, on_two_threads, sha256_text
 from .link import leak_reports
 from .plan import LeakReport
 from .sources import Rows, load_part, part_inputs, source_files
@@ -186,16 +185,10 @@ def _cached_units(cache: Cache, specs: list[UnitSpec], keys: dict[Part, str]) ->
     its sha256 as it is read, and hashlib lets go of the GIL while it hashes)."""
     found: dict[Part, UnitResult | None] = {}
 
-    def read(part: list[UnitSpec]) -> None:
-        for s in part:
-            found[(s.task, s.part)] = cache.get_unit(keys[(s.task, s.part)])
+    def read(s: UnitSpec) -> None:
+        found[(s.task, s.part)] = cache.get_unit(keys[(s.task, s.part)])
 
-    other = threading.Thread(target=read, args=(specs[1::2],), name="tunec-units")
-    other.start()
-    try:
-        read(specs[::2])
-    finally:
-        other.join()
+    on_two_threads(specs, read, "tunec-units")
     return {(s.task, s.part): unit for s in specs if (unit := found.get((s.task, s.part))) is not None}
 
 

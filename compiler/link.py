@@ -19,7 +19,7 @@ import numpy as np
 from . import leakage, mixture
 from .errors import TunecError
 from .fileio import atomic_write_text, sha256_text
-from .pack import IGNORE, DocSource, best_fit_decreasing, build_rows, group_bins
+from .pack import IGNORE, DocSource, best_fit_decreasing, build_rows, group_bins, ramps
 from .plan import LENGTH_BINS, ChoicesFile, EvalSet, LeakReport, Lengths, PackedSet, ShardEntry, TaskCounts
 from .recipe import Stage
 from .shards import WrittenShard, write_shard
@@ -287,7 +287,7 @@ class Selected:
         for p in np.unique(part).tolist():
             mine = np.flatnonzero(part == p)
             unit, lens = self.units[p], lengths[mine]
-            ramp = _ramp(lens) if len(mine) < len(order) else inner
+            ramp = ramps(lens) if len(mine) < len(order) else inner
             dst = np.repeat(at[mine], lens) + ramp
             starts = unit.offsets[:-1][self.doc[order[mine]]]
             ids[dst] = taken = take_tokens(unit, "ids", starts, lens)
@@ -298,11 +298,6 @@ class Selected:
 
     def release(self) -> None:
         release(*self.units)
-
-
-def _ramp(lengths: np.ndarray) -> np.ndarray:
-    """``0..l0-1, 0..l1-1, ...``"""
-    return np.arange(int(lengths.sum()), dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def _lengths(lengths: np.ndarray, completion: np.ndarray, seq_len: int) -> Lengths:

@@ -119,7 +119,7 @@ def doc_labels(ids: np.ndarray, offsets: np.ndarray, spans: np.ndarray, objectiv
     return labels
 
 
-def _ramps(lengths: np.ndarray) -> np.ndarray:
+def ramps(lengths: np.ndarray) -> np.ndarray:
     """``[0..l0), [0..l1), ...`` concatenated: the position of every token inside its run."""
     total = int(lengths.sum())
     starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -176,7 +176,7 @@ def _fill(out: dict[str, np.ndarray], docs: DocSource, bins: list[list[int]], se
     first = np.concatenate([[0], np.cumsum([len(b) for b in bins])[:-1]])
     row_start[:] = (ends - lengths)[first]
     at = (ends - lengths) - row_start[row_of]
-    inner = _ramps(lengths)
+    inner = ramps(lengths)
     used = np.bincount(row_of, weights=lengths, minlength=n).astype(np.int64)
     if bool((at + lengths > seq_len).any()):
         raise AssertionError("a packed row holds more tokens than seq_len")

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from .audit import ByteDecoder, _ramp, per_backend
+from .audit import ByteDecoder, per_backend
 from .errors import TunecError
 from .load import LoadedRecipe
+from .pack import ramps
 from .recipe import HubTokenizer, LocalTokenizer
 
 
@@ -256,7 +257,7 @@ class Tiling:
         lengths = dec.lengths[core]
         if not (lengths > 0).all():
             return None
-        data = dec.flat[np.repeat(dec.at[core], lengths) + _ramp(lengths)].tobytes()
+        data = dec.flat[np.repeat(dec.at[core], lengths) + ramps(lengths)].tobytes()
         if data != b"".join(raw):
             return None
         ends = np.cumsum(lengths)
