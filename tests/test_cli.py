@@ -159,3 +159,22 @@ def test_compile_and_inspect_never_import_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize("given, expected", [((), 3), (("-j", "5"), 5)])
+def test_compile_defaults_to_one_worker_per_core_it_may_run_on(runner, monkeypatch, tmp_path, given, expected):
+    """taskset or a container's cpuset limits the cores: the default worker count follows, not the machine's."""
+    from tunec.compiler import build
+
+    seen = {}
+
+    def fake_compile(recipe, out, options, overrides=()):
+        seen["workers"] = options.workers
+        raise build.TunecError("stopped here")
+
+    monkeypatch.setattr(build, "compile_recipe", fake_compile)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 3, 7}, raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    result = runner.invoke(main, ["compile", str(DEMO), "-o", str(tmp_path / "out"), *given])
+    assert result.exit_code == 1 and "stopped here" in result.output
+    assert seen["workers"] == expected

@@ -91,11 +91,20 @@ def validate(recipe: str, overrides: tuple[str, ...], with_lint: bool) -> None:
         click.echo(f"note: task(s) no stage trains on: {', '.join(unused)}")
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
 @main.command("compile")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Build folder.")
 @click.option("--workers", "-j", type=click.IntRange(min=1), default=None,
-              help="Worker processes (cores) for rendering, tokenizing and writing shards [default: all cores].")
+              help="Worker processes (cores) for rendering, tokenizing and writing shards [default: the cores this "
+                   "process may run on].")
 @click.option("--force", is_flag=True, help="Replace a build folder that holds another recipe's build.")
 @click.option("--shard-rows", type=click.IntRange(min=1), default=None, help="Packed rows per shard file.")
 @click.option("--set", "overrides", multiple=True, metavar="PATH=VALUE", help=_SET_HELP + " Recorded in the plan.")
@@ -123,7 +132,7 @@ def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_r
         click.echo(f"units: {len(reused)} reused, {len(rebuilt)} rebuilt" + (f" ({which})" if which else ""))
 
     options = Options(
-        workers=workers or os.cpu_count() or 1,
+        workers=workers or usable_cpus(),
         force=force,
         shard_rows=shard_rows or DEFAULT_SHARD_ROWS,
         progress=True,
