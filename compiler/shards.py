@@ -11,6 +11,7 @@ the file (no copy, no pickle) and needs only numpy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -21,7 +22,7 @@ import numpy as np
 
 from . import FORMAT_VERSION
 from .errors import TunecError
-from .fileio import compact_json, sha256_file
+from .fileio import compact_json
 
 TENSORS = ("input_ids", "labels", "position_ids")
 PAIR_TENSORS = ("pair_ids", "sides")
@@ -40,31 +41,60 @@ class WrittenShard:
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None = None) -> WrittenShard:
-    """Write one shard atomically (temporary name, fsync, rename) and hash it."""
-    from safetensors.numpy import save_file
+    """Write one shard atomically (temporary name, fsync, rename), hashed from memory as it is written.
 
+    The bytes are those ``safetensors.numpy.save_file`` writes for the same arrays and metadata (the
+    tests compare them), written straight from the arrays: no copy of the shard in memory, and no
+    second read of the file for its sha256."""
     # version 1 unless the rows carry preference pairs, so SFT builds stay byte-identical
     version = 2 if set(PAIR_TENSORS) <= set(arrays) else FORMAT_VERSION
     meta = {"format": SHARD_FORMAT, "format_version": version}
     meta.update(metadata or {})
     # One metadata key holding canonical JSON: safetensors keeps metadata in a
     # hash map whose order varies between runs, which would break byte-identical builds.
-    # Written by the library straight to a temporary file (no copy of the shard in memory), flushed,
-    # hashed from the file, renamed.
+    names = sorted(arrays)
+    tensors = [np.ascontiguousarray(arrays[k]) for k in names]
+    head = _header(names, tensors, {META_KEY: compact_json(meta)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-                  metadata={META_KEY: compact_json(meta)})
-        with open(tmp, "rb+") as fh:
+        with open(tmp, "wb", buffering=0) as fh:
+            for view in (memoryview(head), *(memoryview(t.reshape(-1).view(np.uint8)) for t in tensors)):
+                for lo in range(0, len(view), _PIECE):  # hashed while the piece is still in the CPU's cache
+                    piece = view[lo:lo + _PIECE]
+                    digest.update(piece)
+                    while piece:  # a raw write may take less than it is given
+                        piece = piece[fh.write(piece):]
             os.fsync(fh.fileno())
-        digest, size = sha256_file(tmp), tmp.stat().st_size
+            size = fh.tell()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    rows = int(next(iter(arrays.values())).shape[0])
-    return WrittenShard(path, digest, size, rows)
+    rows = int(tensors[0].shape[0]) if tensors else 0
+    return WrittenShard(path, digest.hexdigest(), size, rows)
+
+
+_PIECE = 1 << 22  # bytes hashed and written at a time
+_DTYPES = {np.dtype(np.int32): "I32"}  # what shards hold (safetensors' names)
+
+
+def _header(names: list[str], tensors: list[np.ndarray], metadata: dict[str, str]) -> bytes:
+    """The safetensors header of ``tensors`` (named ``names``, sorted), as the library writes it: the
+    8-byte little-endian length, then compact JSON (metadata first, then each tensor's dtype, shape
+    and data offsets in name order, which is the library's order for tensors of one dtype), padded
+    with spaces to a multiple of 8 bytes."""
+    entries: dict[str, object] = {"__metadata__": metadata}
+    at = 0
+    for name, t in zip(names, tensors):
+        if t.dtype not in _DTYPES:
+            raise AssertionError(f"shard tensor {name}: dtype {t.dtype} (shards hold int32)")
+        entries[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [at, at + t.nbytes]}
+        at += t.nbytes
+    text = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 class ShardError(TunecError):

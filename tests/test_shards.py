@@ -52,3 +52,34 @@ def test_damaged_shards_are_refused(tmp_path):
     save_file(arrays(), str(tmp_path / "foreign.safetensors"))
     with pytest.raises(ShardError, match="not a tunec shard"):
         open_shard(tmp_path / "foreign.safetensors")
+
+
+@pytest.mark.parametrize("stage", ["sft", 'quote " back \\ slash /', "üñí 中文 😀", "ctl \x01\x1f\x7f \b\f\n\r\t",
+                                   "\u2028\u2029 <>&'"])
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_the_bytes_are_those_the_safetensors_library_writes(tmp_path, stage, rows):
+    """The writer is tunec's own (written from memory, hashed as it goes); the file must not differ by a
+    byte from the library's for the same arrays and metadata, pair tensors included, any stage name."""
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    from tunec.compiler.fileio import compact_json
+    from tunec.compiler.shards import META_KEY, SHARD_FORMAT
+
+    packed = arrays(rows, 5)
+    packed.update(pair_ids=np.full((rows, 5), -1, np.int32), sides=np.ones((rows, 5), np.int32))
+    metadata = {"stage": stage, "seq_len": 5}
+    ours = write_shard(tmp_path / "ours.safetensors", packed, metadata)
+    meta = {"format": SHARD_FORMAT, "format_version": 2, **metadata}
+    save_file(packed, str(tmp_path / "lib.safetensors"), metadata={META_KEY: compact_json(meta)})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    assert ours.sha256 == sha256_file(tmp_path / "ours.safetensors") and ours.rows == rows
+    with safe_open(str(tmp_path / "ours.safetensors"), "numpy") as f:
+        assert sorted(f.keys()) == sorted(packed) and all(np.array_equal(f.get_tensor(k), v) for k, v in packed.items())
+
+
+def test_a_shard_of_another_dtype_is_refused_before_anything_is_written(tmp_path):
+    bad = {"input_ids": np.zeros((2, 4), np.int64)}
+    with pytest.raises(AssertionError, match="int64"):
+        write_shard(tmp_path / "s.safetensors", bad)
+    assert not list(tmp_path.iterdir())
