@@ -17,7 +17,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from .sources import Rows, load_part, part_inputs, source_files
 from .tokens import TokenizerInfo
 from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, plan_docs
 from .unitstore import UnitWriter, open_unit
+
+if TYPE_CHECKING:
+    from .lint import DigestTap
 
 Part = tuple[str, str]  # (task, "train" | "eval")
 
@@ -95,13 +98,16 @@ def unit_keys(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo) -> K
 def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, cache: Cache | None,
                   leak_parts: set[Part], workers: int, scratch: Path, executor: str = "local",
                   ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None,
-                  keyed: Keys | None = None, on_rows: Callable[[dict[Part, Rows]], None] | None = None,
+                  keyed: Keys | None = None,
+                  on_rows: Callable[[dict[Part, Rows]], Mapping[Part, DigestTap] | None] | None = None,
                   keep_workers: bool = False) -> Compiled:
     """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
     into the folder ``scratch``, which the caller removes once the units are linked). ``keyed``: the
     keys of :func:`unit_keys`, when the caller has them already. ``on_rows``: called with the parts
     whose rows are loaded, once all of them are and before they are compiled here (not on Ray, and
-    not when no unit is compiled), e.g. to start reading them in another thread meanwhile.
+    not when no unit is compiled), e.g. to start reading them in another thread meanwhile; it may
+    return taps for some of them, fed each part's rows as its chunks are made, and closed (whole or not)
+    before this returns (see :class:`.lint.DigestTap`).
     ``keep_workers``: the worker processes spawned for the units are left running and handed back in
     :attr:`Compiled.workers` (the caller closes them), for the linker's shards."""
     loaded = checked.loaded
@@ -158,10 +164,13 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
         elif run_specs:
             for s in run_specs:
                 part(s.task, s.part)  # as _run_local would first: every part's row count is needed there
-            if on_rows is not None:
-                on_rows(dict(parts))
-            units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers, progress,
-                                    started if early else None))
+            taps = dict((on_rows(dict(parts)) if on_rows is not None else None) or {})
+            try:
+                units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers,
+                                        progress, started if early else None, taps))
+            finally:
+                for tap in taps.values():  # a part no unit streamed (its unit was cached), or a failed compile
+                    tap.close(whole=False)
     except BaseException:
         started.close()
         raise
@@ -194,8 +203,8 @@ def _cached_units(cache: Cache, specs: list[UnitSpec], keys: dict[Part, str]) ->
 
 def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str, str], Rows],
                pools: dict[str, dict[str, list]], info: TokenizerInfo, cache: Cache | None, scratch: Cache,
-               workers: int, progress: Callable[[int], None], started: Workers | None = None
-               ) -> dict[Part, UnitResult]:
+               workers: int, progress: Callable[[int], None], started: Workers | None = None,
+               taps: Mapping[Part, DigestTap] | None = None) -> dict[Part, UnitResult]:
     """Compile the units here (or in worker processes), one after the other, their rows read from Arrow
     a chunk at a time and each chunk's result appended to the unit's file as it comes back: what the
     main process holds grows with a chunk, not with the data. Each unit is read back memory-mapped.
@@ -235,7 +244,8 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
         for j, n in enumerate(left):
             if n == 0:  # a unit with no rows at all
                 finish(j)
-        chunks = (c for j, s in enumerate(specs) for c in _chunks(j, s, part(s.task, s.part), pools))
+        chunks = (c for j, s in enumerate(specs)
+                  for c in _chunks(j, s, part(s.task, s.part), pools, (taps or {}).get((s.task, s.part))))
         for chunk, result in run_local(chunks, sum(left), info, specs, pools, workers, started):
             j = chunk.unit
             if j not in writers:
@@ -264,15 +274,21 @@ def rows_key(part: str, options: dict, content: dict[str, str], seed: int) -> st
     }))
 
 
-def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]]) -> Iterator[Chunk]:
+def _chunks(j: int, spec: UnitSpec, rows: Rows, pools: dict[str, dict[str, list]],
+            tap: DigestTap | None = None) -> Iterator[Chunk]:
     """A unit's chunks (``CHUNK_ROWS`` rows each, cut the same whatever the number of workers), their rows
-    read from Arrow a chunk at a time, their document plans drawn as they go."""
+    read from Arrow a chunk at a time, their document plans drawn as they go; ``tap``: fed each chunk's
+    rows, and closed once it has them all."""
     pool = pools.get(spec.task)
     plans = plan_docs(spec, rows.count, len(next(iter(pool.values()))) if pool else 0)
     index = rows.index
     for lo, columns in rows.slices(CHUNK_ROWS):
         hi = min(lo + CHUNK_ROWS, rows.count)
+        if tap is not None:
+            tap.feed(lo, columns)
         yield Chunk(j, index[lo:hi].tolist(), columns, list(itertools.islice(plans, hi - lo)))
+    if tap is not None:
+        tap.close(whole=True)
 
 
 def cache_of(root: Path | None) -> Cache | None:

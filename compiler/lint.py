@@ -40,7 +40,9 @@ import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from .check import Checked
 from .errors import Problem
@@ -111,7 +113,8 @@ def lint(checked: Checked, rows: dict[str, Rows]) -> list[Finding]:
     return [f for f in out if f.id not in config.disable]
 
 
-def _task_findings(checked: Checked, name: str, task: Task, rows: Rows, config: LintConfig) -> list[Finding]:
+def _task_findings(checked: Checked, name: str, task: Task, rows: Rows, config: LintConfig,
+                   tap: "DigestTap | None" = None) -> list[Finding]:
     loaded = checked.loaded
     sources = checked.templates[name]
     places = _template_places(checked, name, task, sources)
@@ -119,13 +122,22 @@ def _task_findings(checked: Checked, name: str, task: Task, rows: Rows, config: 
     def at(loc: tuple) -> str | None:
         return location(loaded.problem(loc, ""))
 
-    out: list[Finding] = []
-    dup = _duplicates(rows)
+    out = _template_rules(checked, name, task, rows, config, sources, places, at)
+    # last: with a tap, it waits for the compile to have converted every row (the finding is listed first)
+    dup = _duplicates(rows, tap.wait() if tap is not None else None)
     if dup is not None and dup[0] / rows.count > config.duplicate_share:
         count, first, again = dup
-        out.append(Finding("duplicate-examples", f"task '{name}': {count} of {rows.count} rows repeat an earlier row "
-                           f"exactly (row {again} repeats row {first}); deduplicate the data", at(("tasks", name,
-                                                                                                      "source")), name))
+        out.insert(0, Finding("duplicate-examples", f"task '{name}': {count} of {rows.count} rows repeat an earlier "
+                              f"row exactly (row {again} repeats row {first}); deduplicate the data",
+                              at(("tasks", name, "source")), name))
+    return out
+
+
+def _template_rules(checked: Checked, name: str, task: Task, rows: Rows, config: LintConfig,
+                    sources: tuple[TemplateSource, ...], places: list[str | None],
+                    at: Callable[[tuple], str | None]) -> list[Finding]:
+    """The rules over the task's templates and the rows they render (all but the duplicate rule)."""
+    out: list[Finding] = []
     if not sources:
         return out
     for a in range(len(sources)):
@@ -326,8 +338,12 @@ def _squeezed(source: TemplateSource) -> str:
     return "".join(source.text.split()) + "\0" + "".join((source.answer_choices or "").split())
 
 
-def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
-    """``(repeated rows, first row, its first repeat)`` over all rows, or None when none repeats."""
+def _duplicates(rows: Rows, digests: np.ndarray | None = None) -> tuple[int, int, int] | None:
+    """``(repeated rows, first row, its first repeat)`` over all rows, or None when none repeats.
+    ``digests``: every row's :func:`_row_digest`, in order (a :class:`DigestTap`'s), instead of
+    converting the rows out of Arrow here."""
+    if digests is not None:
+        return _duplicates_of(digests, rows.index)
     seen: dict[int, int] = {}  # a row's digest -> its first position
     count, first = 0, None
     for lo, columns in rows.slices():  # a slice of rows out of Arrow at a time
@@ -342,6 +358,61 @@ def _duplicates(rows: Rows) -> tuple[int, int, int] | None:
             else:
                 seen[key] = i
     return None if first is None else (count, *first)
+
+
+def _duplicates_of(digests: np.ndarray, index: np.ndarray) -> tuple[int, int, int] | None:
+    """:func:`_duplicates` over the rows' digests: the rows whose digest an earlier row has, and the
+    first of them with the first row that has its digest."""
+    order = np.argsort(digests, kind="stable")  # equal digests stay in row order: a group's first is its first row
+    ranked = digests[order]
+    same = ranked[1:] == ranked[:-1]
+    count = int(same.sum())
+    if count == 0:
+        return None
+    repeats = order[1:][same]
+    again = int(repeats.min())
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))  # where each group of equal digests starts
+    rank = int(np.flatnonzero(order == again)[0])
+    first = int(order[starts[np.searchsorted(starts, rank, side="right") - 1]])
+    return count, int(index[first]), int(index[again])
+
+
+class DigestTap:
+    """Every row's :func:`_row_digest` for one part, taken from the columns the compile converts out of
+    Arrow for its chunks anyway, so that the duplicate rule need not convert every row a second time.
+
+    The compile feeds it each slice in order (:meth:`feed`) and closes it (:meth:`close`: whole or not,
+    for a part it did not stream or a failed compile); the rule waits for it (:meth:`wait`), and reads
+    the rows itself when the tap did not get them all."""
+
+    def __init__(self, count: int):
+        self.digests = np.empty(count, np.int64)
+        self.filled = 0
+        self.whole = False
+        self._usable = True
+        self._closed = threading.Event()
+
+    def feed(self, lo: int, columns: dict[str, list[Any]]) -> None:
+        names = sorted(columns)
+        if lo != self.filled or not names:  # out of order, or no column to tell rows apart by: read them again
+            self._usable = False
+            return
+        values = list(zip(*(columns[c] for c in names)))
+        if lo + len(values) > len(self.digests):
+            self._usable = False
+            return
+        self.digests[lo:lo + len(values)] = [_row_digest(v) for v in values]
+        self.filled += len(values)
+
+    def close(self, whole: bool) -> None:
+        """Done feeding: ``whole`` when every row was fed. Only the first close counts."""
+        if not self._closed.is_set():
+            self.whole = whole and self._usable and self.filled == len(self.digests)
+            self._closed.set()
+
+    def wait(self) -> np.ndarray | None:
+        self._closed.wait()
+        return self.digests if self.whole else None
 
 
 _JSON = json.JSONEncoder(default=str, ensure_ascii=False).encode  # what a row's values print as, JSON
@@ -417,14 +488,16 @@ def task_key(checked: Checked, name: str, part: str) -> str:
 
 
 def lint_recipe(checked: Checked, cache: Path | None = None,
-                rows: Mapping[tuple[str, str], Rows] | None = None) -> list[Finding]:
+                rows: Mapping[tuple[str, str], Rows] | None = None,
+                taps: Mapping[tuple[str, str], DigestTap] | None = None) -> list[Finding]:
     """Lint each used task's rows (train part, else eval part), in recipe order.
 
     With a cache folder, each task's findings are kept there under :func:`task_key`, so a
     recompile lints again only the tasks whose rows, templates or settings changed (a
     template edited in one task lints that task alone) and reads no data for the others.
     ``rows``: parts already loaded (the compile's, keyed ``(task, part)``), read instead of
-    loading them again; a part not in it is loaded here.
+    loading them again; a part not in it is loaded here. ``taps``: the row digests of some of
+    those parts, as the compile converts their rows (see :class:`DigestTap`).
     """
     config: LintConfig = checked.recipe.lint
     out: list[Finding] = []
@@ -441,7 +514,8 @@ def lint_recipe(checked: Checked, cache: Path | None = None,
                 continue
         given = rows.get((name, part)) if rows is not None else None
         part_rows = given if given is not None else load_part(checked.loaded, name, task, part, cache)
-        found = [f for f in _task_findings(checked, name, task, part_rows, config) if f.id not in config.disable]
+        tap = taps.get((name, part)) if taps is not None and given is not None else None
+        found = [f for f in _task_findings(checked, name, task, part_rows, config, tap) if f.id not in config.disable]
         if path is not None:
             _write_findings(path, found)
         out.extend(found)
@@ -460,15 +534,30 @@ class Background:
         self.result: list[Finding] | None = None
         self.error: BaseException | None = None
 
-    def start(self, rows: Mapping[tuple[str, str], Rows]) -> None:
+    def start(self, rows: Mapping[tuple[str, str], Rows]) -> dict[tuple[str, str], DigestTap]:
+        """Start the thread; returned: a tap for each part whose rows it will read and has no stored
+        findings for, for the compile to feed and close (:class:`DigestTap`)."""
+        taps = {}
+        for name in self.checked.used_tasks():
+            part = lint_part(self.checked, name)
+            if (name, part) in rows and not self._stored(name, part):
+                taps[(name, part)] = DigestTap(rows[(name, part)].count)
+
         def run() -> None:
             try:
-                self.result = lint_recipe(self.checked, self.cache, rows)
+                self.result = lint_recipe(self.checked, self.cache, rows, taps)
             except BaseException as exc:  # noqa: BLE001 - raised again in the compile's thread by found()
                 self.error = exc
 
         self.thread = threading.Thread(target=run, name="tunec-lint", daemon=True)
         self.thread.start()
+        return taps
+
+    def _stored(self, name: str, part: str) -> bool:
+        if self.cache is None:
+            return False
+        key = task_key(self.checked, name, part)
+        return (self.cache / "lint" / key[:2] / f"{key}.json").is_file()
 
     def found(self) -> list[Finding] | None:
         if self.thread is None:

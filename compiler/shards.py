@@ -60,7 +60,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray], metadata: dict | None
     digest = hashlib.sha256()
     try:
         with open(tmp, "wb", buffering=0) as fh:
-            for view in (memoryview(head), *(memoryview(t.reshape(-1).view(np.uint8)) for t in tensors)):
+            for view in (memoryview(head), *(t.reshape(-1).view(np.uint8).data for t in tensors)):
                 for lo in range(0, len(view), _PIECE):  # hashed while the piece is still in the CPU's cache
                     piece = view[lo:lo + _PIECE]
                     digest.update(piece)
