@@ -27,7 +27,7 @@ from .pack import IGNORE, doc_labels
 from .recipe import PAIRED_FORMATS, AnswerChoices, ChatFormat, ColumnChoices, CompletionFormat, FewShot, JinjaChoices
 from .sandbox import OutOfTime, RenderLimit, watchdog
 from .templates import Renderer, RenderError, TemplateSource, make_env, render_string
-from .tokens import Encoded, TokenizerInfo, encode_texts
+from .tokens import Encoded, Tiling, TokenizerInfo, encode_texts
 
 CHUNK_ROWS = 512
 MESSAGES = -1  # the "template" of a document read from a chat `messages` column
@@ -182,6 +182,12 @@ class Worker:
         self.specs = specs
         self.pools = pools
         self._units: dict[int, _Unit] = {}
+        # The tokenizer's fast path (its byte tables and its self-check, ~0.1 s) built now, not on the
+        # first chunk: a worker process starts before the main process has loaded the rows.
+        try:
+            Tiling.of(self.backend)
+        except Exception:  # noqa: BLE001 - built again on the first chunk, whose error reporting says why
+            pass
 
     def unit(self, index: int) -> "_Unit":
         if index not in self._units:

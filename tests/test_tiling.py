@@ -93,3 +93,21 @@ def test_a_batch_whose_tokens_do_not_tile_its_texts_uses_the_tokenizers_offsets(
     info = info_of(backend)
     (enc,) = encode_texts(backend, info, ["Q: 2+2?\nA: 4"], [[(10, 12)]], add_special=True, append_eos=True)
     assert backend.decode(enc.ids[enc.spans[0][0]:], skip_special_tokens=False) == " 4<|endoftext|>"
+
+
+def test_a_worker_builds_the_fast_path_when_it_starts_and_a_failure_there_waits_for_the_first_chunk(monkeypatch):
+    """Built when the worker starts (before the main process has loaded the rows it will send), not on
+    the first chunk; a build that fails at start is only tried again on the first chunk."""
+    from tunec.compiler.units import Worker
+
+    backend = Tokenizer.from_file(str(DEMO))
+    info = info_of(backend)
+    info = TokenizerInfo(**{**info.__dict__, "json": backend.to_str()})
+    worker = Worker(info, [], {})
+    assert Tiling._known[id(worker.backend)][0] is worker.backend and Tiling.of(worker.backend) is not None
+
+    def broken(cls, b):
+        raise RuntimeError("not now")
+
+    monkeypatch.setattr(Tiling, "_build", classmethod(broken))
+    Worker(info, [], {})  # starts all the same
