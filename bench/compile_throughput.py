@@ -733,6 +733,16 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
             run = run_compile(recipe, workdir / f"out-w{w}-r{r}", w, env, args.plain_cli)
             runs[w].append(run)
             print(f"compile --workers {w} (run {r + 1}/{args.repeats}): {run['seconds']:.1f} s")
+        # This round's two ratios at once, and in the JSON file: a run stopped later (a time limit) keeps them.
+        tokens = plan_tokens(Path(runs[1][0]["out"]))["tokens"]
+        eff = (tokens / runs[default_workers][r]["seconds"]) / (raw_run["call"]["tokens"] / raw_run["call"]["seconds"])
+        speedup = runs[1][r]["seconds"] / runs[2][r]["seconds"]
+        print(f"round {r + 1}: efficiency at -w{default_workers} {eff:.2f}, speedup 2 vs 1 {speedup:.2f}")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "benchmark": "compile_throughput", "partial": True, "machine": mach, "examples": args.examples,
+            "rounds_done": r + 1, "raw_seconds": [x["call"]["seconds"] for x in raw_runs],
+            "compile_seconds": {str(w): [x["seconds"] for x in runs[w]] for w in worker_counts}}, indent=2) + "\n")
     reference = Path(runs[1][0]["out"])
     counts = plan_tokens(reference)
     identity = []
