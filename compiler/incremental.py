@@ -164,7 +164,7 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
         elif run_specs:
             for s in run_specs:
                 part(s.task, s.part)  # as _run_local would first: every part's row count is needed there
-            taps = dict((on_rows(dict(parts)) if on_rows is not None else None) or {})
+            taps = dict(on_rows(dict(parts)) or {}) if on_rows is not None else {}
             try:
                 units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers,
                                         progress, started if early else None, taps))

@@ -506,8 +506,7 @@ def lint_recipe(checked: Checked, cache: Path | None = None,
         part = lint_part(checked, name)
         path = None
         if cache is not None:
-            key = task_key(checked, name, part)
-            path = cache / "lint" / key[:2] / f"{key}.json"
+            path = _findings_path(cache, checked, name, part)
             stored = _read_findings(path)
             if stored is not None:
                 out.extend(stored)
@@ -520,6 +519,12 @@ def lint_recipe(checked: Checked, cache: Path | None = None,
             _write_findings(path, found)
         out.extend(found)
     return out
+
+
+def _findings_path(cache: Path, checked: Checked, name: str, part: str) -> Path:
+    """Where a task's findings are kept in the cache (:func:`task_key`)."""
+    key = task_key(checked, name, part)
+    return cache / "lint" / key[:2] / f"{key}.json"
 
 
 class Background:
@@ -554,10 +559,7 @@ class Background:
         return taps
 
     def _stored(self, name: str, part: str) -> bool:
-        if self.cache is None:
-            return False
-        key = task_key(self.checked, name, part)
-        return (self.cache / "lint" / key[:2] / f"{key}.json").is_file()
+        return self.cache is not None and _findings_path(self.cache, self.checked, name, part).is_file()
 
     def found(self) -> list[Finding] | None:
         if self.thread is None:
