@@ -81,6 +81,31 @@ def test_workers_started_ahead_compile_the_same_and_are_closed_by_their_owner(in
             [r.ids.tolist() for _, r in here]
 
 
+def _pipe_bytes(conn) -> int:
+    import fcntl
+
+    return fcntl.fcntl(conn.fileno(), 1032)  # F_GETPIPE_SZ
+
+
+@pytest.mark.skipif(not Path("/proc/sys/fs/pipe-max-size").is_file(), reason="pipe sizes are Linux's")
+def test_the_pools_pipes_hold_a_whole_result_and_results_larger_than_a_pipe_come_back_whole(info):
+    """A result (~1 MB of token arrays for a real chunk) is handed over at once instead of 64 KiB at a
+    time: the pool's result and call pipes are widened to a megabyte where the system allows it."""
+    cap = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+    long = " ".join(f"w{i}" for i in range(4000))  # each result well over 64 KiB of ids and labels
+    work = chunks([long + str(i) for i in range(8)])
+    specs = [UnitSpec(**{**vars(SPEC), "seq_len": 100000})]
+    here = list(executors.run_local(iter(work), len(work), info, specs, {}, 1))
+    with executors.Workers(info, specs, {}, 2) as started:
+        pool = started.ready()
+        for queue in (pool._result_queue, pool._call_queue):
+            assert _pipe_bytes(queue._reader) >= min(executors.PIPE_BYTES, cap)
+        there = list(executors.run_local(iter(work), len(work), info, specs, {}, 2, started))
+    assert here[0][1].ids.nbytes + here[0][1].sft_labels.nbytes > 1 << 16
+    for (_, a), (_, b) in zip(here, there):
+        assert np.array_equal(a.ids, b.ids) and np.array_equal(a.sft_labels, b.sft_labels)
+
+
 @pytest.mark.slow
 def test_a_worker_that_cannot_start_fails_the_compile_instead_of_hanging(tmp_path):
     """Workers are spawned and import the main script: one that compiles at import time, unguarded, makes
