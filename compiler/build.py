@@ -30,6 +30,7 @@ from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock,
 from .cache import Cache, code_versions, default_dir
 from .check import Checked, check, start_model_checks
 from .errors import Problem, TunecError
+from .executors import SPARE_CORES_FROM, Workers, usable_cpus
 from .fileio import (
     atomic_dir,
     atomic_write_text,
@@ -40,7 +41,7 @@ from .fileio import (
     sha256_folder,
     sha256_text,
 )
-from .incremental import LeakKeys, Part, cache_of, compile_units, leak_reports_cached, unit_keys
+from .incremental import EARLY_SPAWN_BYTES, LeakKeys, Part, cache_of, compile_units, leak_reports_cached, unit_keys
 from .link import Linker
 from .load import LoadedRecipe
 from .lock import BuildLock
@@ -59,7 +60,7 @@ from .plan import (
     read_plan,
 )
 from .recipe import LocalModel, LocalTokenizer, Stage, StageModel
-from .sources import fingerprint
+from .sources import fingerprint, prefetch_arrow
 from .tokens import TokenizerInfo
 from .units import UnitSpec
 from .unitstore import release
@@ -95,9 +96,20 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
 
     check_output(Path(out))  # before any work: the recipe may take a while to check
     loaded = load_recipe(recipe_path, overrides)
-    tokenizer = _early_tokenizer(loaded, options.cache_dir())
-    checked = check(loaded, options.cache_dir())
-    return build(checked, Path(out), options, tokenizer)
+    # Where cores are to spare, local files are converted in a child process while the tokenizer loads
+    # here (sources.py); when they are new to the cache (so their units are to be compiled) and large
+    # enough to spawn workers early for, the workers start now too, beside both.
+    spare = usable_cpus() >= SPARE_CORES_FROM
+    fresh = prefetch_arrow(loaded, options.cache_dir()) if spare else 0
+    ahead = (Workers.ahead(options.workers) if options.executor == "local" and options.workers > 1
+             and fresh >= EARLY_SPAWN_BYTES * options.workers else None)
+    try:
+        tokenizer = _early_tokenizer(loaded, options.cache_dir())
+        checked = check(loaded, options.cache_dir())
+        return build(checked, Path(out), options, tokenizer, ahead)
+    finally:
+        if ahead is not None:
+            ahead.close()  # unless the build used them (and has closed them already): never handed over
 
 
 def _early_tokenizer(loaded: LoadedRecipe, cache: Path | None) -> tuple[Any, TokenizerInfo] | None:
@@ -115,7 +127,8 @@ def _early_tokenizer(loaded: LoadedRecipe, cache: Path | None) -> tuple[Any, Tok
         return None
 
 
-def build(checked: Checked, out: Path, options: Options, tokenizer: tuple[Any, TokenizerInfo] | None = None) -> Plan:
+def build(checked: Checked, out: Path, options: Options, tokenizer: tuple[Any, TokenizerInfo] | None = None,
+          ahead: Workers | None = None) -> Plan:
     check_output(out)
     # Held from the first look at `out` to the swap: a second compile, or a run training
     # on the shards this one replaces, is refused instead (see compiler/lock.py).
@@ -125,7 +138,7 @@ def build(checked: Checked, out: Path, options: Options, tokenizer: tuple[Any, T
         _remove_leftovers(real)
         staging = real.with_name(f"{STAGING_PREFIX % real.name}{os.getpid()}")
         try:
-            plan = _build(checked, out, staging, options, tokenizer)
+            plan = _build(checked, out, staging, options, tokenizer, ahead)
             _swap_in(real, staging, checked.loaded, options.force)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # the unfinished new build, or the old one
@@ -133,13 +146,13 @@ def build(checked: Checked, out: Path, options: Options, tokenizer: tuple[Any, T
 
 
 def _build(checked: Checked, out: Path, staging: Path, options: Options,
-           tokenizer: tuple[Any, TokenizerInfo] | None = None) -> Plan:
+           tokenizer: tuple[Any, TokenizerInfo] | None = None, ahead: Workers | None = None) -> Plan:
     with ExitStack() as cleanup:  # the worker processes, kept from the units to the shards
-        return _build_in(checked, out, staging, options, tokenizer, cleanup)
+        return _build_in(checked, out, staging, options, tokenizer, cleanup, ahead)
 
 
 def _build_in(checked: Checked, out: Path, staging: Path, options: Options,
-              tokenizer: tuple[Any, TokenizerInfo] | None, cleanup: ExitStack) -> Plan:
+              tokenizer: tuple[Any, TokenizerInfo] | None, cleanup: ExitStack, ahead: Workers | None = None) -> Plan:
     loaded = checked.loaded
     recipe = loaded.recipe
     estimate.prefetch(list(recipe.stages), options.cache_dir())  # model configs built beside the compile
@@ -222,7 +235,7 @@ def _build_in(checked: Checked, out: Path, staging: Path, options: Options,
         with _progress(options.progress, None, "compile") as bar:
             compiled = compile_units(checked, specs, info, cache_of(options.cache_dir()), leak_parts,
                                      options.workers, scratch, options.executor, options.ray_address, bar, keyed,
-                                     on_rows=linting.start, keep_workers=True)
+                                     on_rows=linting.start, keep_workers=True, ahead=ahead)
         if compiled.workers is not None:  # they build and write the shards too, beside each other
             cleanup.callback(compiled.workers.close)
             linker = dataclasses.replace(linker, pool=compiled.workers.ready())

@@ -17,6 +17,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 import tempfile
 import threading
 from collections import deque
@@ -41,22 +42,71 @@ def row_error(exc: RowError) -> TunecError:
     return TunecError(Problem(f"task '{exc.task}', {part}{row}: {exc.message}{where}"))
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # no affinity call on this platform
+        return os.cpu_count() or 1
+
+
+# Cores from which a compile starts its workers, and converts its local files, beside the tokenizer's load
+# (:meth:`Workers.ahead`, :func:`.sources.prefetch_arrow`). On fewer, the main process, the model-config
+# check's child and the workers' start already keep every core busy: more processes side by side only
+# slow the main process's own start (measured on 2 cores: the first chunk 0.1-0.3 s later, not earlier).
+SPARE_CORES_FROM = 4
+
+
 class Workers:
     """Worker processes spawned ahead of :func:`run_local`, e.g. while the main process loads the rows.
 
-    Starting one (an interpreter, the worker modules imported, the tokenizer built) takes ~0.3 s of
+    Starting one (an interpreter, the worker modules imported, the tokenizer built) takes ~0.5 s of
     CPU and needs only the tokenizer, the unit specs and the few-shot pools; begun as soon as those
     are known, it runs beside the loading instead of after it. With one worker none is spawned: the
     chunks compile in the main process. Close it, or use it as a context manager, when done.
+
+    :meth:`ahead` starts them before even the tokenizer is loaded: each imports the worker modules,
+    then waits for :meth:`hand_over` to give it the tokenizer, specs and pools.
     """
 
-    def __init__(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]], workers: int):
+    def __init__(self, info: TokenizerInfo | None, specs: list[UnitSpec] | None, pools: dict[str, dict[str, list]],
+                 workers: int):
         self.specs, self.workers = specs, workers
         self.pool: ProcessPoolExecutor | None = None
         self._starter: threading.Thread | None = None
+        self._folder: Path | None = None
         self._setup: Path | None = None
         if workers > 1:
-            self.pool, self._starter, self._setup = _spawn(info, specs, pools, workers)
+            self._folder = Path(tempfile.mkdtemp(prefix="tunec-workers-"))  # this user's alone (mode 0700)
+            self._setup = self._folder / "setup.pickle"
+            try:
+                if info is not None:
+                    self._write_setup(info, specs or [], pools)
+                    self.pool, self._starter = _launch(self._setup, workers, None)
+                else:
+                    self.pool, self._starter = _launch(self._setup, workers, os.getpid())
+            except BaseException:
+                self.close()
+                raise
+
+    @classmethod
+    def ahead(cls, workers: int) -> "Workers":
+        """``workers`` processes started now, waiting for :meth:`hand_over`."""
+        return cls(None, None, {}, workers)
+
+    def hand_over(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]]) -> None:
+        """Give workers started :meth:`ahead` what they compile with (once)."""
+        if self.specs is not None or self._setup is None:
+            raise AssertionError("hand_over is for workers started ahead, once")
+        self._write_setup(info, specs, pools)
+        self.specs = specs
+
+    def _write_setup(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]]) -> None:
+        assert self._folder is not None and self._setup is not None
+        tmp = self._folder / ".setup.tmp"
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
+            pickle.dump((info, specs, pools), fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, self._setup)  # a waiting worker sees the whole file or none
 
     def ready(self) -> ProcessPoolExecutor:
         """The pool, its processes all launched."""
@@ -68,9 +118,9 @@ class Workers:
         if self.pool is not None:
             _stop(self.ready())
             self.pool = None
-        if self._setup is not None:
-            self._setup.unlink(missing_ok=True)
-            self._setup = None
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     def __enter__(self) -> "Workers":
         return self
@@ -79,32 +129,24 @@ class Workers:
         self.close()
 
 
-def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]],
-           workers: int) -> tuple[ProcessPoolExecutor, threading.Thread, Path]:
-    """A pool of ``workers`` processes, the thread launching them (join it before reading the pool's
-    processes; the pool's own methods wait for the launch by themselves), and the file holding what
-    each worker starts with (remove it once the pool is stopped)."""
+def _launch(setup: Path, workers: int, parent: int | None) -> tuple[ProcessPoolExecutor, threading.Thread]:
+    """A pool of ``workers`` processes, each starting from the file ``setup`` (``parent``: not written
+    yet, see :func:`.units.init_worker_from`), and the thread launching them (join it before reading the
+    pool's processes; the pool's own methods wait for the launch by themselves)."""
     # spawn: a clean interpreter per worker (fork after the tokenizer's thread
     # pool has started can deadlock), importing only the light worker modules.
     # concurrent.futures, not multiprocessing.Pool: a worker that dies (killed for memory, or one that
     # cannot start) breaks the pool and fails the compile at once, where a Pool would wait forever
     # for the chunk the dead worker held.
     ctx = multiprocessing.get_context("spawn")
-    fd, name = tempfile.mkstemp(prefix="tunec-workers-", suffix=".pickle")  # this user's alone (mode 0600)
-    setup = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump((info, specs, pools), fh, protocol=pickle.HIGHEST_PROTOCOL)
-    except BaseException:
-        setup.unlink(missing_ok=True)
-        raise
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker_from, initargs=(str(setup), True))
+    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker_from,
+                               initargs=(str(setup), True, parent))
     widen_pipes(pool)
 
     def launch() -> None:
         # The pool starts its processes as work arrives: start them all now. Launching one waits for
-        # the new interpreter to read its arguments (the tokenizer's JSON: a megabyte or more) - a
-        # quarter of a second each, which this thread waits out instead of the caller.
+        # the new interpreter to read its arguments - a fraction of a second each, which this thread
+        # waits out instead of the caller.
         try:
             for _ in range(workers):
                 pool.submit(int)
@@ -113,7 +155,7 @@ def _spawn(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str
 
     starter = threading.Thread(target=launch, name="tunec-spawn", daemon=True)
     starter.start()
-    return pool, starter, setup
+    return pool, starter
 
 
 PIPE_BYTES = 1 << 20  # Linux's default cap for an unprivileged pipe (/proc/sys/fs/pipe-max-size)
@@ -129,7 +171,7 @@ def widen_pipes(pool: ProcessPoolExecutor) -> None:
     try:
         import fcntl
 
-        setpipe = fcntl.F_SETPIPE_SZ  # type: ignore[attr-defined]  # Linux only
+        setpipe = fcntl.F_SETPIPE_SZ  # Linux only
     except (ImportError, AttributeError):
         return
     for queue in (getattr(pool, "_result_queue", None), getattr(pool, "_call_queue", None)):
@@ -175,13 +217,8 @@ def run_local(chunks: Iterable[Chunk], count: int, info: TokenizerInfo, specs: l
         if started is not None and started.pool is not None:
             yield from _in_order(started.ready(), chunks, workers)
             return
-        pool, starter, setup = _spawn(info, specs, pools, workers)
-        starter.join()
-        try:
-            yield from _in_order(pool, chunks, workers)
-        finally:
-            _stop(pool)
-            setup.unlink(missing_ok=True)
+        with Workers(info, specs, pools, workers) as spawned:
+            yield from _in_order(spawned.ready(), chunks, workers)
     except RowError as exc:
         raise row_error(exc) from None
     except BrokenProcessPool:

@@ -100,7 +100,7 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
                   ray_address: str | None = None, progress: Callable[[int], None] = lambda n: None,
                   keyed: Keys | None = None,
                   on_rows: Callable[[dict[Part, Rows]], Mapping[Part, DigestTap] | None] | None = None,
-                  keep_workers: bool = False) -> Compiled:
+                  keep_workers: bool = False, ahead: Workers | None = None) -> Compiled:
     """Every unit of ``specs``: read from ``cache``, else compiled (and stored there; without a cache,
     into the folder ``scratch``, which the caller removes once the units are linked). ``keyed``: the
     keys of :func:`unit_keys`, when the caller has them already. ``on_rows``: called with the parts
@@ -109,7 +109,9 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     return taps for some of them, fed each part's rows as its chunks are made, and closed (whole or not)
     before this returns (see :class:`.lint.DigestTap`).
     ``keep_workers``: the worker processes spawned for the units are left running and handed back in
-    :attr:`Compiled.workers` (the caller closes them), for the linker's shards."""
+    :attr:`Compiled.workers` (the caller closes them), for the linker's shards. ``ahead``: worker processes
+    started before the tokenizer was loaded (:meth:`.executors.Workers.ahead`), used (handed the units'
+    setup) when this compile spawns that many, closed otherwise."""
     loaded = checked.loaded
     tasks = loaded.recipe.tasks
     keyed = keyed if keyed is not None else unit_keys(checked, specs, info)
@@ -132,7 +134,13 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
     # and the leakage keys are hashed. A small compile does not spawn them: its one chunk runs here.
     early = executor == "local" and workers > 1 and (
         len(run_specs) >= workers or _source_bytes(loaded, run_specs) >= EARLY_SPAWN_BYTES * workers)
-    started = Workers(info, run_specs, pools, workers if early else 1)
+    if ahead is not None and early and ahead.workers == workers and ahead.pool is not None:
+        ahead.hand_over(info, run_specs, pools)
+        started = ahead
+    else:
+        if ahead is not None:
+            ahead.close()
+        started = Workers(info, run_specs, pools, workers if early else 1)
     try:
         leak: dict[Part, LeakKeys] = {}
         for p in sorted(leak_parts):

@@ -12,6 +12,9 @@ import csv
 import functools
 import json
 import os
+import subprocess
+import sys
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -412,10 +415,14 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
     file ``datasets`` converted before (``cache``: the compile cache, which remembers where to), as
     the :class:`ArrowSplit` of its Arrow files, found without importing ``datasets``."""
     source = task.source
-    if not isinstance(source, HubSource) and cache is not None:
+    if not isinstance(source, HubSource):
         if path is None and not check_files(loaded, name, task):
             path = source_files(loaded, task)[split]
-        found = _find_arrow(cache, source.kind, path) if path is not None else None
+        found = _find_arrow(cache, source.kind, path) if path is not None and cache is not None else None
+        if found is None and path is not None:
+            found = _prefetched(source.kind, path)
+            if found is not None and cache is not None:
+                _remember_arrow(cache, source.kind, path, found)
         if found is not None:
             return found
     datasets = _quiet_datasets()
@@ -447,7 +454,9 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
         diagnose_file(source.kind, path)
         raise TunecError(Problem(f"cannot read {source.kind} file: {_one_line(exc)}", str(path))) from None
     if cache is not None:
-        _remember_arrow(cache, source.kind, path, ds)
+        files = _stream_files(ds)
+        if files is not None:
+            _remember_arrow(cache, source.kind, path, ArrowSplit(files, len(ds), list(ds.column_names)))
     return ds
 
 
@@ -494,19 +503,134 @@ def _find_arrow(cache: Path, kind: str, path: Path) -> ArrowSplit | None:
         return None
 
 
-def _remember_arrow(cache: Path, kind: str, path: Path, ds: Any) -> None:
-    files = _stream_files(ds)
-    if files is None:
-        return
+def _remember_arrow(cache: Path, kind: str, path: Path, split: ArrowSplit) -> None:
     try:
-        stats = [os.stat(f) for f in files]
+        stats = [os.stat(f) for f in split.files]
         pointer = _arrow_pointer(cache, kind, path)
         pointer.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(pointer, json.dumps({
-            "files": [{"path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for f, st in zip(files, stats)],
-            "total": len(ds), "columns": list(ds.column_names)}, sort_keys=True) + "\n")
+            "files": [{"path": f, "size": st.st_size, "mtime_ns": st.st_mtime_ns} for f, st in zip(split.files, stats)],
+            "total": split.total, "columns": list(split.column_names)}, sort_keys=True) + "\n")
     except OSError:
         pass  # a cache that cannot be written only costs the next compile an import
+
+
+# ------------------------------------------------------- local files converted beside the compile
+#
+# A compile's first look at a local file goes through ``datasets`` (its import alone is ~0.5 s, more than
+# reading the rows it converted before). :func:`prefetch_arrow`, called as the compile starts, has a
+# child process do that (checks, import, conversion or lookup in datasets' own cache) while this process
+# loads the tokenizer; :func:`_load` then reads the Arrow files the child names, without ``datasets``.
+# The child's answer is only a shortcut: a file it could not read, or that changed since, is loaded here
+# as before, and its error (if any) is this process's own, located as always.
+
+_ARROW_CHILD = """
+import json, sys
+sys.path.pop(0)  # not the working folder: it may hold a `tunec` folder that is not the installed package
+from tunec.compiler.sources import arrow_of_file
+print(json.dumps([arrow_of_file(kind, path) for kind, path in json.load(sys.stdin)]))
+"""
+
+_arrows: dict[tuple[str, str], dict] = {}  # (kind, path) -> what the child found (see arrow_of_file)
+_arrow_threads: dict[tuple[str, str], threading.Thread] = {}
+_arrow_lock = threading.Lock()
+
+
+def _stat(path: str | Path) -> dict[str, int]:
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def arrow_of_file(kind: str, path: str) -> dict:
+    """(In the prefetch's child) a local file read as :func:`_load` reads it: its Arrow stream files
+    (each with its size and modification time), row count and columns, and the file's own size and
+    modification time when read; ``{"error": ...}`` when it cannot be read that way."""
+    try:
+        before = _stat(path)
+        if kind in ("jsonl", "json", "csv"):
+            _check_utf8(Path(path))
+        if kind == "json":
+            _read_json(Path(path))
+        datasets = _quiet_datasets()
+        ds = datasets.load_dataset({"jsonl": "json"}.get(kind, kind), data_files={"rows": path}, split="rows")
+        files = _stream_files(ds)
+        if files is None or _stat(path) != before:
+            return {"error": "not streamable, or changed while read"}
+        return {"source": before, "files": [{"path": f, **_stat(f)} for f in files], "total": len(ds),
+                "columns": list(ds.column_names)}
+    except Exception as exc:  # noqa: BLE001 - the compile reads the file itself, and says what is wrong
+        return {"error": f"{type(exc).__name__}: {exc}"[:500]}
+
+
+def prefetch_arrow(loaded: LoadedRecipe, cache: Path | None) -> int:
+    """Start converting the local files the recipe's stages read (see above) in a child process, unless
+    ``datasets`` is loaded here already (then it costs nothing here) or every file is known to the
+    cache; the bytes of the files the child was given (0: none started)."""
+    if "datasets" in sys.modules:
+        return 0
+    recipe = loaded.recipe
+    wanted: list[tuple[str, str]] = []
+    size = 0
+    for name in dict.fromkeys(t for s in recipe.stages for t in (*s.tasks, *s.held_out)):
+        task = recipe.tasks.get(name)
+        if task is None or isinstance(task.source, HubSource):
+            continue
+        files = source_files(loaded, task)
+        paths = [files.get(sel.split) for sel in (task.train, task.eval) if isinstance(sel, Selection)]
+        if isinstance(task.eval, FileEval):
+            paths.append(loaded.resolve(task.eval.file))
+        for path in paths:
+            if path is None or not path.is_file() or path.stat().st_size == 0:
+                continue  # the compile says what is wrong with it
+            if cache is not None and _find_arrow(cache, task.source.kind, path) is not None:
+                continue
+            key: tuple[str, str] = (task.source.kind, str(path))
+            if key not in wanted and key not in _arrows and key not in _arrow_threads:
+                wanted.append(key)
+                size += path.stat().st_size
+    if not wanted:
+        return 0
+    thread = threading.Thread(target=_run_arrow_child, args=(wanted,), name="tunec-arrow", daemon=True)
+    with _arrow_lock:
+        for item in wanted:
+            _arrow_threads[item] = thread
+    thread.start()
+    return size
+
+
+def _run_arrow_child(wanted: list[tuple[str, str]]) -> None:
+    try:
+        done = subprocess.run([sys.executable, "-c", _ARROW_CHILD], input=json.dumps(wanted), capture_output=True,
+                              text=True)
+        answers = json.loads(done.stdout.strip().splitlines()[-1])
+        found = dict(zip(wanted, answers)) if isinstance(answers, list) and len(answers) == len(wanted) else {}
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        found = {}
+    with _arrow_lock:
+        for key in wanted:
+            _arrows[key] = found.get(key) or {"error": "no answer"}
+            _arrow_threads.pop(key, None)
+
+
+def _prefetched(kind: str, path: Path) -> ArrowSplit | None:
+    """The Arrow files the prefetch's child found for this file (waiting for it if it is still at work),
+    when the file and those files are still as the child saw them; None otherwise."""
+    key = (kind, str(path))
+    with _arrow_lock:
+        thread = _arrow_threads.get(key)
+    if thread is not None:
+        thread.join()
+    with _arrow_lock:
+        found = _arrows.get(key)
+    if found is None or "error" in found:
+        return None
+    try:
+        if _stat(path) != found["source"] or any(_stat(f["path"]) != {"size": f["size"], "mtime_ns": f["mtime_ns"]}
+                                                 for f in found["files"]):
+            return None
+        return ArrowSplit(tuple(f["path"] for f in found["files"]), int(found["total"]), list(found["columns"]))
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
 
 
 def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str, cache: Path | None = None) -> Rows:

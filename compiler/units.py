@@ -227,12 +227,19 @@ def init_worker(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dic
     _worker = Worker(info, specs, pools)
 
 
-def init_worker_from(setup: str, single_thread: bool) -> None:
+def init_worker_from(setup: str, single_thread: bool, parent: int | None = None) -> None:
     """:func:`init_worker` with the arguments pickled in the file ``setup`` (written by the process that
     spawns the workers): handing a megabyte of tokenizer to each new process through its start-up pipe
-    would hold up the start of the next one until this one has read it."""
+    would hold up the start of the next one until this one has read it. ``parent``: the file is not
+    written yet (workers started ahead of the tokenizer's load): wait for it to appear, as long as the
+    process ``parent`` that will write it is this one's parent."""
     import pickle
+    import time
 
+    while parent is not None and not os.path.exists(setup):
+        if os.getppid() != parent:  # the compile is gone: nothing will come
+            raise SystemExit(1)
+        time.sleep(0.002)
     with open(setup, "rb") as fh:
         info, specs, pools = pickle.load(fh)
     init_worker(info, specs, pools, single_thread)

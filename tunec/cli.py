@@ -91,14 +91,6 @@ def validate(recipe: str, overrides: tuple[str, ...], with_lint: bool) -> None:
         click.echo(f"note: task(s) no stage trains on: {', '.join(unused)}")
 
 
-def usable_cpus() -> int:
-    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset), else all."""
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except AttributeError:  # no affinity call on this platform
-        return os.cpu_count() or 1
-
-
 @main.command("compile")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False), help="Build folder.")
@@ -122,6 +114,7 @@ def compile_cmd(recipe: str, out: str, workers: int | None, force: bool, shard_r
     Units (a task's train or eval part) whose inputs are unchanged are read from the cache.
     """
     from .compiler.build import DEFAULT_SHARD_ROWS, Options, compile_recipe
+    from .compiler.executors import usable_cpus
 
     if no_cache and (cache_dir or executor == "ray"):
         raise click.UsageError("--no-cache cannot go with --cache or --executor ray (Ray workers hand units "
