@@ -57,9 +57,13 @@ if __name__ == "__main__":
     build.usable_cpus = lambda: 8  # as if cores were to spare
     recipe, out, cache = sys.argv[1:4]
     options = build.Options(workers=2, use_cache=cache != "-", cache=None if cache == "-" else Path(cache))
-    build.compile_recipe(recipe, out, options)
+    try:
+        build.compile_recipe(recipe, out, options)
+        failed = None
+    except build.TunecError as exc:
+        failed = str(exc)
     print(json.dumps({"handed": handed, "datasets": "datasets" in sys.modules,
-                      "children": len(multiprocessing.active_children())}))
+                      "children": len(multiprocessing.active_children()), "failed": failed}))
 """
 
 
@@ -87,10 +91,18 @@ def test_files_converted_beside_the_tokenizer_and_workers_started_ahead_build_th
 
     first = side_by_side("a", "-")
     # the rows came from the child's Arrow files: this process never imported datasets
-    assert first == {"handed": [2], "datasets": False, "children": 0}
+    assert first == {"handed": [2], "datasets": False, "children": 0, "failed": None}
     assert list((tmp_path / "tmp").iterdir()) == []  # the workers' setup folder is gone
     cached = side_by_side("b", str(tmp_path / "cache"))  # the same with a cache, which remembers the files
-    assert cached == {"handed": [2], "datasets": False, "children": 0}
+    assert cached == {"handed": [2], "datasets": False, "children": 0, "failed": None}
+
+    # a recipe that fails its check after the workers were started: they end with the compile
+    text = recipe.read_text(encoding="utf-8")
+    recipe.write_text(text.replace("num_attention_heads: 2", "num_attention_heads: 3"), encoding="utf-8")
+    broken = side_by_side("c", "-")
+    assert broken["handed"] == [] and broken["children"] == 0 and "multiple of" in broken["failed"]
+    assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "c").exists()
+    recipe.write_text(text, encoding="utf-8")
     assert list((tmp_path / "cache" / sources.ARROW_POINTERS).rglob("*.json"))
 
     compile_recipe(recipe, tmp_path / "here", Options(workers=1, use_cache=False))  # rows read through datasets
