@@ -229,10 +229,11 @@ class Cache:
         matched; None when absent, and when damaged (the entry is then removed, to be rebuilt)."""
         return self._read(self.path("units", key), open_unit)
 
-    def unit_writer(self, key: str, n_templates: int) -> UnitWriter:
+    def unit_writer(self, key: str, n_templates: int, durable: bool = True) -> UnitWriter:
         """A writer that stores a unit under ``key`` a chunk at a time (:class:`.unitstore.UnitWriter`): the
-        local executor's and each Ray task's."""
-        return UnitWriter(self.path("units", key), n_templates)
+        local executor's and each Ray task's. ``durable``: synced to disk when laid out (not for a compile's
+        scratch folder, whose units are read once and removed with it)."""
+        return UnitWriter(self.path("units", key), n_templates, durable)
 
     def entries(self) -> list[Path]:
         """Every entry in the folder: units, leakage keys, and what other steps keep here (lint findings

@@ -229,7 +229,7 @@ def _run_local(specs: list[UnitSpec], keys: dict[Part, str], part: Callable[[str
             except OSError as exc:  # a read-only or full cache costs a rebuild next time, never the compile
                 logger.warning(f"cache: cannot write in {cache.root} ({exc}); keeping {s.task}/{s.part} for "
                                "this compile only")
-        return scratch.unit_writer(keys[(s.task, s.part)], len(s.templates))
+        return scratch.unit_writer(keys[(s.task, s.part)], len(s.templates), durable=False)
 
     def failed(j: int, w: UnitWriter, exc: OSError) -> TunecError:
         s = specs[j]

@@ -56,9 +56,10 @@ class UnitWriter:
     :meth:`finish` lays the file out; :meth:`abort` removes what was written.
     """
 
-    def __init__(self, path: Path, n_templates: int):
+    def __init__(self, path: Path, n_templates: int, durable: bool = True):
         self.path = Path(path)
         self.n_templates = n_templates
+        self.durable = durable  # synced to disk before the rename (a scratch unit, read once and removed: not)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         self._streams: dict[str, _Stream] = {}
@@ -140,7 +141,7 @@ class UnitWriter:
                 for name in ("side", "audit_failed"):  # None unless a chunk had them
                     if name not in streamed:
                         values[name] = None
-            _write(self._tmp, arrays, values, streamed)
+            _write(self._tmp, arrays, values, streamed, self.durable)
             os.replace(self._tmp, self.path)
         finally:
             self.abort()
@@ -181,8 +182,10 @@ def _align(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], streamed: dict[str, "_Stream"]) -> None:
-    """The unit file at ``tmp``: ``arrays`` from memory, ``streamed`` ones copied from their files."""
+def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], streamed: dict[str, "_Stream"],
+           sync: bool = True) -> None:
+    """The unit file at ``tmp``: ``arrays`` from memory, ``streamed`` ones copied from their files; synced to
+    disk (``sync``) before it is renamed into place."""
     arrays = {k: v for k, v in arrays.items() if k not in streamed}
     names = sorted([*arrays, *streamed])
     layout: dict[str, dict[str, Any]] = {}
@@ -222,7 +225,8 @@ def _write(tmp: Path, arrays: dict[str, np.ndarray], values: dict[str, Any], str
                 _write_all(fh, np.ascontiguousarray(arrays[name]).tobytes())
             pos = start + layout[name]["nbytes"]
         _write_all(fh, b"\0" * (_align(pos) - pos))
-        os.fsync(fh.fileno())
+        if sync:
+            os.fsync(fh.fileno())
 
 
 def _digest(block: bytes, arrays: list[bytes]) -> str:

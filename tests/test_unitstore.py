@@ -4,6 +4,8 @@ gathering a stage's documents from stored units (compiler/link.py): each equals 
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +313,33 @@ def test_a_unit_that_cannot_be_written_stops_the_compile_in_one_line_and_leaves_
         compile_recipe(DEMO / "demo.yaml", out, Options(workers=1))
     assert [p for p in unit_cache.rglob("*") if p.is_file() and p.parts[len(unit_cache.parts)] == "units"] == []
     assert files() == before  # the previous build is whole
+
+
+def test_a_scratch_unit_is_the_same_file_without_the_sync_a_cached_one_gets(tmp_path, monkeypatch):
+    """A unit in a compile's scratch folder (``--no-cache``: read once, removed with the staging folder)
+    is not synced to disk; one kept in the cache is. The bytes are the same either way."""
+    from tunec.compiler import unitstore
+    from tunec.compiler.cache import Cache
+
+    synced: list[str] = []  # the unit files synced (the cache syncs files of its own too)
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if sys._getframe(1).f_code.co_name == "_write":
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(unitstore.os, "fsync", fsync)
+    rng = np.random.default_rng(7)
+    parts = [chunk(rng, 30), chunk(rng, 12)]
+    for durable in (True, False):
+        w = Cache(tmp_path / str(durable)).unit_writer("ab" * 32, 2, durable=durable)
+        for r in parts:
+            w.add(r)
+        w.finish()
+    assert len(synced) == 1 and "/True/" in synced[0]  # the durable one only
+    kept, scratch = (tmp_path / str(d) / "units" for d in (True, False))
+    files = [next(p for p in root.rglob("*") if p.is_file()) for root in (kept, scratch)]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    unit = open_unit(files[1])
+    assert unit is not None and np.array_equal(unit.ids, np.concatenate([r.ids for r in parts]))
