@@ -101,9 +101,10 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
     # enough to spawn workers early for, the workers start now too, beside both.
     spare = usable_cpus() >= SPARE_CORES_FROM
     fresh = prefetch_arrow(loaded, options.cache_dir()) if spare else 0
-    ahead = (Workers.ahead(options.workers) if options.executor == "local" and options.workers > 1
-             and fresh >= EARLY_SPAWN_BYTES * options.workers else None)
+    ahead: Workers | None = None
     try:
+        if options.executor == "local" and options.workers > 1 and fresh >= EARLY_SPAWN_BYTES * options.workers:
+            ahead = Workers.ahead(options.workers)
         tokenizer = _early_tokenizer(loaded, options.cache_dir())
         checked = check(loaded, options.cache_dir())
         return build(checked, Path(out), options, tokenizer, ahead)

@@ -7,6 +7,7 @@ byte position.
 
 from __future__ import annotations
 
+import atexit
 import codecs
 import csv
 import functools
@@ -598,11 +599,27 @@ def prefetch_arrow(loaded: LoadedRecipe, cache: Path | None) -> int:
     return size
 
 
+_arrow_children: set[subprocess.Popen] = set()
+
+
+@atexit.register
+def _end_arrow_children() -> None:
+    """A compile that ends (an error, Ctrl-C) before its child is done ends the child too: a large file's
+    conversion could otherwise go on long after."""
+    for child in list(_arrow_children):
+        child.kill()
+
+
 def _run_arrow_child(wanted: list[tuple[str, str]]) -> None:
     try:
-        done = subprocess.run([sys.executable, "-c", _ARROW_CHILD], input=json.dumps(wanted), capture_output=True,
-                              text=True)
-        answers = json.loads(done.stdout.strip().splitlines()[-1])
+        child = subprocess.Popen([sys.executable, "-c", _ARROW_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        _arrow_children.add(child)
+        try:
+            stdout, _ = child.communicate(json.dumps(wanted))
+        finally:
+            _arrow_children.discard(child)
+        answers = json.loads(stdout.strip().splitlines()[-1])
         found = dict(zip(wanted, answers)) if isinstance(answers, list) and len(answers) == len(wanted) else {}
     except (subprocess.SubprocessError, OSError, ValueError, IndexError):
         found = {}
