@@ -179,6 +179,8 @@ def test_shards_built_by_the_workers_are_the_shards_built_here(tmp_path, monkeyp
     from tunec.compiler.build import Options, compile_recipe
 
     path = Path(__file__).resolve().parents[1] / "recipes" / recipe
+    if "shared/data" in path.read_text(encoding="utf-8") and not (path.parents[2] / "shared" / "data").is_dir():
+        pytest.skip(f"{recipe} needs ../shared/data, which is absent (a fresh clone has no ../shared)")
     used: list[tuple[bool, bool]] = []  # per shard set: (in the pool, of pairs)
     real = link.Linker._shards_in_pool
 
