@@ -55,6 +55,7 @@ def usable_cpus() -> int:
 # check's child and the workers' start already keep every core busy: more processes side by side only
 # slow the main process's own start (measured on 2 cores: the first chunk 0.1-0.3 s later, not earlier).
 SPARE_CORES_FROM = 4
+SETUP = "setup.pickle"  # in a Workers' folder: the tokenizer, unit specs and few-shot pools, pickled
 
 
 class Workers:
@@ -74,20 +75,22 @@ class Workers:
         self.specs, self.workers = specs, workers
         self.pool: ProcessPoolExecutor | None = None
         self._starter: threading.Thread | None = None
-        self._folder: Path | None = None
-        self._setup: Path | None = None
+        self._folder: Path | None = None  # holds the file each worker starts from
         if workers > 1:
             self._folder = Path(tempfile.mkdtemp(prefix="tunec-workers-"))  # this user's alone (mode 0700)
-            self._setup = self._folder / "setup.pickle"
             try:
                 if info is not None:
                     self._write_setup(info, specs or [], pools)
-                    self.pool, self._starter = _launch(self._setup, workers, None)
-                else:
-                    self.pool, self._starter = _launch(self._setup, workers, os.getpid())
+                # started ahead (no setup yet): the workers wait for this process to write it
+                self.pool, self._starter = _launch(self._folder / SETUP, workers,
+                                                   None if info is not None else os.getpid())
             except BaseException:
                 self.close()
                 raise
+
+    @property
+    def _setup(self) -> Path | None:
+        return None if self._folder is None else self._folder / SETUP
 
     @classmethod
     def ahead(cls, workers: int) -> "Workers":
@@ -96,17 +99,17 @@ class Workers:
 
     def hand_over(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]]) -> None:
         """Give workers started :meth:`ahead` what they compile with (once)."""
-        if self.specs is not None or self._setup is None:
+        if self.specs is not None or self._folder is None:
             raise AssertionError("hand_over is for workers started ahead, once")
         self._write_setup(info, specs, pools)
         self.specs = specs
 
     def _write_setup(self, info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dict[str, list]]) -> None:
-        assert self._folder is not None and self._setup is not None
+        assert self._folder is not None
         tmp = self._folder / ".setup.tmp"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as fh:
             pickle.dump((info, specs, pools), fh, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, self._setup)  # a waiting worker sees the whole file or none
+        os.replace(tmp, self._folder / SETUP)  # a waiting worker sees the whole file or none
 
     def ready(self) -> ProcessPoolExecutor:
         """The pool, its processes all launched."""

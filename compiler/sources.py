@@ -492,15 +492,23 @@ def _find_arrow(cache: Path, kind: str, path: Path) -> ArrowSplit | None:
         return None
     pointer = _arrow_pointer(cache, kind, path)
     try:
-        data = json.loads(pointer.read_text(encoding="utf-8"))
-        for f in data["files"]:
-            st = os.stat(f["path"])
-            if st.st_size != f["size"] or st.st_mtime_ns != f["mtime_ns"]:
-                return None
-        found = ArrowSplit(tuple(f["path"] for f in data["files"]), int(data["total"]), list(data["columns"]))
-        os.utime(pointer)  # last use, for `tunec cache prune --older-than`
+        found = _unchanged(json.loads(pointer.read_text(encoding="utf-8")))
+        if found is not None:
+            os.utime(pointer)  # last use, for `tunec cache prune --older-than`
         return found
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
+        return None
+
+
+def _unchanged(data: dict) -> ArrowSplit | None:
+    """The split recorded in ``data`` (a cache pointer, or the prefetch child's answer: its Arrow files,
+    each with its size and modification time, its row count and columns) when every file is still as
+    recorded; None otherwise, or when ``data`` is not such a record."""
+    try:
+        if any(_stat(f["path"]) != {"size": f["size"], "mtime_ns": f["mtime_ns"]} for f in data["files"]):
+            return None
+        return ArrowSplit(tuple(f["path"] for f in data["files"]), int(data["total"]), list(data["columns"]))
+    except (OSError, KeyError, TypeError, ValueError):
         return None
 
 
@@ -642,12 +650,11 @@ def _prefetched(kind: str, path: Path) -> ArrowSplit | None:
     if found is None or "error" in found:
         return None
     try:
-        if _stat(path) != found["source"] or any(_stat(f["path"]) != {"size": f["size"], "mtime_ns": f["mtime_ns"]}
-                                                 for f in found["files"]):
+        if _stat(path) != found["source"]:
             return None
-        return ArrowSplit(tuple(f["path"] for f in found["files"]), int(found["total"]), list(found["columns"]))
-    except (OSError, KeyError, TypeError, ValueError):
+    except (OSError, KeyError):
         return None
+    return _unchanged(found)
 
 
 def load_part(loaded: LoadedRecipe, name: str, task: Task, part: str, cache: Path | None = None) -> Rows:
