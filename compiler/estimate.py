@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from .load import LoadedRecipe
-from .modelconfig import built_config, config_here
+from .modelconfig import CHILD_EXIT, built_config, config_here
 from .plan import Estimate, PackedSet, StagePlan
 from .recipe import ConfigModel, HubModel, LocalModel, LoraPeft, QLoraPeft, Stage, StageModel
 
@@ -254,7 +254,7 @@ import transformers.utils, transformers.utils.import_utils
 transformers.utils.is_torch_available = transformers.utils.import_utils.is_torch_available = lambda: False
 from tunec.compiler.modelconfig import config_here
 print(json.dumps(config_here(json.load(sys.stdin)), default=str))
-"""
+""" + CHILD_EXIT
 
 
 CONFIG_FORMAT = 1  # bump when what a cached config entry holds changes

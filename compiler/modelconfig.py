@@ -31,6 +31,15 @@ Finding = tuple[str | None, str, str]
 _COUNTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
            "num_key_value_heads", "max_position_embeddings")
 
+# The last lines of a child process that answers on stdout and leaves nothing behind: it ends without
+# tearing down the modules it imported (transformers: ~0.1 s, which the compile waits out).
+CHILD_EXIT = """
+import os
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
 _CHILD = f"""
 import json, sys
 sys.path.pop(0)  # not the working folder: it may hold a `tunec` folder that is not the installed package
@@ -40,7 +49,7 @@ from {__name__} import check_here, config_here
 config = json.load(sys.stdin)
 findings = check_here(config)
 print(json.dumps({{"findings": findings, "built": config_here({{"kind": "config", "config": config}})}}, default=str))
-"""
+{CHILD_EXIT}"""
 
 # What each config check's child also built: request JSON (as :func:`config_request` writes it) ->
 # :func:`config_here`'s answer, for the cost estimates (compiler/estimate.py).

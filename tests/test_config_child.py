@@ -4,6 +4,7 @@ check's child also returns the config the cost estimates read, the same one thei
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -89,3 +90,21 @@ def test_a_tokenizer_that_fails_to_load_early_fails_the_compile_as_it_does_witho
     assert len(loads) == 3  # early and again in the build, then once without the early load
     assert messages[0] == messages[1]
     assert not (tmp_path / "out" / "plan.json").exists()
+
+
+@pytest.mark.parametrize("which", ["modelconfig", "estimate"])
+def test_a_config_child_that_ends_without_teardown_still_answers_whole_through_a_buffered_pipe(which):
+    # The children end with os._exit (no teardown of transformers' modules): what they printed must still
+    # arrive whole when stdout is a buffered pipe, as it is outside this test environment's settings.
+    from tunec.compiler import estimate, modelconfig
+
+    config = {"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}
+    code, request = ((modelconfig._CHILD, config) if which == "modelconfig"
+                     else (estimate._CHILD, {"kind": "config", "config": config}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    done = subprocess.run([sys.executable, "-c", code], input=json.dumps(request), capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    built = answer["built"] if which == "modelconfig" else answer
+    assert built["config"]["hidden_size"] == 64 and built["config"]["model_type"] == "llama"
