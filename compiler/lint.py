@@ -429,7 +429,13 @@ def _row_digest(values: tuple) -> int:
     return hash(tuple(v if type(v) is str else _json_value(v) for v in values))
 
 
+_JSON_SCALARS = {int: int.__repr__, bool: lambda v: "true" if v else "false", type(None): lambda v: "null"}
+
+
 def _json_value(value: Any) -> Any:
+    scalar = _JSON_SCALARS.get(type(value))
+    if scalar is not None:  # what the encoder prints for them, without its call (an id column: every row)
+        return ("json", scalar(value))
     text = _JSON(value)
     return json.loads(text) if text.startswith('"') else ("json", text)
 

@@ -410,7 +410,8 @@ def test_rows_have_one_digest_exactly_when_their_values_print_as_the_same_json()
 
     day = datetime.date(2024, 1, 2)
     value = st.one_of(st.sampled_from(["", "a", "1", "true", '"a"', "2024-01-02", "é\n", 1, 1.0, True, None, day,
-                                       [1], ["a"], {"k": "a"}, [day]]), st.text(max_size=3), st.integers(-2, 2))
+                                       [1], ["a"], {"k": "a"}, [day], False, 0, 10**20, "100000000000000000000"]),
+                      st.text(max_size=3), st.integers(-2, 2))
 
     def as_json(row: tuple) -> str:
         return json.dumps(list(row), default=str, ensure_ascii=False)
@@ -427,3 +428,17 @@ def test_rows_have_one_digest_exactly_when_their_values_print_as_the_same_json()
     assert _row_digest(("2024-01-02",)) == _row_digest((day,))  # a date prints as its string
     assert _row_digest((1,)) != _row_digest((1.0,)) != _row_digest((True,))
     assert _row_digest(("a", "bc")) != _row_digest(("ab", "c"))
+
+
+def test_a_scalar_is_digested_as_the_json_encoder_prints_it():
+    """The digest's shortcut for ints, bools and None gives what encoding them as JSON gives."""
+    from tunec.compiler.lint import _json_value
+
+    encode = json.JSONEncoder(default=str, ensure_ascii=False).encode
+
+    class Count(int):
+        def __repr__(self) -> str:
+            return "a count"
+
+    for value in (0, -7, 2**70, True, False, None, Count(3), 1.5, float("nan")):
+        assert _json_value(value) == ("json", encode(value)), value
