@@ -19,6 +19,10 @@ What it does, in one run on one machine:
       prompt+completion texts (untimed), then times only the transformers fast
       tokenizer batch-encoding them in batches of 1000 with its default
       parallelism;
+   a2. the host's own ceiling for 2 processes vs 1 (unless ``--no-side-by-side``):
+      the 1-thread raw reference's texts split between two processes, every
+      other text each, encoding side by side; 1-thread seconds over these is
+      what the machine gives work that shares nothing but itself;
    b. the full compile, end to end, as a subprocess (interpreter start-up,
       imports and exit included), with ``--workers 1``, ``--workers 2`` and
       the default (one per usable core, when that is more than 2), each into a
@@ -59,6 +63,7 @@ TARGET_SPEEDUP = 1.8  # --workers 2 >= 1.8 x faster than --workers 1
 CHILD_FLAG = "--_child-compile"  # internal: run the CLI with phase timers
 RAW_FLAG = "--_child-raw"  # internal: render, then time the tokenizer alone
 RAW_KEYS = ("call", "encode_batch", "encode_batch_1thread")
+HALF_FLAG = "--_child-half"  # internal: one of two processes encoding half the texts each, side by side
 
 
 # ----------------------------------------------------------------- inputs
@@ -272,6 +277,72 @@ def run_raw(data: Path, shared: Path, batch: int, env: dict[str, str], result: P
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"raw baseline failed (exit {proc.returncode})")
     return json.loads(result.read_text())
+
+
+def run_side_by_side(data: Path, shared: Path, batch: int, env: dict[str, str], folder: Path) -> dict:
+    """The host's own ceiling for 2 processes vs 1: the texts split between two processes (every other
+    text), each encoding its half on one thread (as the 1-thread raw reference encodes all of them),
+    both started at once after their set-up. Work that shares nothing but the machine: whatever 2 vs 1
+    gives here, less than 2, is what the machine takes (cores that share caches, memory or a host)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    go = folder / "go"
+    go.unlink(missing_ok=True)
+    procs = []
+    for k in (0, 1):
+        for name in (f"ready-{k}", f"result-{k}.json"):
+            (folder / name).unlink(missing_ok=True)
+        cmd = [sys.executable, str(Path(__file__).resolve()), HALF_FLAG, str(data), str(shared), str(batch), str(k),
+               str(folder)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        while not all((folder / f"ready-{k}").exists() for k in (0, 1)):
+            if any(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.005)
+        busy0 = busy_cpu_seconds()
+        start = time.time()
+        go.touch()
+        results = [folder / f"result-{k}.json" for k in (0, 1)]
+        while not all(r.exists() for r in results) and all(p.poll() is None or p.returncode == 0 for p in procs):
+            time.sleep(0.002)
+        noise = cpu_note(busy0, 0.0, time.time() - start)  # before the children's exit: their own CPU taken out below
+        outputs = [p.communicate(timeout=3600)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode != 0 for p in procs):
+        sys.stderr.write("\n".join(outputs))
+        raise SystemExit("side-by-side raw reference failed")
+    halves = [json.loads((folder / f"result-{k}.json").read_text()) for k in (0, 1)]
+    seconds = max(h["end"] for h in halves) - start
+    # the children's CPU includes their set-up (rendering, tokenizer load): report only their encoding's
+    own = sum(h["cpu_seconds"] for h in halves)
+    other = noise["other_processes_cpu_seconds"]
+    other = None if other is None else max(0.0, other - own)
+    return {"seconds": seconds, "tokens": sum(h["tokens"] for h in halves),
+            "halves_seconds": [h["end"] - start for h in halves], "cpu_seconds": own,
+            "other_processes_cpu_seconds": other,
+            "other_processes_cpu_share": None if other is None else other / (seconds * (os.cpu_count() or 1))}
+
+
+def child_half(data: str, shared: str, batch: str, k: str, folder: str) -> None:
+    from transformers import AutoTokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    texts = render_texts(Path(data))[int(k)::2]
+    size = int(batch)
+    batches = [texts[i:i + size] for i in range(0, len(texts), size)]
+    backend = AutoTokenizer.from_pretrained(str(Path(shared) / GPT2), local_files_only=True).backend_tokenizer
+    Path(folder, f"ready-{k}").touch()
+    go = Path(folder, "go")
+    while not go.exists():
+        time.sleep(0.001)
+    cpu0 = time.process_time()
+    n = sum(len(e.ids) for b in batches for e in backend.encode_batch(b, add_special_tokens=True))
+    end = time.time()
+    Path(folder, f"result-{k}.json").write_text(json.dumps({"end": end, "tokens": n,
+                                                           "cpu_seconds": time.process_time() - cpu0}))
 
 
 def child_raw(data: str, shared: str, batch: str, result: str) -> None:
@@ -655,6 +726,9 @@ def main() -> int:
     if len(sys.argv) == 6 and sys.argv[1] == RAW_FLAG:
         child_raw(*sys.argv[2:])
         return 0
+    if len(sys.argv) == 7 and sys.argv[1] == HALF_FLAG:
+        child_half(*sys.argv[2:])
+        return 0
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -669,6 +743,9 @@ def main() -> int:
                     help="keep every build folder (default: only the first build of each worker count)")
     ap.add_argument("--plain-cli", action="store_true",
                     help="run the installed `tunec` script (no phase timings) instead of the timed CLI")
+    ap.add_argument("--no-side-by-side", action="store_true",
+                    help="skip the host's own 2-vs-1 ceiling (the 1-thread raw tokenizer, its texts split between "
+                         "two processes side by side; ~15 s a round)")
     ap.add_argument("--cpus", type=int, default=None,
                     help="run everything on the first N of the usable cores (CPU affinity, inherited by every "
                          "child: the raw tokenizer's threads and the compile's default worker count follow it) "
@@ -724,11 +801,17 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
     worker_counts = tuple(sorted({*SPEEDUP_COUNTS, default_workers}))
     runs: dict[int, list[dict]] = {w: [] for w in worker_counts}
     raw_runs: list[dict] = []
+    side_runs: list[dict] = []
     for r in range(args.repeats):
         raw_run = run_raw(data, shared, args.batch, env, workdir / f"raw-r{r}.json")
         raw_runs.append(raw_run)
         print(f"raw tokenizer (run {r + 1}/{args.repeats}): {raw_run['call']['seconds']:.1f} s "
               f"(texts rendered first, not timed: {raw_run['render_seconds']:.1f} s)")
+        if not args.no_side_by_side:
+            side_runs.append(run_side_by_side(data, shared, args.batch, env, workdir / f"side-r{r}"))
+            one = raw_run["encode_batch_1thread"]["seconds"]
+            print(f"raw tokenizer, 1 thread: all texts in one process {one:.1f} s, halves in two side by side "
+                  f"{side_runs[-1]['seconds']:.1f} s (the host's 2 vs 1: {one / side_runs[-1]['seconds']:.2f})")
         for w in worker_counts:
             run = run_compile(recipe, workdir / f"out-w{w}-r{r}", w, env, args.plain_cli)
             runs[w].append(run)
@@ -776,7 +859,10 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
     rounds = [{"efficiency": (counts["tokens"] / runs[default_workers][r]["seconds"]) /
                              (raw_runs[r]["call"]["tokens"] / raw_runs[r]["call"]["seconds"]),
                "speedup": runs[1][r]["seconds"] / runs[2][r]["seconds"]} for r in range(args.repeats)]
-    medians = {k: statistics.median(x[k] for x in rounds) for k in ("efficiency", "speedup")}
+    for r, side in enumerate(side_runs):  # the host's 2 vs 1 in that round, and the compile's share of it
+        rounds[r]["host_2v1"] = raw_runs[r]["encode_batch_1thread"]["seconds"] / side["seconds"]
+        rounds[r]["speedup_of_host_2v1"] = rounds[r]["speedup"] / rounds[r]["host_2v1"]
+    medians = {k: statistics.median(x[k] for x in rounds) for k in rounds[0]}
     ratios = {
         "per_round": rounds,
         "median_per_round": medians,
@@ -817,6 +903,10 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
          raw["encode_batch"]["tokens_per_s"] / raw_tps)
     line("raw ref: backend.encode_batch, 1 thread", raw["encode_batch_1thread"],
          raw["encode_batch_1thread"]["tokens_per_s"] / raw_tps)
+    if side_runs:
+        side = dict(min(side_runs, key=lambda m: m["seconds"]))
+        side["tokens_per_s"] = side["tokens"] / side["seconds"]
+        line("raw ref: 1 thread, halves in 2 processes", side, side["tokens_per_s"] / raw_tps)
     for w in worker_counts:
         c = comp[w]
         ratio = c["tokens_per_s"] / raw_tps
@@ -831,6 +921,12 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
         print(f"{'per round (all back to back):':<44} efficiency at -w{default_workers} {eff} (median "
               f"{medians['efficiency']:.2f}: {ok(medians['efficiency'], TARGET_RAW_RATIO)}); speedup {spd} "
               f"(median {medians['speedup']:.2f}: {ok(medians['speedup'], TARGET_SPEEDUP)})")
+    if side_runs:
+        host = " ".join(f"{x['host_2v1']:.2f}" for x in rounds)
+        share = " ".join(f"{x['speedup_of_host_2v1']:.2f}" for x in rounds)
+        print(f"{'host ceiling, 2 processes vs 1:':<44} the 1-thread raw tokenizer, all texts in one process vs "
+              f"halves in two side by side: {host} (median {medians['host_2v1']:.2f}); the compile's 2 vs 1 as a "
+              f"share of it: {share} (median {medians['speedup_of_host_2v1']:.2f})")
     print("cpu s: CPU seconds of the measurement itself (compile: the process and its workers); "
           "other: CPU used meanwhile by other processes on the machine, as a share of all CPUs (noise)")
     noisy = [r for r in [*(raw[k] for k in RAW_KEYS), *comp.values()]
@@ -882,6 +978,9 @@ def _bench(args, shared: Path, workdir: Path, base_env: dict[str, str]) -> int:
         },
         "datasets_cache_prime_seconds": prime,
         "raw": {"batch": args.batch, **raw},
+        "raw_side_by_side": {"note": "the 1-thread raw reference's texts, every other one, in each of two processes "
+                                     "started at once; per round, host_2v1 in ratios.per_round is the 1-thread "
+                                     "reference's seconds over these", "runs": side_runs},
         "compile": {str(w): comp[w] for w in worker_counts},
         "ratios": ratios,
         "targets": {"compile_over_raw": TARGET_RAW_RATIO, "speedup_w2_over_w1": TARGET_SPEEDUP},
