@@ -45,6 +45,7 @@ from .incremental import EARLY_SPAWN_BYTES, LeakKeys, Part, cache_of, compile_un
 from .link import Linker
 from .load import LoadedRecipe
 from .lock import BuildLock
+from .modelconfig import checks_running
 from .plan import (
     MANIFEST_FILE,
     MARKER_FILE,
@@ -60,7 +61,7 @@ from .plan import (
     read_plan,
 )
 from .recipe import LocalModel, LocalTokenizer, Stage, StageModel
-from .sources import fingerprint, prefetch_arrow
+from .sources import fingerprint, import_datasets, prefetch_arrow, unconverted_bytes
 from .tokens import TokenizerInfo
 from .units import UnitSpec
 from .unitstore import release
@@ -98,19 +99,35 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
     loaded = load_recipe(recipe_path, overrides)
     # Where cores are to spare, local files are converted in a child process while the tokenizer loads
     # here (sources.py); when they are new to the cache (so their units are to be compiled) and large
-    # enough to spawn workers early for, the workers start now too, beside both.
+    # enough to spawn workers early for, the workers start now too, beside both. On fewer cores (the
+    # tokenizer's load and the model-config check's child take them), the workers start once the
+    # tokenizer is loaded, beside this process importing `datasets` while it waits for that check.
     spare = usable_cpus() >= SPARE_CORES_FROM
-    fresh = prefetch_arrow(loaded, options.cache_dir()) if spare else 0
+    cache = options.cache_dir()
     ahead: Workers | None = None
     try:
-        if options.executor == "local" and options.workers > 1 and fresh >= EARLY_SPAWN_BYTES * options.workers:
-            ahead = Workers.ahead(options.workers)
-        tokenizer = _early_tokenizer(loaded, options.cache_dir())
-        checked = check(loaded, options.cache_dir())
+        if spare:
+            ahead = _ahead(options, prefetch_arrow(loaded, cache))
+        tokenizer = _early_tokenizer(loaded, cache)
+        later, hub = unconverted_bytes(loaded, cache)  # what `datasets` will read here (not prefetched)
+        if ahead is None:
+            ahead = _ahead(options, later)
+        if checks_running() and (later or hub):  # check() would wait for its child: import meanwhile
+            import_datasets()
+        checked = check(loaded, cache)
         return build(checked, Path(out), options, tokenizer, ahead)
     finally:
         if ahead is not None:
             ahead.close()  # unless the build used them (and has closed them already): never handed over
+
+
+def _ahead(options: Options, fresh: int) -> Workers | None:
+    """Worker processes started now, for a local compile with more than one worker whose source files new
+    to the cache (``fresh`` bytes: their units will be compiled) are large enough to give each worker
+    chunks of its own; None otherwise."""
+    if options.executor == "local" and options.workers > 1 and fresh >= EARLY_SPAWN_BYTES * options.workers:
+        return Workers.ahead(options.workers)
+    return None
 
 
 def _early_tokenizer(loaded: LoadedRecipe, cache: Path | None) -> tuple[Any, TokenizerInfo] | None:

@@ -51,9 +51,11 @@ def usable_cpus() -> int:
 
 
 # Cores from which a compile starts its workers, and converts its local files, beside the tokenizer's load
-# (:meth:`Workers.ahead`, :func:`.sources.prefetch_arrow`). On fewer, the main process, the model-config
-# check's child and the workers' start already keep every core busy: more processes side by side only
-# slow the main process's own start (measured on 2 cores: the first chunk 0.1-0.3 s later, not earlier).
+# (:meth:`Workers.ahead`, :func:`.sources.prefetch_arrow`). On fewer, the tokenizer's load and the
+# model-config check's child already keep every core busy: more processes beside them only slow the main
+# process's own start (measured on 2 cores: the first chunk 0.1-0.3 s later, not earlier). There the
+# workers start once the tokenizer is loaded (compiler/build.py), which on 2 cores brings the first chunk
+# 0.1-0.2 s earlier.
 SPARE_CORES_FROM = 4
 SETUP = "setup.pickle"  # in a Workers' folder: the tokenizer, unit specs and few-shot pools, pickled
 

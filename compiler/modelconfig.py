@@ -98,6 +98,13 @@ def start_config_findings(config: dict[str, Any]) -> bool:
     return True
 
 
+def checks_running() -> bool:
+    """Whether a config check started by :func:`start_config_findings` is still running (its caller will
+    wait for it)."""
+    with _built_lock:
+        return any(thread.is_alive() for thread in _started.values())
+
+
 @lru_cache(maxsize=64)
 def _findings(config_json: str) -> tuple:
     config = json.loads(config_json)

@@ -571,34 +571,67 @@ def arrow_of_file(kind: str, path: str) -> dict:
         return {"error": f"{type(exc).__name__}: {exc}"[:500]}
 
 
-def prefetch_arrow(loaded: LoadedRecipe, cache: Path | None) -> int:
-    """Start converting the local files the recipe's stages read (see above) in a child process, unless
-    ``datasets`` is loaded here already (then it costs nothing here) or every file is known to the
-    cache; the bytes of the files the child was given (0: none started)."""
-    if "datasets" in sys.modules:
-        return 0
+def _unconverted(loaded: LoadedRecipe, cache: Path | None) -> tuple[list[tuple[str, str]], bool]:
+    """The local files the recipe's stages read that neither the cache nor the prefetch knows as Arrow
+    (``(kind, path)``, each once), and whether a stage reads a hub dataset."""
     recipe = loaded.recipe
     wanted: list[tuple[str, str]] = []
-    size = 0
+    hub = False
     for name in dict.fromkeys(t for s in recipe.stages for t in (*s.tasks, *s.held_out)):
         task = recipe.tasks.get(name)
-        if task is None or isinstance(task.source, HubSource):
+        if task is None:
+            continue
+        if isinstance(task.source, HubSource):
+            hub = True
             continue
         files = source_files(loaded, task)
         paths = [files.get(sel.split) for sel in (task.train, task.eval) if isinstance(sel, Selection)]
         if isinstance(task.eval, FileEval):
             paths.append(loaded.resolve(task.eval.file))
         for path in paths:
-            if path is None or not path.is_file() or path.stat().st_size == 0:
-                continue  # the compile says what is wrong with it
-            if cache is not None and _find_arrow(cache, task.source.kind, path) is not None:
+            try:
+                if path is None or not path.is_file() or path.stat().st_size == 0:
+                    continue  # the compile says what is wrong with it
+                if cache is not None and _find_arrow(cache, task.source.kind, path) is not None:
+                    continue
+            except OSError:  # unreadable: the compile reads it itself, and says so, located
                 continue
             key: tuple[str, str] = (task.source.kind, str(path))
             if key not in wanted and key not in _arrows and key not in _arrow_threads:
                 wanted.append(key)
-                size += path.stat().st_size
+    return wanted, hub
+
+
+def unconverted_bytes(loaded: LoadedRecipe, cache: Path | None) -> tuple[int, bool]:
+    """The bytes of the local files the recipe's stages read that the cache does not know as Arrow (so
+    ``datasets`` will convert them, and their units are new), and whether a stage reads a hub dataset
+    (``datasets`` loads it)."""
+    wanted, hub = _unconverted(loaded, cache)
+    return sum(_size(path) for _, path in wanted), hub
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def import_datasets() -> None:
+    """Import ``datasets`` now (~0.4 s), e.g. while this process would otherwise wait."""
+    _quiet_datasets()
+
+
+def prefetch_arrow(loaded: LoadedRecipe, cache: Path | None) -> int:
+    """Start converting the local files the recipe's stages read (see above) in a child process, unless
+    ``datasets`` is loaded here already (then it costs nothing here) or every file is known to the
+    cache; the bytes of the files the child was given (0: none started)."""
+    if "datasets" in sys.modules:
+        return 0
+    wanted, _ = _unconverted(loaded, cache)
     if not wanted:
         return 0
+    size = sum(_size(path) for _, path in wanted)
     thread = threading.Thread(target=_run_arrow_child, args=(wanted,), name="tunec-arrow", daemon=True)
     with _arrow_lock:
         for item in wanted:

@@ -1,7 +1,8 @@
-"""Start-up work run side by side where cores are to spare: local files converted to Arrow in a child
+"""Start-up work run side by side: where cores are to spare, local files converted to Arrow in a child
 process while the tokenizer loads (compiler/sources.py), and worker processes started before the
-tokenizer is loaded, handed their setup once it is (compiler/executors.py). Neither may change a byte of
-the build, and a child's answer that no longer holds is never used."""
+tokenizer is loaded, handed their setup once it is (compiler/executors.py); on fewer cores, the workers
+started once the tokenizer is loaded, and `datasets` imported while the model-config check is awaited.
+None of it may change a byte of the build, and a child's answer that no longer holds is never used."""
 
 from __future__ import annotations
 
@@ -46,22 +47,38 @@ import tunec.compiler.build as build
 from tunec.compiler import executors
 
 handed = []
+events = []
 original = executors.Workers.hand_over
+original_ahead = executors.Workers.ahead.__func__
+original_load = build.tokcache.load
 
 def hand_over(self, *args):
     handed.append(self.workers)
     return original(self, *args)
 
+def ahead(cls, workers):
+    events.append("workers")
+    return original_ahead(cls, workers)
+
+def load(*args):
+    events.append("tokenizer")
+    return original_load(*args)
+
 if __name__ == "__main__":
     executors.Workers.hand_over = hand_over
-    build.usable_cpus = lambda: 8  # as if cores were to spare
+    executors.Workers.ahead = classmethod(ahead)
+    build.tokcache.load = load
     recipe, out, cache = sys.argv[1:4]
+    cpus = int(sys.argv[4]) if len(sys.argv) > 4 else 8
+    build.usable_cpus = lambda: cpus  # 8: as if cores were to spare
     options = build.Options(workers=2, use_cache=cache != "-", cache=None if cache == "-" else Path(cache))
     try:
         build.compile_recipe(recipe, out, options)
         failed = None
     except build.TunecError as exc:
         failed = str(exc)
+    if cpus < 8:
+        print(json.dumps(events))
     print(json.dumps({"handed": handed, "datasets": "datasets" in sys.modules,
                       "children": len(multiprocessing.active_children()), "failed": failed}))
 """
@@ -134,3 +151,59 @@ def test_an_answer_for_a_file_changed_since_is_not_used(tmp_path, monkeypatch):
     assert sources._prefetched("jsonl", data) is None
     monkeypatch.setitem(sources._arrows, key, {"error": "no answer"})
     assert sources._prefetched("jsonl", data) is None
+
+
+@pytest.mark.slow
+def test_on_fewer_cores_workers_start_once_the_tokenizer_is_loaded_and_build_the_same_bytes(tmp_path):
+    from tunec.compiler.build import Options, compile_recipe
+
+    data = _rows(tmp_path / "rows.jsonl", 8000)
+    recipe = _recipe(tmp_path, data)
+    env = {**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf"), "TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / "a"), "-", "2"], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    events, got = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+    assert events == ["tokenizer", "workers"]  # after the tokenizer's load, not beside it
+    assert got == {"handed": [2], "datasets": True, "children": 0, "failed": None}  # no prefetch child here
+    assert list((tmp_path / "tmp").iterdir()) == []
+    compile_recipe(recipe, tmp_path / "here", Options(workers=1, use_cache=False))
+    assert _files(tmp_path / "a") == _files(tmp_path / "here")
+
+
+def test_datasets_is_imported_while_the_check_waits_only_when_the_build_will_read_through_it(tmp_path,
+                                                                                           monkeypatch):
+    from tunec.compiler import build
+
+    data = _rows(tmp_path / "rows.jsonl", 40)
+    recipe = _recipe(tmp_path, data)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    cache = tmp_path / "cache"
+    build.compile_recipe(recipe, tmp_path / "first", build.Options(workers=1, cache=cache))  # remembers the file
+
+    class Checked(Exception):
+        pass
+
+    def check(loaded, cache_dir):
+        raise Checked
+
+    imports: list[int] = []
+    monkeypatch.setattr(build, "check", check)
+    monkeypatch.setattr(build, "import_datasets", lambda: imports.append(1))
+
+    def imported(waiting: bool, **options) -> bool:
+        monkeypatch.setattr(build, "checks_running", lambda: waiting)
+        imports.clear()
+        with pytest.raises(Checked):
+            build.compile_recipe(recipe, tmp_path / "out", build.Options(workers=1, **options))
+        return bool(imports)
+
+    assert imported(True, use_cache=False)  # the file is converted through datasets: imported while waiting
+    assert not imported(False, use_cache=False)  # nothing to wait for: imported when the rows are loaded
+    assert not imported(True, cache=cache)  # the cache knows the file's Arrow files: datasets is not needed
+    data.write_text(data.read_text(encoding="utf-8") + json.dumps({"question": "q?", "answer": "a"}) + "\n",
+                    encoding="utf-8")
+    assert imported(True, cache=cache)  # changed since: converted again
