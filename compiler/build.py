@@ -109,11 +109,13 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
         if spare:
             ahead = _ahead(options, prefetch_arrow(loaded, cache))
         tokenizer = _early_tokenizer(loaded, cache)
-        later, hub = unconverted_bytes(loaded, cache)  # what `datasets` will read here (not prefetched)
-        if ahead is None:
-            ahead = _ahead(options, later)
-        if checks_running() and (later or hub):  # check() would wait for its child: import meanwhile
-            import_datasets()
+        waiting = checks_running()  # check() would wait for its child
+        if waiting or (ahead is None and options.executor == "local" and options.workers > 1):
+            later, hub = unconverted_bytes(loaded, cache)  # what `datasets` will read here (not prefetched)
+            if ahead is None:
+                ahead = _ahead(options, later)
+            if waiting and (later or hub):  # import it meanwhile
+                import_datasets()
         checked = check(loaded, cache)
         return build(checked, Path(out), options, tokenizer, ahead)
     finally:
