@@ -597,7 +597,9 @@ def _unconverted(loaded: LoadedRecipe, cache: Path | None) -> tuple[list[tuple[s
             except OSError:  # unreadable: the compile reads it itself, and says so, located
                 continue
             key: tuple[str, str] = (task.source.kind, str(path))
-            if key not in wanted and key not in _arrows and key not in _arrow_threads:
+            with _arrow_lock:  # the prefetch's thread moves its keys from one to the other when done
+                prefetched = key in _arrows or key in _arrow_threads
+            if key not in wanted and not prefetched:
                 wanted.append(key)
     return wanted, hub
 
