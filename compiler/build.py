@@ -61,7 +61,7 @@ from .plan import (
     read_plan,
 )
 from .recipe import LocalModel, LocalTokenizer, Stage, StageModel
-from .sources import fingerprint, import_datasets, prefetch_arrow, unconverted_bytes
+from .sources import fingerprint, prefetch_arrow, quiet_datasets, unconverted_bytes
 from .tokens import TokenizerInfo
 from .units import UnitSpec
 from .unitstore import release
@@ -110,12 +110,13 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
             ahead = _ahead(options, prefetch_arrow(loaded, cache))
         tokenizer = _early_tokenizer(loaded, cache)
         waiting = checks_running()  # check() would wait for its child
-        if waiting or (ahead is None and options.executor == "local" and options.workers > 1):
+        may_start = ahead is None and _parallel(options)
+        if waiting or may_start:
             later, hub = unconverted_bytes(loaded, cache)  # what `datasets` will read here (not prefetched)
-            if ahead is None:
+            if may_start:
                 ahead = _ahead(options, later)
             if waiting and (later or hub):  # import it meanwhile
-                import_datasets()
+                quiet_datasets()
         checked = check(loaded, cache)
         return build(checked, Path(out), options, tokenizer, ahead)
     finally:
@@ -123,11 +124,16 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
             ahead.close()  # unless the build used them (and has closed them already): never handed over
 
 
+def _parallel(options: Options) -> bool:
+    """Whether the compile's units run in worker processes of this machine."""
+    return options.executor == "local" and options.workers > 1
+
+
 def _ahead(options: Options, fresh: int) -> Workers | None:
-    """Worker processes started now, for a local compile with more than one worker whose source files new
-    to the cache (``fresh`` bytes: their units will be compiled) are large enough to give each worker
-    chunks of its own; None otherwise."""
-    if options.executor == "local" and options.workers > 1 and fresh >= EARLY_SPAWN_BYTES * options.workers:
+    """Worker processes started now, for a compile in local workers whose source files new to the cache
+    (``fresh`` bytes: their units will be compiled) are large enough to give each worker chunks of its
+    own; None otherwise."""
+    if _parallel(options) and fresh >= EARLY_SPAWN_BYTES * options.workers:
         return Workers.ahead(options.workers)
     return None
 

@@ -395,7 +395,8 @@ def part_inputs(loaded: LoadedRecipe, name: str, task: Task, part: str) -> tuple
     return options, content
 
 
-def _quiet_datasets():
+def quiet_datasets():
+    """``datasets``, imported (~0.4 s the first time), its progress bars and logging off."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -426,7 +427,7 @@ def _load(loaded: LoadedRecipe, name: str, task: Task, split: str, path: Path | 
                 _remember_arrow(cache, source.kind, path, found)
         if found is not None:
             return found
-    datasets = _quiet_datasets()
+    datasets = quiet_datasets()
     if isinstance(source, HubSource):
         try:
             return datasets.load_dataset(source.id, source.name, revision=source.revision, split=split)
@@ -560,7 +561,7 @@ def arrow_of_file(kind: str, path: str) -> dict:
             _check_utf8(Path(path))
         if kind == "json":
             _read_json(Path(path))
-        datasets = _quiet_datasets()
+        datasets = quiet_datasets()
         ds = datasets.load_dataset({"jsonl": "json"}.get(kind, kind), data_files={"rows": path}, split="rows")
         files = _stream_files(ds)
         if files is None or _stat(path) != before:
@@ -605,9 +606,9 @@ def _unconverted(loaded: LoadedRecipe, cache: Path | None) -> tuple[list[tuple[s
 
 
 def unconverted_bytes(loaded: LoadedRecipe, cache: Path | None) -> tuple[int, bool]:
-    """The bytes of the local files the recipe's stages read that the cache does not know as Arrow (so
-    ``datasets`` will convert them, and their units are new), and whether a stage reads a hub dataset
-    (``datasets`` loads it)."""
+    """The bytes of the local files the recipe's stages read that neither the cache nor the prefetch
+    knows as Arrow (so ``datasets`` will convert them here, and their units are new), and whether a stage
+    reads a hub dataset (``datasets`` loads it)."""
     wanted, hub = _unconverted(loaded, cache)
     return sum(_size(path) for _, path in wanted), hub
 
@@ -617,11 +618,6 @@ def _size(path: str) -> int:
         return os.stat(path).st_size
     except OSError:
         return 0
-
-
-def import_datasets() -> None:
-    """Import ``datasets`` now (~0.4 s), e.g. while this process would otherwise wait."""
-    _quiet_datasets()
 
 
 def prefetch_arrow(loaded: LoadedRecipe, cache: Path | None) -> int:

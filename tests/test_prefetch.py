@@ -192,7 +192,7 @@ def test_datasets_is_imported_while_the_check_waits_only_when_the_build_will_rea
 
     imports: list[int] = []
     monkeypatch.setattr(build, "check", check)
-    monkeypatch.setattr(build, "import_datasets", lambda: imports.append(1))
+    monkeypatch.setattr(build, "quiet_datasets", lambda: imports.append(1))
 
     def imported(waiting: bool, **options) -> bool:
         monkeypatch.setattr(build, "checks_running", lambda: waiting)
