@@ -30,7 +30,7 @@ from . import FORMAT_VERSION, __version__, audit, estimate, leakage, lint, lock,
 from .cache import Cache, code_versions, default_dir
 from .check import Checked, check, start_model_checks
 from .errors import Problem, TunecError
-from .executors import SPARE_CORES_FROM, Workers, usable_cpus
+from .executors import SPARE_CORES_FROM, Workers, can_fork, usable_cpus
 from .fileio import (
     atomic_dir,
     atomic_write_text,
@@ -97,17 +97,23 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
 
     check_output(Path(out))  # before any work: the recipe may take a while to check
     loaded = load_recipe(recipe_path, overrides)
+    # Where this process may fork (Linux, no thread running yet), the workers for source files new to
+    # the cache are forked now: nearly free, idle until handed their setup, so on any number of cores.
     # Where cores are to spare, local files are converted in a child process while the tokenizer loads
-    # here (sources.py); when they are new to the cache (so their units are to be compiled) and large
-    # enough to spawn workers early for, the workers start now too, beside both. On fewer cores (the
-    # tokenizer's load and the model-config check's child take them), the workers start once the
+    # (sources.py); when they are new to the cache (so their units are to be compiled) and large
+    # enough to start workers early for, spawned workers start now too, beside both. On fewer cores (the
+    # tokenizer's load and the model-config check's child take them), spawned workers start once the
     # tokenizer is loaded, beside this process importing `datasets` while it waits for that check.
     spare = usable_cpus() >= SPARE_CORES_FROM
     cache = options.cache_dir()
     ahead: Workers | None = None
     try:
+        if _parallel(options) and can_fork():
+            ahead = _ahead(options, unconverted_bytes(loaded, cache)[0], fork=True)
         if spare:
-            ahead = _ahead(options, prefetch_arrow(loaded, cache))
+            fresh = prefetch_arrow(loaded, cache)
+            if ahead is None:
+                ahead = _ahead(options, fresh)
         tokenizer = _early_tokenizer(loaded, cache)
         waiting = checks_running()  # check() would wait for its child
         may_start = ahead is None and _parallel(options)
@@ -129,12 +135,12 @@ def _parallel(options: Options) -> bool:
     return options.executor == "local" and options.workers > 1
 
 
-def _ahead(options: Options, fresh: int) -> Workers | None:
-    """Worker processes started now, for a compile in local workers whose source files new to the cache
-    (``fresh`` bytes: their units will be compiled) are large enough to give each worker chunks of its
-    own; None otherwise."""
+def _ahead(options: Options, fresh: int, fork: bool = False) -> Workers | None:
+    """Worker processes started now (``fork``: forked, where :func:`.executors.can_fork`), for a compile
+    in local workers whose source files new to the cache (``fresh`` bytes: their units will be compiled)
+    are large enough to give each worker chunks of its own; None otherwise."""
     if _parallel(options) and fresh >= EARLY_SPAWN_BYTES * options.workers:
-        return Workers.ahead(options.workers)
+        return Workers.ahead(options.workers, fork)
     return None
 
 

@@ -3,6 +3,8 @@ whose window of chunks in flight slides as results are taken; a row's error name
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -227,3 +229,63 @@ def test_a_worker_that_dies_while_writing_a_shard_fails_the_compile_in_one_line(
                         template_names={"sums": ["qa"]}, pool=pool)
         with pytest.raises(TunecError, match="ended while it wrote a shard"):
             linker._pack(Selected.of([(unit, np.arange(unit.docs))], "sft"), Path("s"), "s")
+
+
+_FORK_SCRIPT = """
+import json, sys, threading
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from test_executors import SPEC, TOKENIZER, chunks
+from tunec.compiler import executors
+from tunec.compiler.tokens import load_local_tokenizer, tokenizer_info
+
+tok = load_local_tokenizer(TOKENIZER)
+info = tokenizer_info(tok)
+# the tokenizer's own thread pool at work in this process before it forks
+tok.backend_tokenizer.encode_batch([f"warm {i} " * 50 for i in range(2000)])
+work = chunks([str(i) * (1 + i % 5) for i in range(40)])
+
+
+def compiled(started):
+    specs = [SPEC]
+    with started:
+        started.hand_over(info, specs, {})
+        return [r for _, r in executors.run_local(iter(work), len(work), info, specs, {}, 2, started)]
+
+
+if __name__ == "__main__":  # the spawned workers import this script
+    forked = executors.Workers.ahead(2, fork=True)
+    pids = [p.pid for p in (forked.pool._processes or {}).values()]
+    a = compiled(forked)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()  # another thread runs: a fork could copy a lock it holds, so the workers are spawned
+    assert not executors.can_fork()
+    spawned = executors.Workers.ahead(2, fork=True)
+    b = compiled(spawned)
+    stop.set()
+    other.join()
+    here = [r for _, r in executors.run_local(iter(work), len(work), info, [SPEC], {}, 1)]
+    same = all(np.array_equal(x.ids, y.ids) and np.array_equal(x.sft_labels, y.sft_labels) and np.array_equal(x.ids, z.ids)
+               and np.array_equal(x.sft_labels, z.sft_labels) for x, y, z in zip(here, a, b))
+    print(json.dumps({"forked": forked.forked, "spawned": not spawned.forked, "workers": len(pids), "same": same,
+                      "chunks": len(a)}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux only")
+def test_workers_forked_ahead_compile_what_spawned_ones_and_this_process_do(tmp_path):
+    """Forked from a process whose tokenizer already ran its thread pool, the workers compile the same
+    chunks to the same arrays as spawned ones and as the process itself; with another thread running
+    the process does not fork."""
+    import json
+    import subprocess
+
+    script = tmp_path / "fork.py"
+    script.write_text(_FORK_SCRIPT, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"forked": True, "spawned": True, "workers": 2,
+                                                                "same": True, "chunks": 10}

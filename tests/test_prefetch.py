@@ -56,9 +56,10 @@ def hand_over(self, *args):
     handed.append(self.workers)
     return original(self, *args)
 
-def ahead(cls, workers):
-    events.append("workers")
-    return original_ahead(cls, workers)
+def ahead(cls, workers, fork=False):
+    started = original_ahead(cls, workers, fork)
+    events.append("forked" if started.forked else "spawned")
+    return started
 
 def load(*args):
     events.append("tokenizer")
@@ -71,14 +72,15 @@ if __name__ == "__main__":
     recipe, out, cache = sys.argv[1:4]
     cpus = int(sys.argv[4]) if len(sys.argv) > 4 else 8
     build.usable_cpus = lambda: cpus  # 8: as if cores were to spare
+    if len(sys.argv) > 5 and sys.argv[5] == "spawn":  # as where this process may not fork
+        build.can_fork = lambda: False
     options = build.Options(workers=2, use_cache=cache != "-", cache=None if cache == "-" else Path(cache))
     try:
         build.compile_recipe(recipe, out, options)
         failed = None
     except build.TunecError as exc:
         failed = str(exc)
-    if cpus < 8:
-        print(json.dumps(events))
+    print(json.dumps(events))
     print(json.dumps({"handed": handed, "datasets": "datasets" in sys.modules,
                       "children": len(multiprocessing.active_children()), "failed": failed}))
 """
@@ -100,23 +102,29 @@ def test_files_converted_beside_the_tokenizer_and_workers_started_ahead_build_th
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT, encoding="utf-8")
 
-    def side_by_side(out: str, cache: str) -> dict:
-        done = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / out), cache], env=env,
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    def side_by_side(out: str, cache: str, start: str = "fork") -> tuple[list[str], dict]:
+        done = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / out), cache, "8", start],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        events, got = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+        return events, got
 
-    first = side_by_side("a", "-")
+    events, first = side_by_side("a", "-")
+    assert events == ["forked", "tokenizer"]  # forked before the tokenizer's load, with no thread running yet
     # the rows came from the child's Arrow files: this process never imported datasets
     assert first == {"handed": [2], "datasets": False, "children": 0, "failed": None}
     assert list((tmp_path / "tmp").iterdir()) == []  # the workers' setup folder is gone
-    cached = side_by_side("b", str(tmp_path / "cache"))  # the same with a cache, which remembers the files
+    events, cached = side_by_side("b", str(tmp_path / "cache"))  # the same with a cache, which remembers the files
+    assert events == ["forked", "tokenizer"]
     assert cached == {"handed": [2], "datasets": False, "children": 0, "failed": None}
+    events, spawned = side_by_side("s", "-", "spawn")  # where it may not fork: spawned, also before the load
+    assert events == ["spawned", "tokenizer"]
+    assert spawned == {"handed": [2], "datasets": False, "children": 0, "failed": None}
 
     # a recipe that fails its check after the workers were started: they end with the compile
     text = recipe.read_text(encoding="utf-8")
     recipe.write_text(text.replace("num_attention_heads: 2", "num_attention_heads: 3"), encoding="utf-8")
-    broken = side_by_side("c", "-")
+    _, broken = side_by_side("c", "-")
     assert broken["handed"] == [] and broken["children"] == 0 and "multiple of" in broken["failed"]
     assert list((tmp_path / "tmp").iterdir()) == [] and not (tmp_path / "c").exists()
     recipe.write_text(text, encoding="utf-8")
@@ -124,7 +132,7 @@ def test_files_converted_beside_the_tokenizer_and_workers_started_ahead_build_th
 
     compile_recipe(recipe, tmp_path / "here", Options(workers=1, use_cache=False))  # rows read through datasets
     here = _files(tmp_path / "here")
-    assert _files(tmp_path / "a") == here and _files(tmp_path / "b") == here
+    assert _files(tmp_path / "a") == here and _files(tmp_path / "b") == here and _files(tmp_path / "s") == here
 
 
 def test_the_childs_answer_is_what_datasets_loads(tmp_path):
@@ -154,7 +162,8 @@ def test_an_answer_for_a_file_changed_since_is_not_used(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_on_fewer_cores_workers_start_once_the_tokenizer_is_loaded_and_build_the_same_bytes(tmp_path):
+def test_on_fewer_cores_workers_are_forked_first_or_spawned_once_the_tokenizer_is_loaded_and_build_the_same_bytes(
+        tmp_path):
     from tunec.compiler.build import Options, compile_recipe
 
     data = _rows(tmp_path / "rows.jsonl", 8000)
@@ -163,15 +172,26 @@ def test_on_fewer_cores_workers_start_once_the_tokenizer_is_loaded_and_build_the
     (tmp_path / "tmp").mkdir()
     script = tmp_path / "run.py"
     script.write_text(_SCRIPT, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / "a"), "-", "2"], env=env,
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    events, got = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
-    assert events == ["tokenizer", "workers"]  # after the tokenizer's load, not beside it
+
+    def two_cores(out: str, start: str) -> tuple[list[str], dict]:
+        done = subprocess.run([sys.executable, str(script), str(recipe), str(tmp_path / out), "-", "2", start],
+                              env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        events, got = (json.loads(line) for line in done.stdout.strip().splitlines()[-2:])
+        return events, got
+
+    # forked: idle until handed their setup, they cost the tokenizer's load nothing, so they start first
+    events, got = two_cores("a", "fork")
+    assert events == ["forked", "tokenizer"]
     assert got == {"handed": [2], "datasets": True, "children": 0, "failed": None}  # no prefetch child here
+    # spawned: after the tokenizer's load, not beside it
+    events, got = two_cores("s", "spawn")
+    assert events == ["tokenizer", "spawned"]
+    assert got == {"handed": [2], "datasets": True, "children": 0, "failed": None}
     assert list((tmp_path / "tmp").iterdir()) == []
     compile_recipe(recipe, tmp_path / "here", Options(workers=1, use_cache=False))
-    assert _files(tmp_path / "a") == _files(tmp_path / "here")
+    here = _files(tmp_path / "here")
+    assert _files(tmp_path / "a") == here and _files(tmp_path / "s") == here
 
 
 def test_datasets_is_imported_while_the_check_waits_only_when_the_build_will_read_through_it(tmp_path,
