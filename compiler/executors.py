@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -31,7 +32,7 @@ from typing import Callable, Iterable, Iterator
 
 from .errors import Problem, TunecError
 from .tokens import TokenizerInfo
-from .units import Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker, init_worker_from
+from .units import WORKER_SIGNALS, Chunk, RowError, UnitResult, UnitSpec, compile_chunk, init_worker, init_worker_from
 
 EXECUTORS = ("local", "ray")
 WINDOW_PER_WORKER = 16  # chunks handed to the pool at a time, per worker
@@ -165,7 +166,7 @@ def _launch(setup: Path, workers: int, parent: int | None,
     # for the chunk the dead worker held.
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=init_worker_from,
-                               initargs=(str(setup), True, parent))
+                               initargs=(str(setup), True, parent, fork))
     widen_pipes(pool)
 
     def launch() -> None:
@@ -181,10 +182,16 @@ def _launch(setup: Path, workers: int, parent: int | None,
     if fork:
         # A fork takes milliseconds, and must happen before the pool's own threads start (the first
         # submit forks every worker, then starts them): done here. Python 3.12+ warns of any fork in a
-        # process with threads, counting the native ones can_fork leaves to their libraries.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
-            launch()
+        # process with threads, counting the native ones can_fork leaves to their libraries. The
+        # signals that end a worker are held back until the child has put its handlers back to a new
+        # interpreter's (init_worker_from): none can run a handler of this program's in a worker.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*multi-threaded.*fork", category=DeprecationWarning)
+                launch()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return pool, None
     starter = threading.Thread(target=launch, name="tunec-spawn", daemon=True)
     starter.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import signal
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -227,15 +228,24 @@ def init_worker(info: TokenizerInfo, specs: list[UnitSpec], pools: dict[str, dic
     _worker = Worker(info, specs, pools)
 
 
-def init_worker_from(setup: str, single_thread: bool, parent: int | None = None) -> None:
+WORKER_SIGNALS = {signal.SIGTERM, signal.SIGINT}  # a forked worker's, set back to a new interpreter's
+
+
+def init_worker_from(setup: str, single_thread: bool, parent: int | None = None, forked: bool = False) -> None:
     """:func:`init_worker` with the arguments pickled in the file ``setup`` (written by the process that
     spawns the workers): handing a megabyte of tokenizer to each new process through its start-up pipe
     would hold up the start of the next one until this one has read it. ``parent``: the file is not
     written yet (workers started ahead of the tokenizer's load): wait for it to appear, as long as the
-    process ``parent`` that will write it is this one's parent."""
+    process ``parent`` that will write it is this one's parent. ``forked``: this process is a fork of
+    the compile's, whose signal handlers it inherited: they are set back to a new interpreter's, so
+    that ending a worker (SIGTERM) or Ctrl-C runs nothing the program that compiles had set up."""
     import pickle
     import time
 
+    if forked:  # the forking process held these back (executors._launch) until this is done
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
     while parent is not None and not os.path.exists(setup):
         if os.getppid() != parent:  # the compile is gone: nothing will come
             raise SystemExit(1)

@@ -232,7 +232,7 @@ def test_a_worker_that_dies_while_writing_a_shard_fails_the_compile_in_one_line(
 
 
 _FORK_SCRIPT = """
-import json, sys, threading
+import json, os, signal, sys, threading
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 from test_executors import SPEC, TOKENIZER, chunks
@@ -266,10 +266,24 @@ if __name__ == "__main__":  # the spawned workers import this script
     stop.set()
     other.join()
     here = [r for _, r in executors.run_local(iter(work), len(work), info, [SPEC], {}, 1)]
+    # this program's own SIGTERM handler: a forked worker must not run it, but end as a spawned one does
+    marker = sys.argv[2]
+    signal.signal(signal.SIGTERM, lambda *_: open(marker, "a").write(f"{os.getpid()}\\n"))
+    held = executors.Workers.ahead(2, fork=True)
+    held.hand_over(info, [SPEC], {})
+    pid = held.ready().submit(os.getpid).result()  # a worker whose start is over
+    process = next(p for p in held.pool._processes.values() if p.pid == pid)
+    os.kill(pid, signal.SIGTERM)
+    process.join(30)
+    ended = process.exitcode
+    held.close()
+    quick = executors.Workers.ahead(2, fork=True)  # and one ended at once, before its start is over
+    quick.close()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     same = all(np.array_equal(x.ids, y.ids) and np.array_equal(x.sft_labels, y.sft_labels) and np.array_equal(x.ids, z.ids)
                and np.array_equal(x.sft_labels, z.sft_labels) for x, y, z in zip(here, a, b))
     print(json.dumps({"forked": forked.forked, "spawned": not spawned.forked, "workers": len(pids), "same": same,
-                      "chunks": len(a)}))
+                      "chunks": len(a), "ended": ended, "handled": os.path.exists(marker)}))
 """
 
 
@@ -277,15 +291,17 @@ if __name__ == "__main__":  # the spawned workers import this script
 def test_workers_forked_ahead_compile_what_spawned_ones_and_this_process_do(tmp_path):
     """Forked from a process whose tokenizer already ran its thread pool, the workers compile the same
     chunks to the same arrays as spawned ones and as the process itself; with another thread running
-    the process does not fork."""
+    the process does not fork. A forked worker ends on SIGTERM without running the handler the forking
+    program had set."""
     import json
     import subprocess
 
     script = tmp_path / "fork.py"
     script.write_text(_FORK_SCRIPT, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
-    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=env)
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent), str(tmp_path / "handled")],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"forked": True, "spawned": True, "workers": 2,
-                                                                "same": True, "chunks": 10}
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {
+        "forked": True, "spawned": True, "workers": 2, "same": True, "chunks": 10,
+        "ended": -15, "handled": False}  # SIGTERM ended the worker; the program's handler never ran there
