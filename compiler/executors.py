@@ -3,7 +3,8 @@
 Chunks of rows are independent pure functions of their unit's spec, the
 tokenizer and the few-shot pools, so where they run never changes the output.
 ``local`` runs them in order, in this process (one worker) or in a pool of
-spawned processes. ``ray`` (``pip install 'tunec[ray]'``; imported only when
+worker processes (spawned; or forked, when started ahead where this process
+may fork). ``ray`` (``pip install 'tunec[ray]'``; imported only when
 asked for) runs each missing unit as one Ray task that compiles its chunks and
 writes the unit into the content-addressed cache, then returns; the main
 process reads the units back from the cache and links locally, so the build is

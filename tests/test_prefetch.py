@@ -1,8 +1,9 @@
 """Start-up work run side by side: where cores are to spare, local files converted to Arrow in a child
-process while the tokenizer loads (compiler/sources.py), and worker processes started before the
-tokenizer is loaded, handed their setup once it is (compiler/executors.py); on fewer cores, the workers
-started once the tokenizer is loaded, and `datasets` imported while the model-config check is awaited.
-None of it may change a byte of the build, and a child's answer that no longer holds is never used."""
+process while the tokenizer loads (compiler/sources.py); worker processes forked at the compile's start
+where it may fork, on any number of cores, and otherwise spawned before the tokenizer is loaded (cores
+to spare) or once it is (fewer cores), handed their setup once it is loaded (compiler/executors.py);
+on fewer cores, `datasets` imported while the model-config check is awaited. None of it may change a
+byte of the build, and a child's answer that no longer holds is never used."""
 
 from __future__ import annotations
 
