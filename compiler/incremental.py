@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping
@@ -29,6 +30,7 @@ from .executors import Workers, run_local, run_ray
 from .fileio import atomic_write_text, canonical_json, compact_json, on_two_threads, sha256_text
 from .link import leak_reports
 from .plan import LeakReport
+from .recipe import HubSource
 from .sources import Rows, load_part, part_inputs, source_files
 from .tokens import TokenizerInfo
 from .units import CHUNK_ROWS, Chunk, UnitResult, UnitSpec, plan_docs
@@ -39,8 +41,9 @@ if TYPE_CHECKING:
 
 Part = tuple[str, str]  # (task, "train" | "eval")
 
-# Source bytes per worker above which the workers are spawned before the rows are loaded: about a
-# thousand rows of instruction data, two chunks (CHUNK_ROWS) or more for each worker.
+# Data per worker below which the units compile here rather than in worker processes (source bytes
+# before the rows load, when the workers may be spawned early; the rows' share of their Arrow files
+# after): about 1,300 rows of instruction data, two chunks (CHUNK_ROWS) or more for each worker.
 EARLY_SPAWN_BYTES = 1 << 20
 logger = logging.getLogger(__name__)
 
@@ -129,11 +132,14 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
 
     run_specs = [specs[i] for i in missing]
     pools = {s.task: part(s.task, "train").columns for s in run_specs if s.few_shot is not None}
-    # Spawned now (when there are at least as many units to build as workers, or source files large
-    # enough to give each worker chunks of its own), the worker processes start while the rows load
-    # and the leakage keys are hashed. A small compile does not spawn them: its one chunk runs here.
+    # Spawned now (for source files large enough to give each worker chunks of its own), the worker
+    # processes start while the rows load and the leakage keys are hashed. A small compile does not
+    # spawn them (each costs ~0.5 s of CPU to start): its chunks run here, e.g. those of the one small
+    # task whose template was edited. A hub dataset's size is not known before it loads: with one, as
+    # many units to build as workers suffice.
     early = executor == "local" and workers > 1 and (
-        len(run_specs) >= workers or _source_bytes(loaded, run_specs) >= EARLY_SPAWN_BYTES * workers)
+        _source_bytes(loaded, run_specs) >= EARLY_SPAWN_BYTES * workers
+        or (len(run_specs) >= workers and any(isinstance(tasks[s.task].source, HubSource) for s in run_specs)))
     if ahead is not None and early and ahead.workers == workers and ahead.pool is not None:
         ahead.hand_over(info, run_specs, pools)
         started = ahead
@@ -173,9 +179,11 @@ def compile_units(checked: Checked, specs: list[UnitSpec], info: TokenizerInfo, 
             for s in run_specs:
                 part(s.task, s.part)  # as _run_local would first: every part's row count is needed there
             taps = dict(on_rows(dict(parts)) or {}) if on_rows is not None else {}
+            # Not spawned early: in worker processes only when the rows are worth starting them for.
+            many = early or _worth_workers([part(s.task, s.part) for s in run_specs], workers)
             try:
-                units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch), workers,
-                                        progress, started if early else None, taps))
+                units.update(_run_local(run_specs, keys, part, pools, info, cache, Cache(scratch),
+                                        workers if many else 1, progress, started if early else None, taps))
             finally:
                 for tap in taps.values():  # a part no unit streamed (its unit was cached), or a failed compile
                     tap.close(whole=False)
@@ -195,6 +203,23 @@ def _source_bytes(loaded, specs: list[UnitSpec]) -> int:
     """Bytes of the local files the tasks of ``specs`` read (a hub dataset counts for nothing)."""
     files = {path for s in specs for path in source_files(loaded, loaded.recipe.tasks[s.task]).values()}
     return sum(path.stat().st_size for path in files if path.is_file())
+
+
+def _worth_workers(parts: list[Rows], workers: int) -> bool:
+    """Whether rows to compile are worth starting ``workers`` processes for (each costs ~0.5 s of CPU to
+    start, what ~2,000 rows of instructions take to compile): at least ``EARLY_SPAWN_BYTES`` of data per
+    worker, counted as the share of their splits' Arrow files that the parts select. Parts not read from
+    Arrow files are not measured: for them, workers are started (as many as there are chunks)."""
+    total = 0
+    for rows in parts:
+        if rows.files is None or rows.total <= 0:
+            return True
+        try:
+            size = sum(os.path.getsize(f) for f in rows.files)
+        except OSError:
+            return True
+        total += size * rows.count // rows.total
+    return workers > 1 and total >= EARLY_SPAWN_BYTES * workers
 
 
 def _cached_units(cache: Cache, specs: list[UnitSpec], keys: dict[Part, str]) -> dict[Part, UnitResult]:

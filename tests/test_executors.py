@@ -110,16 +110,20 @@ def test_the_pools_pipes_hold_a_whole_result_and_results_larger_than_a_pipe_come
 
 @pytest.mark.slow
 def test_a_worker_that_cannot_start_fails_the_compile_instead_of_hanging(tmp_path):
-    """Workers are spawned and import the main script: one that compiles at import time, unguarded, makes
-    every worker fail while starting. The compile stops with a message saying so, where a pool that
-    replaced dead workers would have waited forever for their chunks."""
+    """Spawned workers import the main script: one that compiles at import time, unguarded, makes every
+    worker fail while starting. The compile stops with a message saying so, where a pool that replaced
+    dead workers would have waited forever for their chunks. (Forked workers import nothing: the script
+    forbids forking here, and makes its few rows worth workers.)"""
     import subprocess
     import sys
 
     from tiny import DEMO
 
     script = tmp_path / "unguarded.py"
-    script.write_text("from tunec.compiler.build import Options, compile_recipe\n"
+    script.write_text("from tunec.compiler import build, incremental\n"
+                      "build.can_fork = lambda: False\n"
+                      "incremental.EARLY_SPAWN_BYTES = 1\n"
+                      "from tunec.compiler.build import Options, compile_recipe\n"
                       f"compile_recipe({str(DEMO / 'demo.yaml')!r}, {str(tmp_path / 'out')!r}, "
                       "Options(workers=2, use_cache=False))\n")
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
@@ -136,9 +140,12 @@ def test_workers_closed_before_their_launch_is_over_end_without_hanging(info):
     assert started.pool is None and not setup.exists()
 
 
-def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_same(tmp_path, monkeypatch):
+@pytest.mark.parametrize("held", [False, True])
+def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_same(tmp_path, monkeypatch, held):
     """A single unit (fewer units than workers) whose source files are large gets its workers spawned while
-    its rows load; a small one compiles here. The build is byte-identical to one worker's."""
+    its rows load; a small one compiles here, and so do two small ones (``held``: a train and an eval part,
+    as many units as workers, as when a small task's template is edited). The build is byte-identical to
+    one worker's."""
     from tunec.compiler import incremental
     from tunec.compiler.build import Options, compile_recipe
 
@@ -147,7 +154,7 @@ def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_s
     recipe.write_text(
         f"tokenizer: {{kind: local, path: {demo / 'tokenizer'}}}\nseq_len: 256\n"
         f"tasks:\n  arithmetic:\n    source: {{kind: jsonl, path: {demo / 'data/arithmetic/train.jsonl'}}}\n"
-        "    templates: [arithmetic/qa]\n"
+        "    templates: [arithmetic/qa]\n" + ("    eval: {fraction: 0.2}\n" if held else "") +
         "stages:\n  - {name: sft, objective: sft, tasks: [arithmetic], model: {kind: config, config: "
         "{model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 1, num_attention_heads: 2, "
         "vocab_size: 1024}}}\n", encoding="utf-8")
@@ -159,6 +166,14 @@ def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_s
             super().__init__(info, specs, pools, workers)
 
     monkeypatch.setattr(incremental, "Workers", Spy)
+    launched: list[int] = []  # every pool of worker processes, wherever started
+    launch = executors._launch
+
+    def spy_launch(setup, workers, *args):
+        launched.append(workers)
+        return launch(setup, workers, *args)
+
+    monkeypatch.setattr(executors, "_launch", spy_launch)
 
     def build(out: str, workers: int) -> dict[str, bytes]:
         compile_recipe(recipe, tmp_path / out, Options(workers=workers, use_cache=False))
@@ -166,10 +181,11 @@ def test_one_large_unit_spawns_its_workers_before_its_rows_load_and_builds_the_s
                 for p in sorted((tmp_path / out).rglob("*")) if p.is_file()}
 
     one = build("one", 1)
-    small = build("small", 2)  # a few kilobytes of source: compiled here
+    small = build("small", 2)  # a few kilobytes of source: compiled here, its chunks one after the other
+    assert launched == []
     monkeypatch.setattr(incremental, "EARLY_SPAWN_BYTES", 1)
     large = build("large", 2)  # "large": spawned ahead
-    assert asked == [1, 1, 2]
+    assert asked == [1, 1, 2] and launched == [2]
     assert one == small == large
 
 
