@@ -108,7 +108,8 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
     cache = options.cache_dir()
     ahead: Workers | None = None
     try:
-        if _parallel(options) and can_fork():
+        forking = _parallel(options) and can_fork()
+        if forking:
             ahead = _ahead(options, unconverted_bytes(loaded, cache)[0], fork=True)
         if spare:
             fresh = prefetch_arrow(loaded, cache)
@@ -116,7 +117,7 @@ def compile_recipe(recipe_path: str | Path, out: str | Path, options: Options = 
                 ahead = _ahead(options, fresh)
         tokenizer = _early_tokenizer(loaded, cache)
         waiting = checks_running()  # check() would wait for its child
-        may_start = ahead is None and _parallel(options)
+        may_start = ahead is None and _parallel(options) and not forking  # else decided above, the same way
         if waiting or may_start:
             later, hub = unconverted_bytes(loaded, cache)  # what `datasets` will read here (not prefetched)
             if may_start:
